@@ -1,0 +1,71 @@
+"""The one builder behind the ``nvidia_ssd`` entrypoint: model, precision and weights, with validated options."""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+from torch import nn
+
+from .checkpoints import VARIANTS, load_into, resolve_state_dict
+from .model import SSD300
+
+MODEL_MATHS = ("fp32", "fp16")
+
+
+def half_with_float_batchnorm(model: nn.Module) -> nn.Module:
+    """Convert weights to float16 but keep BatchNorm in float32, as NVIDIA's entrypoint does.
+
+    BatchNorm statistics lose too much in half precision, and cuDNN accepts half inputs with float32 BatchNorm.
+    """
+    model.half()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.float()
+    return model
+
+
+def _expect_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected True or False, got {value!r}")
+    return value
+
+
+def build_ssd300(
+    pretrained: bool = True,
+    model_math: str = "fp32",
+    *,
+    weights: str | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    force_download: bool = False,
+    progress: bool = True,
+) -> SSD300:
+    """Build SSD300 (ResNet-50), load its weights and set its precision; see ``hubconf.nvidia_ssd``."""
+    pretrained = _expect_bool("pretrained", pretrained)
+    force_download = _expect_bool("force_download", force_download)
+    progress = _expect_bool("progress", progress)
+    if model_math not in MODEL_MATHS:
+        raise ValueError(f"model_math: expected one of {', '.join(map(repr, MODEL_MATHS))}, got {model_math!r}")
+    if weights is not None and weights not in VARIANTS:
+        raise ValueError(f"weights: expected one of {', '.join(map(repr, VARIANTS))}, got {weights!r}")
+    if not pretrained and (weights is not None or checkpoint is not None):
+        warnings.warn("pretrained=False: the weights/checkpoint argument is ignored", UserWarning, stacklevel=3)
+
+    model = SSD300()
+    if pretrained:
+        state_dict, source = resolve_state_dict(
+            weights or model_math, checkpoint, force_download=force_download, progress=progress
+        )
+        load_into(model, state_dict, source)
+        model.checkpoint_source = source
+    if model_math == "fp16":
+        if not torch.cuda.is_available():
+            warnings.warn(
+                "model_math='fp16' without CUDA: half-precision convolutions on the CPU are very slow (about "
+                "100x slower than fp32); use model_math='fp32' on CPU (and detect(..., precision='bf16') where "
+                "the CPU supports bfloat16)",
+                UserWarning,
+                stacklevel=3,
+            )
+        half_with_float_batchnorm(model)
+    return model.eval()

@@ -1,0 +1,48 @@
+"""Checkpoints made by the tests: golden-recipe weights saved the way NVIDIA's training saves them."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+
+import torch
+
+GOLDEN = pathlib.Path(__file__).resolve().parent / "data" / "golden"
+
+
+def _recipe():
+    spec = importlib.util.spec_from_file_location("golden_weights", GOLDEN / "weights.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def layout() -> list:
+    return json.loads((GOLDEN / "state_dict_layout.json").read_text())
+
+
+def golden_state_dict(layout_entries: list | None = None, salt: int = 0) -> dict[str, torch.Tensor]:
+    return _recipe().state_dict(layout_entries or layout(), salt=salt)
+
+
+def training_checkpoint(state_dict: dict[str, torch.Tensor], distributed: bool = False) -> dict:
+    """A dict shaped like NVIDIA's training checkpoints: model weights plus optimizer and scheduler state."""
+    model = {("module." + k if distributed else k): v for k, v in state_dict.items()}
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    optimizer = torch.optim.SGD(params, lr=2.6e-3, momentum=0.9, weight_decay=5e-4)
+    params[0].grad = torch.ones(2)
+    optimizer.step()
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[43, 54], gamma=0.1)
+    return {
+        "epoch": 65,
+        "iteration": 120000,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "label_map": {i: f"class{i}" for i in range(1, 81)},
+        "model": model,
+    }
+
+
+def save_training_checkpoint(path: pathlib.Path, salt: int = 0, distributed: bool = False) -> pathlib.Path:
+    torch.save(training_checkpoint(golden_state_dict(salt=salt), distributed=distributed), path)
+    return path

@@ -1,0 +1,62 @@
+"""Shared fixtures: the golden data, a loopback HTTP server, and deterministic checkpoints."""
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+GOLDEN = REPO / "tests" / "data" / "golden"
+sys.path.insert(0, str(REPO / "tests"))
+
+from http_server import LocalServer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> pathlib.Path:
+    return GOLDEN
+
+
+@pytest.fixture(scope="session")
+def layout() -> list:
+    return json.loads((GOLDEN / "state_dict_layout.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def golden_state_dict(layout):
+    """NVIDIA-layout weights from the golden recipe, salt 0 (the weights behind forward.npz)."""
+    from checkpoint_factory import golden_state_dict as make
+
+    return make(layout)
+
+
+@pytest.fixture(scope="session")
+def forward_golden():
+    return dict(np.load(GOLDEN / "forward.npz"))
+
+
+@pytest.fixture(scope="session")
+def decode_golden():
+    return dict(np.load(GOLDEN / "decode.npz"))
+
+
+@pytest.fixture()
+def http_server():
+    server = LocalServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def hub_dir(tmp_path, monkeypatch):
+    """An empty torch.hub directory, and no SSD_CHECKPOINT from the environment."""
+    import torch
+
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    monkeypatch.delenv("SSD_CHECKPOINT", raising=False)
+    yield tmp_path / "hub"
+    torch.hub.set_dir(old)

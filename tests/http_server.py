@@ -1,0 +1,77 @@
+"""A real HTTP server on 127.0.0.1 for tests, with routes that misbehave on purpose."""
+from __future__ import annotations
+
+import http.server
+import socket
+import threading
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Route:
+    body: bytes = b""
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    # "ok", "drop" (close after half the body), "short" (claim more bytes than sent), "hang" (never answer)
+    behaviour: str = "ok"
+
+
+class LocalServer:
+    """Serves registered routes; counts requests per path so tests can prove a cache was (not) used."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, Route] = {}
+        self.hits: dict[str, int] = {}
+        self._release = threading.Event()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:  # keep test output clean
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
+                server.hits[self.path] = server.hits.get(self.path, 0) + 1
+                route = server.routes.get(self.path)
+                if route is None:
+                    route = Route(b"<html><body>404 Not Found</body></html>", 404, {"Content-Type": "text/html"})
+                if route.behaviour == "hang":
+                    server._release.wait(60)  # released at shutdown; the client's read timeout fires first
+                    return
+                self.send_response(route.status)
+                length = len(route.body) * (2 if route.behaviour == "short" else 1)
+                self.send_header("Content-Length", str(length))
+                for key, value in route.headers.items():
+                    self.send_header(key, value)
+                self.end_headers()
+                if route.behaviour == "drop":
+                    self.wfile.write(route.body[: len(route.body) // 2])
+                    self.wfile.flush()
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    self.close_connection = True
+                    return
+                self.wfile.write(route.body)
+                if route.behaviour == "short":
+                    self.wfile.flush()
+                    self.close_connection = True
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    def add(self, path: str, body: bytes = b"", status: int = 200, headers: dict[str, str] | None = None,
+            behaviour: str = "ok") -> str:
+        """Register ``path`` and return its full URL."""
+        self.routes[path] = Route(body, status, dict(headers or {}), behaviour)
+        return self.url(path)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def stop(self) -> None:
+        self._release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
