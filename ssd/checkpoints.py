@@ -136,9 +136,14 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         obj = _torch_load(path)
     except pickle.UnpicklingError as exc:
+        details = _unpickler_reason(exc)
+        if "global" in details.lower():
+            raise InvalidCheckpointError(
+                f"checkpoint {str(path)!r} was refused: it needs code to unpickle (not only tensors and plain "
+                f"data), so it was not loaded and nothing in it ran ({details})"
+            ) from None
         raise InvalidCheckpointError(
-            f"checkpoint {str(path)!r} was refused: it needs code to unpickle (not only tensors and plain data), "
-            f"so it was not loaded and nothing in it ran. Details: {_first_line(exc)}"
+            f"checkpoint {str(path)!r} is not a readable PyTorch checkpoint: the safe loader rejected it ({details})"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
         raise InvalidCheckpointError(
@@ -146,6 +151,15 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             f"{_first_line(exc)})"
         ) from None
     return extract_state_dict(obj, str(path))
+
+
+def _unpickler_reason(exc: BaseException) -> str:
+    # torch's message is long advice about weights_only=False, which is exactly what must not be done here;
+    # keep only the line that says what the unpickler met.
+    for line in str(exc).splitlines():
+        if "WeightsUnpickler error" in line:
+            return line.strip().split("Please use", 1)[0].strip() or "unsupported content"
+    return "unsupported content"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -264,7 +278,7 @@ def _download(url: str, destination: pathlib.Path, progress: bool, timeout: tupl
         try:
             state_dict = read_state_dict(tmp)
         except InvalidCheckpointError as exc:
-            raise _DownloadFailed(str(exc).replace(repr(str(tmp)), "the downloaded file")) from None
+            raise _DownloadFailed(str(exc).replace(f"checkpoint {str(tmp)!r}", "the downloaded file")) from None
         os.replace(tmp, destination)
         return state_dict
     finally:

@@ -1,0 +1,109 @@
+"""The model matches NVIDIA's layout and numbers, and building it touches no network."""
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from ssd.builder import build_ssd300, half_with_float_batchnorm
+from ssd.default_boxes import default_boxes
+from ssd.model import SSD300, expected_num_boxes
+
+from conftest import REPO
+
+
+def test_state_dict_layout_matches_nvidia(layout):
+    state = SSD300().state_dict()
+    assert list(state) == [key for key, _, _ in layout]
+    for key, shape, dtype in layout:
+        assert list(state[key].shape) == shape, key
+        assert str(state[key].dtype).removeprefix("torch.") == dtype, key
+
+
+def forward_error(model: torch.nn.Module, golden: dict) -> float:
+    """Worst absolute difference to forward.npz, relative to the golden output's range."""
+    x = torch.from_numpy(golden["image"]).permute(2, 0, 1)[None]
+    with torch.inference_mode():
+        locs, confs = model(x)
+    assert locs.shape == (1, 4, 8732) and confs.shape == (1, 81, 8732)
+    errors = []
+    for ours, theirs in ((locs, golden["locs"]), (confs, golden["confs"])):
+        errors.append(np.abs(ours.float().numpy() - theirs).max() / (theirs.max() - theirs.min()))
+    return float(max(errors))
+
+
+def test_forward_parity_with_reference(golden_state_dict, forward_golden):
+    model = SSD300().eval()
+    model.load_state_dict(golden_state_dict, strict=True)
+    assert forward_error(model, forward_golden) < 1e-4
+
+
+def test_untrained_model_is_not_the_golden_one(forward_golden):
+    # Guards the parity test itself: different weights must be visibly different.
+    assert forward_error(SSD300().eval(), forward_golden) > 1e-2
+
+
+def test_default_boxes_equal_reference(golden_dir):
+    reference = np.load(golden_dir / "default_boxes_xywh.npy")
+    ours = default_boxes("xywh").numpy()
+    assert ours.shape == (expected_num_boxes(), 4) == reference.shape
+    np.testing.assert_allclose(ours, reference, atol=1e-7, rtol=0)
+    ltrb = default_boxes("ltrb").numpy()
+    np.testing.assert_allclose((ltrb[:, :2] + ltrb[:, 2:]) / 2, ours[:, :2], atol=1e-6)
+    with pytest.raises(ValueError, match="order"):
+        default_boxes("cxcywh")
+
+
+def test_building_makes_no_network_connection(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("network connection attempted while building the model")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    model = build_ssd300(pretrained=False)
+    assert not model.training
+
+
+def test_importing_ssd_is_light():
+    # Drawing is the only heavy optional part: it must load when a picture is drawn, not on import.
+    code = "import sys, ssd; print(sorted(m for m in ('matplotlib', 'requests', 'tqdm') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_fp16_keeps_batchnorm_in_float32_and_warns_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.warns(UserWarning, match="very slow.*fp32"):
+        model = build_ssd300(pretrained=False, model_math="fp16")
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            assert module.weight.dtype == module.running_var.dtype == torch.float32
+        elif isinstance(module, torch.nn.Conv2d):
+            assert module.weight.dtype == torch.float16
+    # Half activations through a half conv and a float32 BatchNorm, the mix CUDA runs (a full CPU fp16
+    # forward takes tens of seconds).
+    stem = model.feature_extractor.feature_extractor[:3]
+    out = stem(torch.rand(1, 3, 64, 64).half())
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+
+
+def test_half_helper_is_reusable():
+    block = half_with_float_batchnorm(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)))
+    assert block[0].weight.dtype == torch.float16 and block[1].weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"model_math": "bf16"}, ValueError, "model_math: expected one of 'fp32', 'fp16', got 'bf16'"),
+        ({"weights": "int8"}, ValueError, "weights: expected one of"),
+        ({"pretrained": "yes"}, TypeError, "pretrained: expected True or False"),
+        ({"progress": None}, TypeError, "progress: expected True or False"),
+    ],
+)
+def test_builder_validates_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        build_ssd300(**kwargs)
