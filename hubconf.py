@@ -78,3 +78,23 @@ def nvidia_ssd(pretrained: bool = True, model_math: str = "fp32", **kwargs):
             "weights, checkpoint, force_download, progress"
         )
     return _package("ssd").builder.build_ssd300(pretrained, model_math, force_download=force_download, **options)
+
+
+def nvidia_ssd_processing_utils():
+    """The helpers of NVIDIA's SSD notebook, without their defects (CPU support, grayscale fix, no downloads).
+
+    Returns:
+        An object with ``load_image(path_or_url)``, ``rescale(img, h, w)``, ``crop_center(img, cx, cy)``,
+        ``normalize(img, mean=128, std=128)``, ``prepare_input(path_or_url)`` (300 x 300 x 3 float array in
+        [-1, 1]), ``prepare_tensor(inputs, fp16=False, device=None)`` (N x 3 x 300 x 300 tensor, on CUDA when
+        available), ``decode_results(predictions, criteria=0.5, max_output=20)`` (per image ``[boxes, labels,
+        scores]``, boxes relative ltrb, ascending scores), ``pick_best(detections, threshold=0.3)`` and
+        ``get_coco_object_dictionary()`` (the 80 COCO names).
+
+    Example:
+        >>> utils = torch.hub.load("<owner>/<repo>", "nvidia_ssd_processing_utils")
+        >>> tensor = utils.prepare_tensor([utils.prepare_input("photo.jpg")])
+        >>> results = utils.decode_results(model(tensor))
+        >>> best = [utils.pick_best(r, 0.40) for r in results]
+    """
+    return _package("utils").Processing()

@@ -46,3 +46,27 @@ def training_checkpoint(state_dict: dict[str, torch.Tensor], distributed: bool =
 def save_training_checkpoint(path: pathlib.Path, salt: int = 0, distributed: bool = False) -> pathlib.Path:
     torch.save(training_checkpoint(golden_state_dict(salt=salt), distributed=distributed), path)
     return path
+
+
+# Head biases that make the golden-recipe network see objects: per feature map j, (class label, bias). A head's
+# output channel c belongs to class c // boxes_per_cell, so raising those channels' biases raises that class's
+# logit at every default box of the map.
+DETECTING_BIASES = {5: (1, 12.0), 4: (16, 6.0)}  # person on the 1x1 map, cat on the 3x3 map
+
+
+def detecting_state_dict(salt: int = 0) -> dict[str, torch.Tensor]:
+    """Golden-recipe weights whose heads are biased towards a few classes, so that detection finds boxes."""
+    state = golden_state_dict(salt=salt)
+    for j, (label, bias) in DETECTING_BIASES.items():
+        key = f"conf.{j}.bias"
+        per_cell = state[key].numel() // 81
+        state[key] = state[key].clone()
+        # Each box size gets its own offset so that no two overlapping boxes nearly tie: a near-tie would make
+        # the agreement checks between precisions depend on rounding rather than on the code under test.
+        state[key][label * per_cell:(label + 1) * per_cell] += bias - 2.0 * torch.arange(per_cell)
+    return state
+
+
+def save_detecting_checkpoint(path: pathlib.Path) -> pathlib.Path:
+    torch.save(training_checkpoint(detecting_state_dict()), path)
+    return path

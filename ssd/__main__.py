@@ -1,0 +1,5 @@
+import sys
+
+from ssd.cli import main
+
+sys.exit(main())

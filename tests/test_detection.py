@@ -1,0 +1,203 @@
+"""One-call detection: boxes in original pixels, every input kind, pictures, precision paths."""
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+
+from ssd.detection import Detections
+from ssd.model import SSD300
+from ssd.transforms import preprocess_for_detection, to_tensor_chw
+from torchvision.ops import box_iou
+from utils import decode_results, pick_best
+
+from checkpoint_factory import detecting_state_dict
+
+
+@pytest.fixture(scope="module")
+def model() -> SSD300:
+    model = SSD300().eval()
+    model.load_state_dict(detecting_state_dict())
+    return model
+
+
+@pytest.fixture(scope="module")
+def chelsea() -> np.ndarray:
+    return data.chelsea()  # 300 x 451 x 3 uint8: landscape, so x and y scales differ
+
+
+def test_boxes_are_decoded_relative_boxes_scaled_to_the_image(model, chelsea):
+    height, width = chelsea.shape[:2]
+    [found] = model.detect(chelsea, threshold=0.3, max_detections=20)
+    batch = preprocess_for_detection([to_tensor_chw(chelsea)])
+    with torch.inference_mode():
+        predictions = model(batch)
+    boxes, labels, scores = pick_best(decode_results(predictions, criteria=0.5, max_output=20)[0], 0.3)
+    assert len(found) == len(scores) > 2
+    order = slice(None, None, -1)  # decode_results is ascending, Detections descending
+    scale = np.array([width, height, width, height], dtype=np.float32)
+    np.testing.assert_allclose(found.boxes, np.clip(boxes[order] * scale, 0, scale), rtol=1e-6, atol=1e-4)
+    np.testing.assert_array_equal(found.labels, labels[order])
+    np.testing.assert_array_equal(found.scores, scores[order])
+    assert found.image_size == (height, width)
+    assert found.names[0] == "person" and set(found.names) == {"person", "cat"}
+    assert np.all(np.diff(found.scores) <= 0)
+
+
+@pytest.fixture()
+def same_picture_inputs(tmp_path, http_server, chelsea):
+    path = tmp_path / "chelsea.png"
+    Image.fromarray(chelsea).save(path)
+    url = http_server.add("/chelsea.png", path.read_bytes(), headers={"Content-Type": "image/png"})
+    return {
+        "path": path,
+        "str": str(path),
+        "url": url,
+        "bytes": path.read_bytes(),
+        "file": io.BytesIO(path.read_bytes()),
+        "pil": Image.open(path),
+        "uint8": chelsea,
+        "float": chelsea.astype(np.float64) / 255,
+        "tensor_uint8": torch.from_numpy(chelsea).permute(2, 0, 1),
+        "tensor_float": torch.from_numpy(chelsea).permute(2, 0, 1).float() / 255,
+    }
+
+
+def test_every_input_kind_gives_the_same_detections(model, same_picture_inputs):
+    kinds = list(same_picture_inputs)
+    results = model.detect([same_picture_inputs[k] for k in kinds], batch_size=3)
+    reference = results[kinds.index("uint8")]
+    assert len(reference) > 0
+    for kind, found in zip(kinds, results):
+        np.testing.assert_array_equal(found.labels, reference.labels, err_msg=kind)
+        np.testing.assert_allclose(found.scores, reference.scores, atol=1e-5, err_msg=kind)
+        np.testing.assert_allclose(found.boxes, reference.boxes, atol=1e-2, err_msg=kind)
+    assert results[kinds.index("url")].source == same_picture_inputs["url"]
+    assert results[kinds.index("str")].source == same_picture_inputs["str"]
+
+
+def test_batch_size_does_not_change_results(model):
+    images = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket(), data.coffee()[::2, ::3]]
+    one = model.detect(images, batch_size=1)
+    three = model.detect(images, batch_size=3)
+    for a, b in zip(one, three):
+        np.testing.assert_array_equal(a.labels, b.labels)
+        np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
+        np.testing.assert_allclose(a.boxes, b.boxes, atol=1e-3)
+
+
+def test_grayscale_and_rgba_files(model, tmp_path):
+    gray = tmp_path / "camera.png"
+    Image.fromarray(data.camera()).save(gray)
+    rgba = tmp_path / "logo.png"
+    Image.fromarray(data.logo()).save(rgba)
+    found_gray, found_rgba = model.detect([gray, rgba])
+    assert found_gray.image_size == data.camera().shape and len(found_gray) > 0
+    assert found_rgba.image_size == data.logo().shape[:2] and len(found_rgba) > 0
+    rgb_copy = model.detect(np.repeat(data.camera()[:, :, None], 3, axis=2))[0]
+    np.testing.assert_allclose(found_gray.boxes, rgb_copy.boxes, atol=1e-4)
+
+
+def test_plot_and_save_draw_the_boxes(model, tmp_path):
+    image = np.full((240, 320, 3), 255, dtype=np.uint8)  # white: any drawn pixel stands out
+    [found] = model.detect(image, threshold=0.9)
+    assert found.names == ["person"]
+    path = found.save(tmp_path / "out.png")
+    picture = np.asarray(Image.open(path).convert("RGB"))
+    assert picture.shape == image.shape
+    x1, y1, x2, y2 = found.boxes[0].round().astype(int)
+    x1, y1, x2, y2 = max(x1, 2), max(y1, 2), min(x2, 317), min(y2, 237)
+    middle = (y1 + y2) // 2
+    # The box's left and right edges are drawn in colour; the inside of the box stays white.
+    for x in (x1, x2):
+        strip = picture[middle - 3:middle + 4, x - 2:x + 3].reshape(-1, 3)
+        assert (strip.astype(int).sum(axis=1) < 700).any(), f"no edge drawn near x={x}"
+    inside = picture[middle - 3:middle + 4, (x1 + x2) // 2]
+    assert (inside == 255).all()
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    ax = found.plot()
+    assert len(ax.patches) == 1 and ax.texts[0].get_text().startswith("person")
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+
+def test_detections_json_and_repr(model, chelsea):
+    [found] = model.detect(chelsea)
+    record = json.loads(found.to_json())
+    assert record["height"] == 300 and record["width"] == 451
+    first = record["detections"][0]
+    assert set(first) == {"name", "label", "category_id", "score", "box", "bbox"}
+    assert first["name"] == "person" and first["category_id"] == 1
+    x, y, w, h = first["bbox"]
+    assert first["box"] == pytest.approx([x, y, x + w, y + h], abs=0.02)
+    cat = next(d for d in record["detections"] if d["name"] == "cat")
+    assert cat["category_id"] == 17 and cat["label"] == 16
+    assert "451x300" in repr(found) and "person" in repr(found)
+    empty = Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64), (5, 7))
+    assert "0 objects" in repr(empty) and empty.to_dict()["detections"] == []
+
+
+def test_bad_image_in_a_list_names_that_image(model, tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg at all")
+    with pytest.raises(ValueError, match="broken.jpg"):
+        model.detect([data.chelsea(), bad])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [({"threshold": 1.5}, ValueError), ({"threshold": "high"}, TypeError), ({"batch_size": 0}, ValueError),
+     ({"max_detections": 2.5}, TypeError), ({"precision": "int8"}, ValueError), ({"iou_threshold": -1}, ValueError)],
+)
+def test_detect_validates_arguments(model, chelsea, kwargs, error):
+    with pytest.raises(error):
+        model.detect(chelsea, **kwargs)
+
+
+def test_detect_restores_training_mode(chelsea):
+    model = SSD300()
+    model.load_state_dict(detecting_state_dict())
+    model.train()
+    model.detect(chelsea)
+    assert model.training
+
+
+def _assert_top_detections_agree(reference: Detections, other: Detections, top: int = 5) -> None:
+    """Each of the reference's best ``top`` detections is found again: same label, box IoU >= 0.9."""
+    n = min(top, len(reference))
+    assert n > 0
+    iou = box_iou(torch.from_numpy(reference.boxes[:n]), torch.from_numpy(other.boxes)).numpy()
+    same_label = reference.labels[:n, None] == other.labels[None, :]
+    assert ((iou >= 0.9) & same_label).any(axis=1).all(), (reference, other)
+
+
+def test_bf16_autocast_keeps_the_top_detections(model):
+    images = [data.astronaut(), data.chelsea()]
+    for exact, fast in zip(model.detect(images), model.detect(images, precision="bf16")):
+        _assert_top_detections_agree(exact, fast)
+
+
+def test_fp16_model_detects_like_fp32(model, chelsea):
+    # A half-precision model (as model_math='fp16' builds) takes half inputs; on the CPU only a small check
+    # is affordable, so compare on one image.
+    from ssd.builder import half_with_float_batchnorm
+
+    half = SSD300().eval()
+    half.load_state_dict(detecting_state_dict())
+    half_with_float_batchnorm(half)
+    small = chelsea[::2, ::2]
+    try:
+        [fast] = half.detect(small)
+    except RuntimeError as exc:  # some CPU builds lack half convolutions altogether
+        pytest.skip(f"this torch build cannot run float16 convolutions on the CPU: {exc}")
+    [exact] = model.detect(small)
+    _assert_top_detections_agree(exact, fast)
