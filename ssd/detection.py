@@ -60,7 +60,8 @@ class Detections:
         found = ", ".join(f"{name} {score:.2f}" for name, score in zip(self.names[:6], self.scores[:6]))
         more = f", ... (+{len(self) - 6})" if len(self) > 6 else ""
         noun = "object" if len(self) == 1 else "objects"
-        return f"Detections({self.source or 'image'} {width}x{height}: {len(self)} {noun}{': ' if found else ''}{found}{more})"
+        listing = f": {found}{more}" if found else ""
+        return f"Detections({self.source or 'image'} {width}x{height}: {len(self)} {noun}{listing})"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: each detection's name, COCO category id, score, and box as [x1, y1, x2, y2] and

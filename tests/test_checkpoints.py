@@ -202,11 +202,11 @@ def test_mismatched_checkpoint_names_file_and_keys(tmp_path, hub_dir):
     assert "conf.5.bias: expected (324,), got (3,)" in message
 
 
-@pytest.mark.parametrize(("content", "match"), [(b"", "not a readable"), (b"hello, not a checkpoint", "not a readable")])
-def test_unreadable_local_file(tmp_path, hub_dir, content, match):
+@pytest.mark.parametrize("content", [b"", b"hello, not a checkpoint"])
+def test_unreadable_local_file(tmp_path, hub_dir, content):
     path = tmp_path / "bad.pt"
     path.write_bytes(content)
-    with pytest.raises(InvalidCheckpointError, match=match) as info:
+    with pytest.raises(InvalidCheckpointError, match="not a readable") as info:
         build_ssd300(checkpoint=path)
     assert str(path) in str(info.value)
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 from skimage import data
+from torchvision.ops import box_iou
 
 from ssd.detection import Detections
 from ssd.model import SSD300
 from ssd.transforms import preprocess_for_detection, to_tensor_chw
-from torchvision.ops import box_iou
 from utils import decode_results, pick_best
 
 from checkpoint_factory import detecting_state_dict

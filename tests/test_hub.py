@@ -54,7 +54,8 @@ def test_importing_hubconf_does_no_work(tmp_path):
         spec = importlib.util.spec_from_file_location("hubconf", {str(REPO / 'hubconf.py')!r})
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        print(module.dependencies[:2], 'ssd' in sys.modules, 'utils' in sys.modules, os.path.exists(torch.hub.get_dir()))
+        wrote = os.path.exists(torch.hub.get_dir())
+        print(module.dependencies[:2], 'ssd' in sys.modules, 'utils' in sys.modules, wrote)
     """
     done = run_python(code, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
