@@ -1,0 +1,234 @@
+"""Speed of every stage of SSD300 inference, measured side by side in one run; writes benchmarks/RESULTS.md.
+
+    python benchmarks/bench.py                 # CPU (about 3 minutes on 2 cores)
+    python benchmarks/bench.py --device cuda   # GPU: adds fp16/bf16 autocast, half weights, batches up to 256
+
+Stages: the seed's ``prepare_input`` (against NVIDIA's pipeline), the ``detect`` preprocessing, the network's
+forward pass per precision, memory format and batch size, ``decode_results`` (against a per-class loop), and
+the whole ``detect`` call (against the raw forward pass at the same precision). Times are medians of repeated
+runs after warm-up, reported per image and as images per second. Weights do not change speed; the model uses
+the test suite's detecting checkpoint so that ``detect`` has boxes to decode.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
+
+from ssd.model import SSD300  # noqa: E402
+from ssd.transforms import preprocess_for_detection, to_tensor_chw  # noqa: E402
+
+from bench_decode import measure_decode  # noqa: E402
+from bench_prepare import measure_prepare_input  # noqa: E402
+from checkpoint_factory import detecting_state_dict  # noqa: E402
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int, device: torch.device) -> float:
+    def synced() -> None:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        synced()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        synced()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def cpu_has_bf16() -> bool:
+    with contextlib.suppress(OSError):
+        flags = Path("/proc/cpuinfo").read_text()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    return False
+
+
+def sample_images(count: int) -> list[np.ndarray]:
+    """``count`` in-memory 640 x 480 photos (scikit-image's, resized), as users' uint8 arrays."""
+    from PIL import Image
+    from skimage import data
+
+    photos = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket()]
+    return [np.asarray(Image.fromarray(photos[i % 4]).resize((640, 480))) for i in range(count)]
+
+
+def forward_configs(device: torch.device) -> list[tuple[str, torch.dtype | None, torch.dtype]]:
+    """(name, autocast dtype or None, weight dtype) of each precision worth measuring on this device."""
+    configs = [("fp32", None, torch.float32)]
+    if device.type == "cuda":
+        configs += [("fp16 autocast", torch.float16, torch.float32), ("bf16 autocast", torch.bfloat16, torch.float32),
+                    ("fp16 weights", None, torch.float16)]
+    else:
+        configs += [("bf16 autocast", torch.bfloat16, torch.float32)]
+    return configs
+
+
+def measure_forward(device: torch.device, batches: list[int], quick: bool) -> list[dict]:
+    rows = []
+    base = SSD300().eval()
+    base.load_state_dict(detecting_state_dict())
+    for name, autocast_dtype, weight_dtype in forward_configs(device):
+        for channels_last in (False, True):
+            model = SSD300().eval()
+            model.load_state_dict(base.state_dict())
+            model.to(device=device, dtype=weight_dtype)
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            model.to(memory_format=fmt)
+            for batch in batches:
+                x = torch.randn(batch, 3, 300, 300, device=device, dtype=weight_dtype).contiguous(memory_format=fmt)
+                ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+
+                def run(model=model, x=x, ctx=ctx) -> None:
+                    with torch.inference_mode(), ctx:
+                        model(x)
+
+                work = batch * (1 if device.type == "cuda" else 0.2)  # rough seconds per call on a CPU
+                repeats = 10 if device.type == "cuda" else max(2, min(5, int(6 / work)))
+                if quick:
+                    repeats = 2
+                seconds = median_seconds(run, repeats, warmup=1 if device.type == "cpu" else 3, device=device)
+                rows.append({"precision": name, "channels_last": channels_last, "batch": batch,
+                             "ms_per_image": seconds * 1e3 / batch, "images_per_s": batch / seconds})
+    return rows
+
+
+def measure_detect(device: torch.device, batch: int, precisions: list[str | None], quick: bool) -> list[dict]:
+    """The whole ``detect`` call on in-memory images next to the raw forward pass at the same precision."""
+    model = SSD300().eval()
+    model.load_state_dict(detecting_state_dict())
+    model.to(device)
+    images = sample_images(batch)
+    repeats = 2 if quick else (10 if device.type == "cuda" else 4)
+    rows = []
+    for precision in precisions:
+        ctx = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+               if precision in ("bf16", "fp16") else contextlib.nullcontext())
+        x = torch.randn(batch, 3, 300, 300, device=device)
+
+        def forward(x=x, ctx=ctx) -> None:
+            with torch.inference_mode(), ctx:
+                model(x)
+
+        forward_s = median_seconds(forward, repeats, 1, device)
+        detect_s = median_seconds(lambda p=precision: model.detect(images, batch_size=batch, precision=p),
+                                  repeats, 1, device)
+        tensors = [to_tensor_chw(image) for image in images]
+        prep_s = median_seconds(lambda t=tensors: preprocess_for_detection(t, device=device), repeats * 3, 1, device)
+        rows.append({"precision": precision or "fp32", "batch": batch, "forward_ms": forward_s * 1e3 / batch,
+                     "detect_ms": detect_s * 1e3 / batch, "preprocess_ms": prep_s * 1e3 / batch,
+                     "overhead": detect_s / forward_s - 1, "images_per_s": batch / detect_s})
+    return rows
+
+
+def machine(device: torch.device) -> list[str]:
+    lines = [f"- CPU: {cpu_name()}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}"
+             + (" (bf16 instructions: yes)" if cpu_has_bf16() else "")]
+    if device.type == "cuda":
+        lines.append(f"- GPU: {torch.cuda.get_device_name(device)}")
+    import torchvision
+
+    versions = f"Python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}"
+    lines.append(f"- {versions}")
+    lines.append(f"- Date: {datetime.date.today().isoformat()}")
+    return lines
+
+
+def render(device: torch.device, prep: dict, decode: dict, forward: list[dict], detect: list[dict],
+           command: str) -> str:
+    out = [f"# Benchmark results ({device.type.upper()})", "", f"Measured with `{command}`.", "", *machine(device), ""]
+    out += ["## Preprocessing (per image)", "", "| stage | ours | baseline | ratio |", "| --- | --- | --- | --- |",
+            f"| seed `prepare_input`, {prep['image']} | {prep['ours_s'] * 1e3:.2f} ms | "
+            f"{prep['baseline_s'] * 1e3:.2f} ms (NVIDIA's skimage pipeline) | {prep['speedup']:.1f}x faster |"]
+    for row in detect:
+        if row["precision"] == "fp32":
+            out.append(f"| `detect` preprocessing (whole image to 300 x 300, batch {row['batch']} of 640 x 480 uint8) "
+                       f"| {row['preprocess_ms']:.2f} ms | | |")
+    out += ["", f"Largest difference between our `prepare_input` and the baseline: {prep['max_abs_diff']:.1e}.", ""]
+    out += ["## Decoding (per image)", "",
+            f"Batch of {decode['batch']} realistic outputs: {decode['candidates_per_image']:.0f} class scores above "
+            f"0.05 per image over {decode['classes_per_image']:.0f} classes, {decode['detections_per_image']:.0f} "
+            f"detections kept; on {decode['device']}.", "",
+            "| decoder | ms per image |", "| --- | --- |",
+            f"| `decode_results` (vectorized, whole batch) | {decode['decode_ms_per_image']:.3f} |",
+            f"| per-class Python loop (NVIDIA's approach) | {decode['baseline_ms_per_image']:.3f} |", "",
+            f"Ratio: {decode['speedup']:.1f}x faster; identical detections: {decode['identical_to_baseline']}.", ""]
+    out += ["## Forward pass", "", "| precision | channels_last | batch | ms per image | images/s |",
+            "| --- | --- | --- | --- | --- |"]
+    out += [f"| {r['precision']} | {'yes' if r['channels_last'] else 'no'} | {r['batch']} | {r['ms_per_image']:.2f} | "
+            f"{r['images_per_s']:.1f} |" for r in forward]
+    fp32 = {r["batch"]: r["images_per_s"] for r in forward if r["precision"] == "fp32" and not r["channels_last"]}
+    ratios = [f"batch {r['batch']}: {r['precision']}{' + channels_last' if r['channels_last'] else ''} "
+              f"{r['images_per_s'] / fp32[r['batch']]:.2f}x" for r in forward
+              if (r["precision"], r["channels_last"]) != ("fp32", False)]
+    out += ["", "Throughput relative to fp32 (contiguous) at the same batch: " + "; ".join(ratios) + ".", ""]
+    out += ["## Whole `detect` call (in-memory 640 x 480 images)", "",
+            "| precision | batch | raw forward ms/image | `detect` ms/image | overhead vs forward | images/s |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    out += [f"| {r['precision']} | {r['batch']} | {r['forward_ms']:.2f} | {r['detect_ms']:.2f} | "
+            f"{r['overhead'] * 100:+.1f}% | {r['images_per_s']:.1f} |" for r in detect]
+    out.append("")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and batches, for a smoke test")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where to write the results (default: benchmarks/RESULTS.md, or RESULTS-cuda.md)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: expected a machine with CUDA, but torch.cuda.is_available() is False")
+        torch.backends.cudnn.benchmark = True
+    out = args.out or ROOT / "benchmarks" / ("RESULTS.md" if device.type == "cpu" else f"RESULTS-{device.type}.md")
+    batches = [1, 8] if args.quick else ([1, 8, 32] if device.type == "cpu" else [1, 8, 32, 64, 128, 256])
+    detect_batch = 8 if device.type == "cpu" else 256
+    precisions: list[str | None] = [None, "bf16"] if device.type == "cpu" else [None, "fp16", "bf16"]
+
+    started = time.perf_counter()
+    print("prepare_input ...", flush=True)
+    prep = measure_prepare_input(repeats=5 if args.quick else 30)
+    print("decode ...", flush=True)
+    decode = measure_decode(batch=8, repeats=10 if args.quick else 50, device=str(device),
+                            baseline_repeats=2 if args.quick else 5)
+    print("forward ...", flush=True)
+    forward = measure_forward(device, batches, args.quick)
+    print("detect ...", flush=True)
+    detect = measure_detect(device, detect_batch, precisions, args.quick)
+    command = "python benchmarks/bench.py" + (f" --device {args.device}" if device.type != "cpu" else "") + (
+        " --quick" if args.quick else "")
+    text = render(device, prep, decode, forward, detect, command)
+    text += f"\nTotal benchmark time: {time.perf_counter() - started:.0f} s.\n"
+    out.write_text(text)
+    print(text)
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()
