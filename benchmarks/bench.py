@@ -116,29 +116,35 @@ def measure_forward(device: torch.device, batches: list[int], quick: bool) -> li
     return rows
 
 
-def measure_detect(device: torch.device, batch: int, precisions: list[str | None], quick: bool) -> list[dict]:
-    """The whole ``detect`` call on in-memory images next to the raw forward pass at the same precision."""
-    model = SSD300().eval()
-    model.load_state_dict(detecting_state_dict())
-    model.to(device)
+def measure_detect(device: torch.device, batch: int, configs: list[tuple[str | None, bool]],
+                   quick: bool) -> list[dict]:
+    """The whole ``detect`` call on in-memory images next to the raw forward pass at the same settings.
+
+    ``configs`` holds (precision, channels_last) pairs; ``detect`` follows the model's memory format.
+    """
     images = sample_images(batch)
     repeats = 2 if quick else (10 if device.type == "cuda" else 4)
     rows = []
-    for precision in precisions:
+    for precision, channels_last in configs:
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        model = SSD300().eval()
+        model.load_state_dict(detecting_state_dict())
+        model.to(device=device, memory_format=fmt)
         ctx = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
                if precision in ("bf16", "fp16") else contextlib.nullcontext())
-        x = torch.randn(batch, 3, 300, 300, device=device)
+        x = torch.randn(batch, 3, 300, 300, device=device).contiguous(memory_format=fmt)
 
-        def forward(x=x, ctx=ctx) -> None:
+        def forward(x=x, ctx=ctx, model=model) -> None:
             with torch.inference_mode(), ctx:
                 model(x)
 
         forward_s = median_seconds(forward, repeats, 1, device)
-        detect_s = median_seconds(lambda p=precision: model.detect(images, batch_size=batch, precision=p),
+        detect_s = median_seconds(lambda p=precision, m=model: m.detect(images, batch_size=batch, precision=p),
                                   repeats, 1, device)
         tensors = [to_tensor_chw(image) for image in images]
         prep_s = median_seconds(lambda t=tensors: preprocess_for_detection(t, device=device), repeats * 3, 1, device)
-        rows.append({"precision": precision or "fp32", "batch": batch, "forward_ms": forward_s * 1e3 / batch,
+        rows.append({"precision": precision or "fp32", "channels_last": channels_last, "batch": batch,
+                     "forward_ms": forward_s * 1e3 / batch,
                      "detect_ms": detect_s * 1e3 / batch, "preprocess_ms": prep_s * 1e3 / batch,
                      "overhead": detect_s / forward_s - 1, "images_per_s": batch / detect_s})
     return rows
@@ -164,7 +170,7 @@ def render(device: torch.device, prep: dict, decode: dict, forward: list[dict], 
             f"| seed `prepare_input`, {prep['image']} | {prep['ours_s'] * 1e3:.2f} ms | "
             f"{prep['baseline_s'] * 1e3:.2f} ms (NVIDIA's skimage pipeline) | {prep['speedup']:.1f}x faster |"]
     for row in detect:
-        if row["precision"] == "fp32":
+        if row["precision"] == "fp32" and not row["channels_last"]:
             out.append(f"| `detect` preprocessing (whole image to 300 x 300, batch {row['batch']} of 640 x 480 uint8) "
                        f"| {row['preprocess_ms']:.2f} ms | | |")
     out += ["", f"Largest difference between our `prepare_input` and the baseline: {prep['max_abs_diff']:.1e}.", ""]
@@ -186,10 +192,11 @@ def render(device: torch.device, prep: dict, decode: dict, forward: list[dict], 
               if (r["precision"], r["channels_last"]) != ("fp32", False)]
     out += ["", "Throughput relative to fp32 (contiguous) at the same batch: " + "; ".join(ratios) + ".", ""]
     out += ["## Whole `detect` call (in-memory 640 x 480 images)", "",
-            "| precision | batch | raw forward ms/image | `detect` ms/image | overhead vs forward | images/s |",
-            "| --- | --- | --- | --- | --- | --- |"]
-    out += [f"| {r['precision']} | {r['batch']} | {r['forward_ms']:.2f} | {r['detect_ms']:.2f} | "
-            f"{r['overhead'] * 100:+.1f}% | {r['images_per_s']:.1f} |" for r in detect]
+            "| precision | channels_last | batch | raw forward ms/image | `detect` ms/image | overhead vs forward "
+            "| `detect` images/s |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    out += [f"| {r['precision']} | {'yes' if r['channels_last'] else 'no'} | {r['batch']} | {r['forward_ms']:.2f} | "
+            f"{r['detect_ms']:.2f} | {r['overhead'] * 100:+.1f}% | {r['images_per_s']:.1f} |" for r in detect]
     out.append("")
     return "\n".join(out)
 
@@ -209,7 +216,10 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or ROOT / "benchmarks" / ("RESULTS.md" if device.type == "cpu" else f"RESULTS-{device.type}.md")
     batches = [1, 8] if args.quick else ([1, 8, 32] if device.type == "cpu" else [1, 8, 32, 64, 128, 256])
     detect_batch = 8 if device.type == "cpu" else 256
-    precisions: list[str | None] = [None, "bf16"] if device.type == "cpu" else [None, "fp16", "bf16"]
+    detect_configs: list[tuple[str | None, bool]] = (
+        [(None, False), ("bf16", False), ("bf16", True)] if device.type == "cpu"
+        else [(None, False), ("fp16", False), ("fp16", True), ("bf16", True)]
+    )
 
     started = time.perf_counter()
     print("prepare_input ...", flush=True)
@@ -220,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     print("forward ...", flush=True)
     forward = measure_forward(device, batches, args.quick)
     print("detect ...", flush=True)
-    detect = measure_detect(device, detect_batch, precisions, args.quick)
+    detect = measure_detect(device, detect_batch, detect_configs, args.quick)
     command = "python benchmarks/bench.py" + (f" --device {args.device}" if device.type != "cpu" else "") + (
         " --quick" if args.quick else "")
     text = render(device, prep, decode, forward, detect, command)

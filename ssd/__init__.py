@@ -10,6 +10,7 @@ from . import (  # noqa: F401
     default_boxes,
     detection,
     drawing,
+    fetch,
     images,
     model,
     transforms,

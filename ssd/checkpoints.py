@@ -19,11 +19,17 @@ from dataclasses import dataclass
 
 import torch
 
+from .fetch import iter_body
+
 ENV_VAR = "SSD_CHECKPOINT"
 # (connect, read) seconds: a dead server fails fast, a slow one may still send a 100+ MB file.
 DOWNLOAD_TIMEOUT = (10.0, 60.0)
 # Far above any real SSD300 checkpoint (about 90-180 MB); stops an endless body from filling the disk.
 MAX_CHECKPOINT_BYTES = 2 * 2**30
+# A checkpoint is 100+ MB, so no fixed deadline fits every link; a download averaging less than this after its
+# first 30 s (100 MB would take over half an hour) is taken as a stalled or trickling server.
+MIN_BYTES_PER_SECOND = 50_000
+MIN_RATE_GRACE_S = 30.0
 _CHUNK = 1 << 20
 
 
@@ -259,16 +265,14 @@ def _download(url: str, destination: pathlib.Path, progress: bool, timeout: tupl
                            desc=destination.name, leave=False)
                 with bar:
                     try:
-                        for chunk in response.iter_content(_CHUNK):
+                        for chunk in iter_body(response, _CHUNK, min_rate=MIN_BYTES_PER_SECOND, grace=MIN_RATE_GRACE_S):
                             received += len(chunk)
                             if received > MAX_CHECKPOINT_BYTES:
                                 raise _DownloadFailed(f"the body went past the {MAX_CHECKPOINT_BYTES}-byte cap")
                             out.write(chunk)
                             bar.update(len(chunk))
-                    except requests.RequestException as exc:
-                        raise _DownloadFailed(
-                            f"the connection broke after {received} bytes ({type(exc).__name__})"
-                        ) from None
+                    except (ConnectionError, TimeoutError) as exc:
+                        raise _DownloadFailed(str(exc)) from None
                 if total is not None and received != total:
                     raise _DownloadFailed(f"received {received} of the {total} bytes announced")
         with open(tmp, "rb") as check:

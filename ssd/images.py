@@ -13,11 +13,13 @@ import pathlib
 import re
 import struct
 import sys
-import warnings
+import time
 import zlib
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
+
+from .fetch import iter_body
 
 if TYPE_CHECKING:
     import torch
@@ -44,6 +46,8 @@ ImageSource: TypeAlias = (
 
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_MAX_BYTES = 50 * 2**20
+# A whole download may take this many read timeouts: generous for a slow link, finite for a trickling server.
+_TOTAL_TIMEOUTS = 6
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -133,9 +137,11 @@ def _sniff(head: bytes) -> str:
 def fetch_bytes(url: str, *, timeout: float = DEFAULT_TIMEOUT, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
     """Download ``url`` (http or https) and return its body.
 
-    ``timeout`` bounds the connection and every read (seconds); the body may not exceed ``max_bytes``, checked on the
-    Content-Length header before reading and on the bytes actually received. Raises :class:`ImageFetchError` (an
-    ``OSError``) naming the URL for connection errors, timeouts, non-2xx statuses and oversized bodies.
+    ``timeout`` bounds the connection and every read (seconds), and the whole download may take at most
+    ``_TOTAL_TIMEOUTS`` times that, so a server trickling bytes cannot hold it forever; the body may not exceed
+    ``max_bytes``, checked on the Content-Length header before reading and on the bytes actually received. Raises
+    :class:`ImageFetchError` (an ``OSError``) naming the URL for connection errors, timeouts, non-2xx statuses and
+    oversized bodies.
     """
     if not timeout > 0:
         raise ValueError(f"timeout: expected a positive number of seconds, got {timeout!r}")
@@ -143,6 +149,7 @@ def fetch_bytes(url: str, *, timeout: float = DEFAULT_TIMEOUT, max_bytes: int = 
         raise ValueError(f"max_bytes: expected a positive number of bytes, got {max_bytes!r}")
     import requests
 
+    deadline = time.monotonic() + _TOTAL_TIMEOUTS * timeout
     try:
         with requests.get(url, stream=True, timeout=(timeout, timeout)) as response:
             if not 200 <= response.status_code < 300:
@@ -154,12 +161,12 @@ def fetch_bytes(url: str, *, timeout: float = DEFAULT_TIMEOUT, max_bytes: int = 
                 )
             chunks = []
             received = 0
-            for chunk in response.iter_content(chunk_size=1 << 16):
+            for chunk in iter_body(response, 1 << 16, deadline=deadline):
                 received += len(chunk)
                 if received > max_bytes:
                     raise ImageFetchError(f"refusing to download {url}: body exceeds max_bytes={max_bytes}")
                 chunks.append(chunk)
-    except requests.RequestException as exc:
+    except (requests.RequestException, ConnectionError, TimeoutError) as exc:
         raise ImageFetchError(f"could not download {url}: {exc}") from exc
     return b"".join(chunks)
 
@@ -231,10 +238,9 @@ def _decode_stream(fp: Any, name: str) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        # Pillow warns between 1x and 2x MAX_IMAGE_PIXELS; _from_pil turns that range into an error instead.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(fp)
+        # Pillow only warns between 1x and 2x MAX_IMAGE_PIXELS; _from_pil turns that range into an error. The
+        # warning is not silenced: catch_warnings changes process-wide state, and images load in threads.
+        im = Image.open(fp)
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(
             f"{name} is too large to decode safely: {exc} (PIL.Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS})"

@@ -12,7 +12,8 @@ class Route:
     body: bytes = b""
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
-    # "ok", "drop" (close after half the body), "short" (claim more bytes than sent), "hang" (never answer)
+    # "ok", "drop" (close after half the body), "short" (claim more bytes than sent), "hang" (never answer),
+    # "trickle" (one byte every 0.2 s: each read succeeds, the whole takes long)
     behaviour: str = "ok"
 
 
@@ -45,6 +46,16 @@ class LocalServer:
                 for key, value in route.headers.items():
                     self.send_header(key, value)
                 self.end_headers()
+                if route.behaviour == "trickle":
+                    for i in range(len(route.body)):
+                        if server._release.wait(0.2):  # stop at shutdown
+                            return
+                        try:
+                            self.wfile.write(route.body[i:i + 1])
+                            self.wfile.flush()
+                        except OSError:  # the client gave up
+                            return
+                    return
                 if route.behaviour == "drop":
                     self.wfile.write(route.body[: len(route.body) // 2])
                     self.wfile.flush()

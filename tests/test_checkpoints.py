@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import pathlib
+import time
 import warnings
 
 import pytest
@@ -141,6 +142,17 @@ def test_failed_download_leaves_nothing_and_names_the_url(http_server, hub_dir, 
     http_server.stop()
     model = build_ssd300(checkpoint=url, progress=False)
     assert model.checkpoint_source == str(hub_dir / "checkpoints" / "model.pt")
+
+
+def test_trickling_server_is_abandoned(http_server, hub_dir, good_bytes, monkeypatch):
+    # One byte every 0.2 s never trips the read timeout; the minimum average rate does, after its grace time.
+    monkeypatch.setattr(checkpoints, "MIN_RATE_GRACE_S", 0.5)
+    url = http_server.add("/slow/model.pt", good_bytes, behaviour="trickle")
+    start = time.monotonic()
+    with pytest.raises(CheckpointUnavailableError, match="too slow") as info:
+        build_ssd300(checkpoint=url, progress=False)
+    assert time.monotonic() - start < 5
+    assert url in str(info.value) and cache_files(hub_dir) == []
 
 
 def test_first_url_failing_and_next_answering(http_server, local_variants, hub_dir, good_bytes):

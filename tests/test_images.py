@@ -327,6 +327,16 @@ def test_url_that_never_answers_times_out(http_server):
     assert url in str(info.value)
 
 
+def test_url_that_trickles_is_cut_off_at_the_overall_deadline(http_server, chelsea):
+    # One byte every 0.2 s: no single read reaches the 0.5 s timeout, the whole download would take hours.
+    url = http_server.add("/trickle.png", encode(chelsea, "PNG"), behaviour="trickle")
+    start = time.monotonic()
+    with pytest.raises(ImageFetchError, match="still incomplete after 3 s") as info:
+        load_rgb(url, timeout=0.5)
+    assert time.monotonic() - start < 6.0
+    assert url in str(info.value)
+
+
 @pytest.mark.parametrize("behaviour", ["drop", "short"])
 def test_url_cut_short(http_server, chelsea, behaviour):
     url = http_server.add("/cut.png", encode(chelsea, "PNG"), behaviour=behaviour)
