@@ -51,13 +51,19 @@ def build_ssd300(
     if not pretrained and (weights is not None or checkpoint is not None):
         warnings.warn("pretrained=False: the weights/checkpoint argument is ignored", UserWarning, stacklevel=3)
 
-    model = SSD300()
     if pretrained:
         state_dict, source = resolve_state_dict(
             weights or model_math, checkpoint, force_download=force_download, progress=progress
         )
-        load_into(model, state_dict, source)
+        # Every value comes from the checkpoint, so skip initialising 23M random weights (a third of the load
+        # time): build on the meta device and adopt the loaded tensors; float32 whatever the file stored.
+        with torch.device("meta"):
+            model = SSD300()
+        load_into(model, state_dict, source, assign=True)
+        model.float()
         model.checkpoint_source = source
+    else:
+        model = SSD300()
     if model_math == "fp16":
         if not torch.cuda.is_available():
             warnings.warn(

@@ -190,8 +190,12 @@ def extract_state_dict(obj: object, source: str) -> dict[str, torch.Tensor]:
     return {strip_distributed_prefix(k): v for k, v in obj.items()}
 
 
-def load_into(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
-    """``model.load_state_dict(state_dict, strict=True)`` with an error that names the file and the keys."""
+def load_into(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str, *,
+              assign: bool = False) -> None:
+    """``model.load_state_dict(state_dict, strict=True)`` with an error that names the file and the keys.
+
+    ``assign=True`` adopts the tensors instead of copying into the model's (for a model built on ``meta``).
+    """
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
@@ -209,7 +213,7 @@ def load_into(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], so
         raise InvalidCheckpointError(
             f"checkpoint {source!r} does not fit SSD300 (ResNet-50): " + "; ".join(parts)
         )
-    model.load_state_dict(state_dict, strict=True)
+    model.load_state_dict(state_dict, strict=True, assign=assign)
 
 
 # ---------------------------------------------------------------------------------------------------------------

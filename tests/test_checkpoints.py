@@ -76,6 +76,17 @@ def test_argument_wins_over_environment_variable(tmp_path, hub_dir, monkeypatch,
     assert forward_error(model, forward_golden) < 1e-4
 
 
+def test_half_checkpoint_loads_into_a_float32_model(tmp_path, hub_dir, forward_golden):
+    path = tmp_path / "half.pt"
+    torch.save({"model": {k: (v.half() if v.is_floating_point() else v) for k, v in golden_state_dict().items()}},
+               path)
+    model = build_ssd300(checkpoint=path)
+    tensors = list(model.parameters()) + list(model.buffers())
+    assert all(t.device.type == "cpu" for t in tensors)  # nothing left on the meta device
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in model.parameters())
+    assert forward_error(model, forward_golden) < 1e-2  # half-rounded weights, still the same network
+
+
 def test_bare_state_dict_with_module_1_prefix(tmp_path, hub_dir, forward_golden):
     path = tmp_path / "bare.pt"
     torch.save({"module.1." + k: v for k, v in golden_state_dict().items()}, path)
