@@ -16,10 +16,8 @@ import contextlib
 import datetime
 import os
 import platform
-import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -34,22 +32,7 @@ from ssd.transforms import preprocess_for_detection, to_tensor_chw  # noqa: E402
 from bench_decode import measure_decode  # noqa: E402
 from bench_prepare import measure_prepare_input  # noqa: E402
 from checkpoint_factory import detecting_state_dict  # noqa: E402
-
-
-def median_seconds(fn: Callable[[], object], repeats: int, warmup: int, device: torch.device) -> float:
-    def synced() -> None:
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for _ in range(warmup):
-        synced()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        synced()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from timing import median_seconds  # noqa: E402
 
 
 def cpu_name() -> str:

@@ -5,10 +5,7 @@ Run from the repository root: ``python benchmarks/bench_decode.py [--device cuda
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ssd.decode import NUM_BOXES, NUM_CLASSES, decode_batch, decode_boxes, split_detections  # noqa: E402
 from ssd.default_boxes import default_boxes  # noqa: E402
+
+from timing import median_seconds  # noqa: E402
 
 THRESHOLD = 0.05
 CRITERIA = 0.5
@@ -103,16 +102,6 @@ def nvidia_style_decode(locs: torch.Tensor, confs: torch.Tensor) -> list[tuple[n
     return results
 
 
-def _median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
 
 def measure_decode(batch: int = 8, repeats: int = 50, device: str = "cpu", baseline_repeats: int = 5) -> dict:
     """Per-image decode time (decode_batch + split_detections) and that of the per-class loop, on one batch.
@@ -129,8 +118,8 @@ def measure_decode(batch: int = 8, repeats: int = 50, device: str = "cpu", basel
     def fast() -> list:
         return split_detections(decode_batch(locs, confs, criteria=CRITERIA, max_output=MAX_OUTPUT), ascending=True)
 
-    fast_s = _median_seconds(fast, repeats)
-    slow_s = _median_seconds(lambda: nvidia_style_decode(locs, confs), baseline_repeats, warmup=1)
+    fast_s = median_seconds(fast, repeats, device=device)
+    slow_s = median_seconds(lambda: nvidia_style_decode(locs, confs), baseline_repeats, warmup=1)
     ours, theirs = fast(), nvidia_style_decode(locs, confs)
     identical = all(
         np.array_equal(a, b) for mine, ref in zip(ours, theirs) for a, b in zip(mine, ref)

@@ -9,11 +9,8 @@ Run from the repository root: ``python benchmarks/bench_prepare.py [--repeats 30
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +20,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ssd.transforms import crop_center, normalize, prepare_input, rescale  # noqa: E402
+
+from timing import median_seconds  # noqa: E402
 
 
 def nvidia_prepare_input(path: str) -> np.ndarray:
@@ -44,16 +43,6 @@ def write_test_jpeg(folder: Path, width: int = 640, height: int = 480) -> Path:
     return path
 
 
-def _median_seconds(fn: Callable[[], Any], repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
 
 def measure_prepare_input(repeats: int = 30, warmup: int = 3, width: int = 640, height: int = 480) -> dict[str, Any]:
     """Median per-image seconds of ours and of the baseline on one JPEG, their ratio and their largest difference."""
@@ -61,8 +50,8 @@ def measure_prepare_input(repeats: int = 30, warmup: int = 3, width: int = 640, 
         raise ValueError(f"expected repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
     with tempfile.TemporaryDirectory() as folder:
         path = str(write_test_jpeg(Path(folder), width, height))
-        ours = _median_seconds(lambda: prepare_input(path), repeats, warmup)
-        baseline = _median_seconds(lambda: nvidia_prepare_input(path), repeats, warmup)
+        ours = median_seconds(lambda: prepare_input(path), repeats, warmup)
+        baseline = median_seconds(lambda: nvidia_prepare_input(path), repeats, warmup)
         max_abs_diff = float(np.abs(prepare_input(path) - nvidia_prepare_input(path)).max())
     return {
         "image": f"{width}x{height} JPEG",

@@ -235,7 +235,28 @@ def detect(
     batch_size: int = 8,
     precision: str | None = None,
 ) -> list[Detections]:
-    """Find objects in one image or a list of images; see ``SSD300.detect``. Always returns a list."""
+    """Detect objects in original image coordinates.
+
+    Args:
+        model: the SSD300 to run (this is ``model.detect(images, ...)``); its device, dtype and memory format
+            are followed, and its train/eval mode is restored afterwards.
+        images: one image or a list: paths, http(s) URLs, bytes, PIL images, numpy arrays (H x W x 3, uint8
+            or float in [0, 1]) or tensors (3 x H x W, uint8 or float in [0, 1]).
+        threshold: keep detections scoring above this (0..1).
+        iou_threshold: boxes of one class overlapping a better one by this IoU or more are dropped.
+        max_detections: at most this many per image, highest scores first.
+        batch_size: images per forward pass; results agree across batch sizes up to float rounding (on a
+            small CPU, fp32 runs fastest with 1; see benchmarks/RESULTS.md).
+        precision: None to follow the model's weights; 'fp32'; 'bf16' (autocast; fast on CPUs with bf16
+            and on recent GPUs); 'fp16' (autocast on CUDA).
+
+    Returns:
+        One ``Detections`` per image (a list, also for a single image): ``boxes`` N x 4 (x1, y1, x2, y2
+        pixels), ``scores``, ``labels`` (1..80), ``names``, ``image_size``; ``plot()``, ``save(path)``,
+        ``to_dict()``, ``to_json()``.
+
+    The whole image is resized to 300 x 300 and normalized with ImageNet statistics, as in training.
+    """
     items: Sequence[Any] = list(images) if isinstance(images, list | tuple) else [images]
     results: list[Detections] = [None] * len(items)  # type: ignore[list-item]
     for index, found in detect_iter(model, items, threshold=threshold, iou_threshold=iou_threshold,

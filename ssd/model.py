@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .default_boxes import FEATURE_SIZES, boxes_per_location
-from .detection import Detections, detect
+from .detection import detect
 
 NUM_CLASSES = 81  # 80 COCO categories plus background (label 0)
 # Channels of the six feature maps the heads read: layer3 of the trunk, then the five additional blocks.
@@ -90,35 +90,8 @@ class SSD300(nn.Module):
         confs = torch.cat([head(f).reshape(n, NUM_CLASSES, -1) for head, f in zip(self.conf, features)], dim=2)
         return locs.contiguous(), confs.contiguous()
 
-    def detect(
-        self,
-        images,
-        threshold: float = 0.4,
-        iou_threshold: float = 0.5,
-        max_detections: int = 100,
-        batch_size: int = 8,
-        precision: str | None = None,
-    ) -> list[Detections]:
-        """Detect objects in original image coordinates.
-
-        Args:
-            images: one image or a list: paths, http(s) URLs, bytes, PIL images, numpy arrays (H x W x 3, uint8
-                or float in [0, 1]) or tensors (3 x H x W, uint8 or float in [0, 1]).
-            threshold: keep detections scoring above this (0..1).
-            iou_threshold: boxes of one class overlapping a better one by this IoU or more are dropped.
-            max_detections: at most this many per image, highest scores first.
-            batch_size: images per forward pass; results do not depend on it.
-            precision: None to follow the model's weights; 'fp32'; 'bf16' (autocast; fast on CPUs with bf16
-                and on recent GPUs); 'fp16' (autocast on CUDA).
-
-        Returns:
-            One ``Detections`` per image (a list, also for a single image): ``boxes`` N x 4 (x1, y1, x2, y2
-            pixels), ``scores``, ``labels`` (1..80), ``names``, ``image_size``; ``plot()``, ``save(path)``,
-            ``to_dict()``, ``to_json()``.
-
-        The whole image is resized to 300 x 300 and normalized with ImageNet statistics, as in training.
-        """
-        return detect(self, images, threshold, iou_threshold, max_detections, batch_size, precision)
+    # The one-call API: ``model.detect(images, threshold=0.4, ...)``; see ``ssd.detection.detect``.
+    detect = detect
 
 
 def expected_num_boxes() -> int:
