@@ -23,6 +23,8 @@ COCO_CATEGORY_IDS: tuple[int, ...] = (
     64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90,
 )  # fmt: skip
 
+NUM_CLASSES = len(COCO_NAMES) + 1  # what the model scores: label 0 is background, 1..80 the COCO categories
+
 
 def label_name(label: int) -> str:
     """The COCO name of model label ``label`` (1..80)."""

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .default_boxes import CENTER_VARIANCE, SIZE_VARIANCE, default_boxes
+from .coco import NUM_CLASSES
+from .default_boxes import CENTER_VARIANCE, NUM_BOXES, SIZE_VARIANCE, default_boxes
 
 __all__ = [
     "NUM_BOXES",
@@ -33,8 +34,6 @@ __all__ = [
     "split_detections",
 ]
 
-NUM_BOXES = 8732
-NUM_CLASSES = 81  # label 0 is background, 1..80 the COCO categories
 _FOREGROUND = NUM_CLASSES - 1
 
 # Softmax gives p_c = exp(x_c - max) / s with s >= 1, so p_c > t needs x_c - max > log(t). Boxes failing that by

@@ -22,6 +22,10 @@ def boxes_per_location() -> list[int]:
     return [2 + 2 * len(ratios) for ratios in ASPECT_RATIOS]
 
 
+# 8732: the length of the last axis of the model's ``locs`` and ``confs``.
+NUM_BOXES = sum(n * size * size for n, size in zip(boxes_per_location(), FEATURE_SIZES))
+
+
 @functools.lru_cache(maxsize=1)
 def _default_boxes_xywh() -> torch.Tensor:
     boxes = []

@@ -4,10 +4,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .default_boxes import FEATURE_SIZES, boxes_per_location
+from .coco import NUM_CLASSES
+from .default_boxes import boxes_per_location
 from .detection import detect
 
-NUM_CLASSES = 81  # 80 COCO categories plus background (label 0)
 # Channels of the six feature maps the heads read: layer3 of the trunk, then the five additional blocks.
 FEATURE_CHANNELS = (1024, 512, 512, 256, 256, 256)
 _BOTTLENECK_CHANNELS = (256, 256, 128, 128, 128)
@@ -93,7 +93,3 @@ class SSD300(nn.Module):
     # The one-call API: ``model.detect(images, threshold=0.4, ...)``; see ``ssd.detection.detect``.
     detect = detect
 
-
-def expected_num_boxes() -> int:
-    """8732 for the 300 x 300 input: the length of the last axis of ``locs`` and ``confs``."""
-    return sum(n * s * s for n, s in zip(boxes_per_location(), FEATURE_SIZES))
