@@ -100,9 +100,9 @@ class Detections:
         return save_figure_of(self._picture(), self.boxes, self.labels.tolist(), self.captions(), path)
 
 
-def _inference_setup(model: torch.nn.Module, precision: str | None):
-    """Input dtype and autocast context for ``precision``; None follows the model's own weights."""
-    weight = next(p for p in model.parameters() if p.dim() == 4)
+def _inference_setup(weight: torch.Tensor, precision: str | None):
+    """Device, input dtype and autocast context for ``precision``, given the model's first convolution weight;
+    None follows the model's own weights."""
     device, model_dtype = weight.device, weight.dtype
     if precision is None:
         return device, model_dtype, contextlib.nullcontext()
@@ -137,11 +137,16 @@ def _as_chw(image: Any) -> tuple[torch.Tensor, np.ndarray | None, str]:
     return to_tensor_chw(array), array, describe_source(image)
 
 
-def _checked(name: str, value: Any, kind: type, low: float, high: float | None = None):
+def _checked(name: str, value: Any, kind: type, low: float, high: float | None = None, *,
+             open_low: bool = False, open_high: bool = False):
     if isinstance(value, bool) or not isinstance(value, kind if kind is int else (int, float)):
         raise TypeError(f"{name}: expected {'an integer' if kind is int else 'a number'}, got {value!r}")
-    if not (low <= value and (high is None or value <= high)):
-        raise ValueError(f"{name}: expected a value in [{low}, {high if high is not None else 'inf'}], got {value!r}")
+    too_low = value <= low if open_low else value < low
+    too_high = high is not None and (value >= high if open_high else value > high)
+    if too_low or too_high:
+        interval = (f"{'(' if open_low else '['}{low}, {'inf' if high is None else high}"
+                    f"{')' if open_high or high is None else ']'}")
+        raise ValueError(f"{name}: expected a value in {interval}, got {value!r}")
     return value
 
 
@@ -162,13 +167,15 @@ def detect_iter(
     Images load in a thread pool one batch ahead of the network. With ``skip_errors`` an unreadable image
     yields ``(index, exception)`` and the rest go on; otherwise the exception propagates.
     """
-    _checked("threshold", threshold, float, 0.0, 1.0)
-    _checked("iou_threshold", iou_threshold, float, 0.0, 1.0)
+    # The decoder's own ranges (a score must exceed the threshold; IoU >= iou_threshold suppresses), checked
+    # here so that the error names detect's arguments.
+    _checked("threshold", threshold, float, 0.0, 1.0, open_high=True)
+    _checked("iou_threshold", iou_threshold, float, 0.0, 1.0, open_low=True)
     _checked("max_detections", max_detections, int, 1)
     _checked("batch_size", batch_size, int, 1)
-    device, input_dtype, autocast = _inference_setup(model, precision)
-    channels_last = next(p for p in model.parameters() if p.dim() == 4).is_contiguous(
-        memory_format=torch.channels_last)
+    weight = next(p for p in model.parameters() if p.dim() == 4)
+    device, input_dtype, autocast = _inference_setup(weight, precision)
+    channels_last = weight.is_contiguous(memory_format=torch.channels_last)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def load(item):

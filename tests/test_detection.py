@@ -156,10 +156,11 @@ def test_bad_image_in_a_list_names_that_image(model, tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "error"),
     [({"threshold": 1.5}, ValueError), ({"threshold": "high"}, TypeError), ({"batch_size": 0}, ValueError),
-     ({"max_detections": 2.5}, TypeError), ({"precision": "int8"}, ValueError), ({"iou_threshold": -1}, ValueError)],
+     ({"max_detections": 2.5}, TypeError), ({"precision": "int8"}, ValueError), ({"iou_threshold": -1}, ValueError),
+     ({"threshold": 1.0}, ValueError), ({"iou_threshold": 0.0}, ValueError)],
 )
 def test_detect_validates_arguments(model, chelsea, kwargs, error):
-    with pytest.raises(error):
+    with pytest.raises(error, match=f"^{next(iter(kwargs))}: expected"):
         model.detect(chelsea, **kwargs)
 
 
