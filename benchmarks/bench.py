@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import datetime
+import functools
 import os
 import platform
 import sys
@@ -70,20 +72,31 @@ def forward_configs(device: torch.device) -> list[tuple[str, torch.dtype | None,
     return configs
 
 
+@functools.cache
+def _base_model() -> SSD300:
+    model = SSD300().eval()
+    model.load_state_dict(detecting_state_dict())
+    return model
+
+
+def bench_model(device: torch.device, dtype: torch.dtype, memory_format: torch.memory_format) -> SSD300:
+    """A fresh copy of the measured model; the weights (made once) are the test suite's detecting ones."""
+    return copy.deepcopy(_base_model()).to(device=device, dtype=dtype, memory_format=memory_format)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
 def measure_forward(device: torch.device, batches: list[int], quick: bool) -> list[dict]:
     rows = []
-    base = SSD300().eval()
-    base.load_state_dict(detecting_state_dict())
     for name, autocast_dtype, weight_dtype in forward_configs(device):
         for channels_last in (False, True):
-            model = SSD300().eval()
-            model.load_state_dict(base.state_dict())
-            model.to(device=device, dtype=weight_dtype)
             fmt = torch.channels_last if channels_last else torch.contiguous_format
-            model.to(memory_format=fmt)
+            model = bench_model(device, weight_dtype, fmt)
             for batch in batches:
                 x = torch.randn(batch, 3, 300, 300, device=device, dtype=weight_dtype).contiguous(memory_format=fmt)
-                ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+                ctx = autocast(device, autocast_dtype)
 
                 def run(model=model, x=x, ctx=ctx) -> None:
                     with torch.inference_mode(), ctx:
@@ -110,11 +123,8 @@ def measure_detect(device: torch.device, batch: int, configs: list[tuple[str | N
     rows = []
     for precision, channels_last in configs:
         fmt = torch.channels_last if channels_last else torch.contiguous_format
-        model = SSD300().eval()
-        model.load_state_dict(detecting_state_dict())
-        model.to(device=device, memory_format=fmt)
-        ctx = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-               if precision in ("bf16", "fp16") else contextlib.nullcontext())
+        model = bench_model(device, torch.float32, fmt)
+        ctx = autocast(device, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision))
         x = torch.randn(batch, 3, 300, 300, device=device).contiguous(memory_format=fmt)
 
         def forward(x=x, ctx=ctx, model=model) -> None:
