@@ -198,9 +198,14 @@ def render(device: torch.device, prep: dict, decode: dict, forward: list[dict], 
     fp32_best = max((r for r in forward if r["precision"] == "fp32"), key=lambda r: r["images_per_s"])
     out.append(f"- fp32 is fastest at batch {fp32_best['batch']}"
                f"{' with channels_last' if fp32_best['channels_last'] else ''} ({fp32_best['ms_per_image']:.1f} ms "
-               "per image); larger batches pay for activations that no longer fit in the CPU's caches "
-               "(layer3 alone is 38 x 38 x 1024 floats per image)." if device.type == "cpu" else
-               f"- fp32 is fastest at batch {fp32_best['batch']} ({fp32_best['images_per_s']:.0f} images/s).")
+               "per image).")
+    plain = sorted((r for r in forward if (r["precision"], r["channels_last"]) == ("fp32", False)),
+                   key=lambda r: r["batch"])
+    if device.type == "cpu" and plain[-1]["ms_per_image"] > plain[0]["ms_per_image"]:
+        out.append(f"- Contiguous fp32 slows down per image as the batch grows ({plain[0]['ms_per_image']:.0f} ms at "
+                   f"batch {plain[0]['batch']}, {plain[-1]['ms_per_image']:.0f} ms at batch {plain[-1]['batch']}): "
+                   "the activations no longer fit in the CPU's caches (layer3 alone is 38 x 38 x 1024 floats per "
+                   "image). channels_last, or a small batch_size, avoids most of that.")
     worst = max(detect, key=lambda r: r["overhead"])
     out.append(f"- `detect` (loading from memory, resizing, decoding, boxes to pixels) costs at most "
                f"{worst['overhead'] * 100:+.1f}% over the raw forward pass at the same settings.")

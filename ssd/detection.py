@@ -253,7 +253,7 @@ def detect(
         iou_threshold: boxes of one class overlapping a better one by this IoU or more are dropped.
         max_detections: at most this many per image, highest scores first.
         batch_size: images per forward pass; results agree across batch sizes up to float rounding (on a
-            small CPU, fp32 runs fastest with 1; see benchmarks/RESULTS.md).
+            small CPU, contiguous fp32 slows down per image as batches grow; see benchmarks/RESULTS.md).
         precision: None to follow the model's weights; 'fp32'; 'bf16' (autocast; fast on CPUs with bf16
             and on recent GPUs); 'fp16' (autocast on CUDA).
 
