@@ -6,39 +6,100 @@
 
 dependencies = ["torch", "torchvision", "numpy", "skimage", "scipy", "matplotlib", "requests", "tqdm", "PIL"]
 
+import hashlib  # noqa: E402
 import importlib  # noqa: E402
 import os  # noqa: E402
+import pkgutil  # noqa: E402
 import sys  # noqa: E402
+import threading  # noqa: E402
+import types  # noqa: E402
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
+_HERE = os.path.dirname(os.path.realpath(__file__))
 _OWN_PACKAGES = ("ssd", "utils")
-_loaded: dict = {}
+# torch.hub executes this file afresh on every load, so what must outlive one load (the lock, the loaded
+# packages) lives in one module registered in sys.modules; dict.setdefault makes its creation atomic.
+_STATE = sys.modules.setdefault("_ssd_hub_state", types.ModuleType("_ssd_hub_state"))
+vars(_STATE).setdefault("lock", threading.RLock())
+vars(_STATE).setdefault("loaded", {})
 
 
 def _owned(name: str) -> bool:
     return any(name == p or name.startswith(p + ".") for p in _OWN_PACKAGES)
 
 
-def _package(name: str):
-    """Import this repository's ``ssd`` or ``utils`` without disturbing the caller's modules of the same names.
+def _is_ours(module) -> bool:
+    path = getattr(module, "__file__", None) or ""
+    return os.path.realpath(path).startswith(_HERE + os.sep)
 
-    torch.hub imports this file with the repository on sys.path, so a plain ``import ssd`` would either pick
-    up a module the caller already imported or leave ours in sys.modules to shadow theirs afterwards. Ours are
-    imported with the caller's set aside, then the caller's are put back; our modules bind each other at import
-    time and keep working.
+
+def _caller_has_own(name: str) -> bool:
+    """Whether the caller has a module ``name`` of its own, imported or importable from its sys.path."""
+    if name in sys.modules:
+        return not _is_ours(sys.modules[name])
+    from importlib.machinery import PathFinder
+
+    theirs = [p for p in sys.path if os.path.realpath(p or os.getcwd()) != _HERE]
+    return PathFinder.find_spec(name, theirs) is not None
+
+
+def _import_all() -> dict:
+    packages = {name: importlib.import_module(name) for name in _OWN_PACKAGES}
+    for package in packages.values():
+        for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+            if not info.name.endswith(".__main__"):  # that one runs the command line
+                importlib.import_module(info.name)
+    return packages
+
+
+def _load_beside_callers() -> dict:
+    """Load ours under private names (``_ssd_hub_<hash>.ssd``), leaving the caller's ``ssd``/``utils`` alone.
+
+    Ours are imported with the caller's modules set aside, then renamed, module and class alike, so that pickle,
+    ``torch.save(model)`` and lazy imports inside our code resolve to ours through sys.modules.
     """
-    if not _loaded:
-        saved = {k: sys.modules.pop(k) for k in [k for k in sys.modules if _owned(k)]}
-        sys.path.insert(0, _HERE)
-        try:
-            for package in _OWN_PACKAGES:
-                _loaded[package] = importlib.import_module(package)
-        finally:
-            sys.path.remove(_HERE)
-            for key in [k for k in sys.modules if _owned(k)]:
-                del sys.modules[key]
-            sys.modules.update(saved)
-    return _loaded[name]
+    prefix = "_ssd_hub_" + hashlib.sha1(_HERE.encode()).hexdigest()[:12]
+    saved = {k: sys.modules.pop(k) for k in [k for k in sys.modules if _owned(k)]}
+    sys.path.insert(0, _HERE)
+    try:
+        packages = _import_all()
+    finally:
+        sys.path.remove(_HERE)
+        ours = {k: sys.modules.pop(k) for k in [k for k in sys.modules if _owned(k)]}
+        sys.modules.update(saved)
+    root = types.ModuleType(prefix)
+    root.__path__ = []
+    sys.modules[prefix] = root
+    for old, module in ours.items():
+        new = f"{prefix}.{old}"
+        for value in list(vars(module).values()):
+            if getattr(value, "__module__", None) == old and isinstance(value, (type, types.FunctionType)):
+                value.__module__ = new
+        module.__name__ = new
+        module.__package__ = f"{prefix}.{module.__package__}" if module.__package__ else prefix
+        if module.__spec__ is not None:
+            module.__spec__.name = new
+        sys.modules[new] = module
+    return packages
+
+
+def _package(name: str):
+    """This repository's ``ssd`` or ``utils``, loaded once per process, like an import.
+
+    Where the caller has no ``ssd`` or ``utils`` of its own, ours are imported under those names and the checkout
+    stays on sys.path (at the end), so DataLoader workers and other processes can import them too. Otherwise they
+    are loaded under private names beside the caller's.
+    """
+    with _STATE.lock:
+        packages = _STATE.loaded.get(_HERE)
+        if packages is None:
+            if any(_caller_has_own(p) for p in _OWN_PACKAGES):
+                packages = _load_beside_callers()
+            else:
+                if _HERE not in sys.path:
+                    sys.path.append(_HERE)
+                packages = _import_all()
+            _STATE.loaded[_HERE] = packages
+    return packages[name]
 
 
 def nvidia_ssd(pretrained: bool = True, model_math: str = "fp32", **kwargs):
@@ -77,7 +138,7 @@ def nvidia_ssd(pretrained: bool = True, model_math: str = "fp32", **kwargs):
             f"nvidia_ssd: unexpected keyword argument(s) {sorted(kwargs)}; expected pretrained, model_math, "
             "weights, checkpoint, force_download, progress"
         )
-    return _package("ssd").builder.build_ssd300(pretrained, model_math, force_download=force_download, **options)
+    return _package("ssd").zoo.build_ssd300(pretrained, model_math, force_download=force_download, **options)
 
 
 def nvidia_ssd_processing_utils():

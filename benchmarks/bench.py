@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
-from ssd.model import SSD300  # noqa: E402
+from ssd.models import SSD300  # noqa: E402
 from ssd.transforms import preprocess_for_detection, to_tensor_chw  # noqa: E402
 
 from bench_decode import measure_decode  # noqa: E402

@@ -1,20 +1,12 @@
-"""SSD300 (ResNet-50) object detection: NVIDIA's published model and checkpoints, with a safe and fast toolkit."""
-# Every submodule is imported here, eagerly: hubconf.py loads this package with the caller's own `ssd` set
-# aside and then restores it, so nothing of ours may be imported lazily later by name.
-from . import (  # noqa: F401
-    builder,
-    checkpoints,
-    cli,
-    coco,
-    decode,
-    default_boxes,
-    detection,
-    drawing,
-    fetch,
-    images,
-    model,
-    transforms,
-)
-from .builder import build_ssd300  # noqa: F401
-from .detection import Detections  # noqa: F401
-from .model import SSD300  # noqa: F401
+"""SSD object detectors for torch.hub: NVIDIA's SSD300 (ResNet-50) with its published checkpoints, and the
+pipelines around it (detection, drawing, checkpoints, the command line).
+
+Layout: ``ssd.models`` (networks and their specs), ``ssd.anchors``, ``ssd.box_coder``, ``ssd.postprocess``,
+``ssd.weights`` (checkpoints), ``ssd.io`` (images, HTTP), ``ssd.inference`` (``detect``), ``ssd.compat`` (NVIDIA's
+notebook transforms), ``ssd.data`` (class vocabularies), ``ssd.zoo`` (model builders), ``ssd.cli``.
+"""
+from .inference.detections import Detections
+from .models import SSD300, DetectorSpec
+from .zoo import build_ssd300
+
+__all__ = ["SSD300", "Detections", "DetectorSpec", "build_ssd300"]

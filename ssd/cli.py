@@ -11,10 +11,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from .builder import build_ssd300
-from .checkpoints import CheckpointUnavailableError, InvalidCheckpointError
-from .detection import detect_iter
-from .images import IMAGE_EXTENSIONS, is_image_file
+from .inference.detect import detect_iter
+from .io.images import IMAGE_EXTENSIONS, is_image_file
+from .weights.checkpoints import CheckpointUnavailableError, InvalidCheckpointError
+from .zoo import build_ssd300
 
 SAMPLE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")  # scikit-image's bundled photographs
 _PROGRESS_FROM = 5  # images; fewer finish before a bar would be useful

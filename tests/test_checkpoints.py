@@ -9,9 +9,9 @@ import warnings
 import pytest
 import torch
 
-from ssd import checkpoints
-from ssd.builder import build_ssd300
-from ssd.checkpoints import CheckpointUnavailableError, CheckpointVariant, InvalidCheckpointError
+from ssd.weights import checkpoints
+from ssd.weights.checkpoints import CheckpointUnavailableError, CheckpointVariant, InvalidCheckpointError
+from ssd.zoo import build_ssd300
 
 from checkpoint_factory import golden_state_dict, training_checkpoint
 from test_model import forward_error

@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from ssd import checkpoints
-from ssd.checkpoints import CheckpointVariant
 from ssd.cli import main
+from ssd.weights import checkpoints
+from ssd.weights.checkpoints import CheckpointVariant
 
 from checkpoint_factory import save_detecting_checkpoint
 from conftest import REPO

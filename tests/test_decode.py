@@ -7,16 +7,35 @@ import numpy as np
 import pytest
 import torch
 
-import ssd.decode as decode_module
-from ssd.decode import (
-    Decoded,
-    check_predictions,
-    class_scores,
-    decode_batch,
-    decode_boxes,
-    split_detections,
-)
-from ssd.default_boxes import default_boxes
+import ssd.box_coder as box_coder_module
+import ssd.postprocess as decode_module
+from ssd.anchors import default_boxes as spec_default_boxes
+from ssd.box_coder import decode_boxes as spec_decode_boxes
+from ssd.models import NVIDIA_SSD300
+from ssd.postprocess import Decoded, class_scores, postprocess, split_detections
+from ssd.postprocess import check_predictions as spec_check_predictions
+
+# NVIDIA's names for the recipe's fields, as its decode_results speaks them.
+NVIDIA_NAMES = {"iou_threshold": "criteria", "max_detections": "max_output", "candidates_per_class": "max_per_class"}
+
+
+def default_boxes(order="xywh"):
+    return spec_default_boxes(NVIDIA_SSD300.anchors, order)
+
+
+def decode_boxes(locs):
+    return spec_decode_boxes(locs, NVIDIA_SSD300.anchors, NVIDIA_SSD300.box_coder)
+
+
+def check_predictions(predictions):
+    return spec_check_predictions(predictions, NVIDIA_SSD300)
+
+
+def decode_batch(locs, confs, *, criteria=0.5, max_output=20, score_threshold=0.05, max_per_class=200):
+    """NVIDIA's decode_results parameters as the recipe of the one post-processing implementation."""
+    recipe = NVIDIA_SSD300.postprocess.updated(NVIDIA_NAMES, iou_threshold=criteria, max_detections=max_output,
+                                               score_threshold=score_threshold, candidates_per_class=max_per_class)
+    return postprocess((locs, confs), NVIDIA_SSD300, recipe)
 
 B = 8732
 
@@ -251,7 +270,8 @@ def suppression_of(boxes: list[list[float]], criteria: float) -> torch.Tensor:
     """The decoder's suppression matrix for one group of boxes given in rank order."""
     count = len(boxes)
     pos = torch.arange(count)[None]
-    return decode_module._suppression(torch.tensor(boxes), pos, torch.ones(1, count, dtype=torch.bool), criteria)[0]
+    return decode_module._suppression(torch.tensor(boxes), pos, torch.ones(1, count, dtype=torch.bool),
+                                        NVIDIA_SSD300.postprocess.updated(iou_threshold=criteria))[0]
 
 
 def test_iou_equal_to_criteria_suppresses():
@@ -367,9 +387,10 @@ def test_creates_every_tensor_on_the_input_device():
 
 
 def test_default_boxes_are_cached_per_device_and_dtype():
-    first = decode_module._anchors(torch.device("cpu"), torch.float32)
-    assert decode_module._anchors(torch.device("cpu"), torch.float32) is first
-    assert decode_module._anchors(torch.device("cpu"), torch.float64)[0].dtype == torch.float64
+    anchors = NVIDIA_SSD300.anchors
+    first = box_coder_module.anchor_centres_sizes(anchors, torch.device("cpu"), torch.float32)
+    assert box_coder_module.anchor_centres_sizes(anchors, torch.device("cpu"), torch.float32) is first
+    assert box_coder_module.anchor_centres_sizes(anchors, torch.device("cpu"), torch.float64)[0].dtype == torch.float64
 
 
 def test_gradients_do_not_leak_into_detections():
@@ -415,10 +436,10 @@ def test_bad_predictions_are_rejected(predictions, message):
 
 
 def test_bad_tensors_for_the_building_blocks():
-    with pytest.raises(ValueError, match="N x 4 x 8732, got 1 x 81 x 8732"):
+    with pytest.raises(ValueError, match=r"N x 4 x 8732, got \(1, 81, 8732\)"):
         decode_boxes(torch.zeros(1, 81, B))
-    with pytest.raises(ValueError, match="N x 81 x 8732, got 1 x 4 x 8732"):
-        class_scores(torch.zeros(1, 4, B))
+    with pytest.raises(ValueError, match="N x C x A, got 1 x 4"):
+        class_scores(torch.zeros(1, 4))
 
 
 @pytest.mark.parametrize(
@@ -427,18 +448,20 @@ def test_bad_tensors_for_the_building_blocks():
         ({"criteria": 0}, r"criteria: expected a number in \(0, 1\], got 0"),
         ({"criteria": 1.5}, "criteria"),
         ({"criteria": math.nan}, "criteria"),
-        ({"criteria": True}, "criteria"),
-        ({"criteria": "0.5"}, "criteria"),
-        ({"max_output": 0}, "max_output: expected an integer >= 1, got 0"),
-        ({"max_output": 2.5}, "max_output"),
-        ({"max_output": True}, "max_output"),
+        ({"criteria": True}, "criteria: expected a number, got True"),
+        ({"criteria": "0.5"}, "criteria: expected a number, got '0.5'"),
+        ({"max_output": 0}, "max_output: expected an integer >= 1"),
+        ({"max_output": 10**9}, "max_output: expected an integer >= 1 .at most"),
+        ({"max_output": 2.5}, "max_output: expected an integer, got 2.5"),
+        ({"max_output": True}, "max_output: expected an integer, got True"),
         ({"score_threshold": -0.1}, r"score_threshold: expected a number in \[0, 1\), got -0.1"),
         ({"score_threshold": 1.0}, "score_threshold"),
-        ({"max_per_class": 0}, "max_per_class: expected an integer >= 1, got 0"),
+        ({"max_per_class": 0}, "max_per_class: expected an integer >= 1"),
     ],
 )
 def test_bad_parameters_are_rejected(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    # A value of the wrong type is a TypeError, one out of range a ValueError; both name NVIDIA's argument.
+    with pytest.raises((ValueError, TypeError), match=message):
         decode_batch(torch.zeros(1, 4, B), torch.zeros(1, 81, B), **kwargs)
 
 

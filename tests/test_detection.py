@@ -11,9 +11,9 @@ from PIL import Image
 from skimage import data
 from torchvision.ops import box_iou
 
-from ssd.detection import Detections
-from ssd.model import SSD300
-from ssd.transforms import preprocess_for_detection, to_tensor_chw
+from ssd.inference.detect import Detections
+from ssd.inference.preprocess import preprocess_for_detection, to_tensor_chw
+from ssd.models import SSD300
 from utils import decode_results, pick_best
 
 from checkpoint_factory import detecting_state_dict
@@ -190,7 +190,7 @@ def test_bf16_autocast_keeps_the_top_detections(model):
 def test_fp16_model_detects_like_fp32(model, chelsea):
     # A half-precision model (as model_math='fp16' builds) takes half inputs; on the CPU only a small check
     # is affordable, so compare on one image.
-    from ssd.builder import half_with_float_batchnorm
+    from ssd.zoo import half_with_float_batchnorm
 
     half = SSD300().eval()
     half.load_state_dict(detecting_state_dict())

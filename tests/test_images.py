@@ -1,4 +1,4 @@
-"""ssd.images: every kind of input gives the same pixels, and every kind of bad input a clear, named error."""
+"""ssd.io.images: every kind of input gives the same pixels, and every kind of bad input a clear, named error."""
 from __future__ import annotations
 
 import gzip
@@ -16,7 +16,7 @@ import skimage.data
 import torch
 from PIL import Image
 
-from ssd.images import (
+from ssd.io.images import (
     IMAGE_EXTENSIONS,
     ImageFetchError,
     ImageLoadError,

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from ssd.builder import build_ssd300, half_with_float_batchnorm
-from ssd.default_boxes import NUM_BOXES, default_boxes
-from ssd.model import SSD300
+from ssd.anchors import default_boxes
+from ssd.models import NVIDIA_SSD300, SSD300
+from ssd.zoo import build_ssd300, half_with_float_batchnorm
 
 from conftest import REPO
 
@@ -49,13 +49,13 @@ def test_untrained_model_is_not_the_golden_one(forward_golden):
 
 def test_default_boxes_equal_reference(golden_dir):
     reference = np.load(golden_dir / "default_boxes_xywh.npy")
-    ours = default_boxes("xywh").numpy()
-    assert ours.shape == (NUM_BOXES, 4) == (8732, 4) == reference.shape
+    ours = default_boxes(NVIDIA_SSD300.anchors, "xywh").numpy()
+    assert ours.shape == (NVIDIA_SSD300.anchors.num_anchors, 4) == (8732, 4) == reference.shape
     np.testing.assert_allclose(ours, reference, atol=1e-7, rtol=0)
-    ltrb = default_boxes("ltrb").numpy()
+    ltrb = default_boxes(NVIDIA_SSD300.anchors, "ltrb").numpy()
     np.testing.assert_allclose((ltrb[:, :2] + ltrb[:, 2:]) / 2, ours[:, :2], atol=1e-6)
     with pytest.raises(ValueError, match="order"):
-        default_boxes("cxcywh")
+        default_boxes(NVIDIA_SSD300.anchors, "cxcywh")
 
 
 def test_building_makes_no_network_connection(monkeypatch):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import utils
-from ssd.coco import COCO_CATEGORY_IDS, COCO_NAMES, category_id, label_name
+from ssd.data.coco import COCO_CATEGORY_IDS, COCO_NAMES, category_id, label_name
 
 SEED_HELPERS = ("load_image", "rescale", "crop_center", "normalize", "prepare_input", "prepare_tensor",
                 "decode_results", "pick_best", "get_coco_object_dictionary")

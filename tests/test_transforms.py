@@ -1,4 +1,4 @@
-"""ssd.transforms: the seed pipeline's numbers (golden and reference), its bounded cost, and the detection transform."""
+"""NVIDIA's seed pipeline (golden and reference numbers, bounded cost) and the detection transform."""
 from __future__ import annotations
 
 import io
@@ -12,18 +12,12 @@ import skimage.data
 import torch
 from PIL import Image
 
-from ssd.images import load_rgb
-from ssd.transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    crop_center,
-    normalize,
-    prepare_input,
-    preprocess_for_detection,
-    rescale,
-    seed_preprocess,
-    to_tensor_chw,
-)
+from ssd.compat.nvidia import crop_center, normalize, prepare_input, rescale, seed_preprocess
+from ssd.inference.preprocess import preprocess_for_detection, to_tensor_chw
+from ssd.io.images import load_rgb
+from ssd.models import NVIDIA_SSD300
+
+IMAGENET_MEAN, IMAGENET_STD = NVIDIA_SSD300.input.mean, NVIDIA_SSD300.input.std
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -126,10 +120,10 @@ def test_a_large_photo_only_reads_its_centre():
 
 
 def test_slab_by_slab_conversion_is_exact(monkeypatch):
-    import ssd.transforms
+    import ssd.compat.nvidia
 
     # Force many small slabs on a small image: the result must not depend on how the rows are split.
-    monkeypatch.setattr(ssd.transforms, "_CHUNK_ELEMENTS", 5000)
+    monkeypatch.setattr(ssd.compat.nvidia, "_CHUNK_ELEMENTS", 5000)
     img = np.random.default_rng(4).integers(0, 256, (480, 640, 3), dtype=np.uint8)
     np.testing.assert_allclose(seed_preprocess(img), reference(img), rtol=0, atol=1e-9)
 
@@ -268,8 +262,9 @@ def test_preprocess_shapes_dtypes_and_layouts(chelsea):
 def test_preprocess_uint8_and_float_agree(chelsea):
     as_uint8 = preprocess_for_detection([to_tensor_chw(chelsea)])
     as_float = preprocess_for_detection([to_tensor_chw(chelsea).float() / 255])
-    # The same linear map in float32 with a different rounding order: differences of a few float32 ulps.
-    torch.testing.assert_close(as_float, as_uint8, atol=1e-5, rtol=0)
+    # uint8 is resized as uint8 (PIL's rounding to whole levels), float in float: at most one level apart.
+    level = 1 / 255 / min(IMAGENET_STD)
+    assert (as_float - as_uint8).abs().max() <= level * 1.001
 
 
 def test_preprocess_mixed_sizes_equal_one_by_one(chelsea):
@@ -286,15 +281,15 @@ def test_preprocess_matches_torchvision_and_pil():
     for name in ["astronaut", "rocket"]:
         img = getattr(skimage.data, name)()
         ours = preprocess_for_detection([to_tensor_chw(img)])[0]
-        tv = tvf.normalize(tvf.resize(to_tensor_chw(img).float() / 255, [300, 300], antialias=True),
+        # The uint8 image is resized as uint8, exactly as torchvision's transforms resize it.
+        tv = tvf.normalize(tvf.resize(to_tensor_chw(img), [300, 300], antialias=True).float() / 255,
                            list(IMAGENET_MEAN), list(IMAGENET_STD))
         torch.testing.assert_close(ours, tv, atol=1e-5, rtol=0)
-        # PIL's antialiased bilinear is an independent implementation; it rounds to 8 bits (and uses fixed-point
-        # weights), so agreement is to within one 8-bit level.
+        # NVIDIA evaluated with PIL's bilinear resize; ours reproduces it but for one grey level on a few pixels.
         pil = torch.from_numpy(np.array(Image.fromarray(img).resize((300, 300), Image.BILINEAR))).permute(2, 0, 1)
         levels = (ours * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) * 255
         diff = (levels - pil.float()).abs()
-        assert diff.max() <= 1.001 and diff.mean() < 0.6
+        assert diff.max() <= 1.001 and (diff > 0.5).float().mean() < 0.01
 
 
 def test_preprocess_rejects_bad_images():

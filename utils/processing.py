@@ -11,10 +11,14 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ssd.coco import COCO_NAMES
-from ssd.decode import check_predictions, decode_batch, split_detections
-from ssd.images import load_image
-from ssd.transforms import crop_center, normalize, prepare_input, rescale
+from ssd.compat.nvidia import crop_center, normalize, prepare_input, rescale
+from ssd.data.coco import COCO_NAMES
+from ssd.io.images import load_image
+from ssd.models.ssd300_resnet50 import NVIDIA_SSD300, nvidia_spec
+from ssd.postprocess import postprocess, split_detections
+
+# NVIDIA's argument names for the recipe's fields.
+_NVIDIA_NAMES = {"iou_threshold": "criteria", "max_detections": "max_output"}
 
 __all__ = [
     "load_image", "rescale", "crop_center", "normalize", "prepare_input", "prepare_tensor", "decode_results",
@@ -46,10 +50,15 @@ def decode_results(predictions, criteria: float = 0.5, max_output: int = 20) -> 
     """Turn the model's ``(locs, confs)`` into detections per image, as NVIDIA's ``decode_results`` does.
 
     Returns, per image, ``[boxes, labels, scores]``: boxes N x 4 float32 (left, top, right, bottom, relative to
-    the 300 x 300 input), labels N int64 in 1..80, scores N float32, in ascending score order, N <= max_output.
+    the 300 x 300 input), labels N int64 in 1..80 (1..K-1 for a model fine-tuned with K classes), scores N
+    float32, in ascending score order, N <= max_output.
     """
-    locs, confs = check_predictions(predictions)
-    decoded = decode_batch(locs, confs, criteria=criteria, max_output=max_output)
+    recipe = NVIDIA_SSD300.postprocess.updated(_NVIDIA_NAMES, iou_threshold=criteria, max_detections=max_output)
+    spec = NVIDIA_SSD300
+    confs = predictions[1] if isinstance(predictions, (tuple, list)) and len(predictions) == 2 else None
+    if isinstance(confs, torch.Tensor) and confs.dim() == 3 and confs.shape[1] not in (1, NVIDIA_SSD300.num_classes):
+        spec = nvidia_spec(num_classes=int(confs.shape[1]))  # a fine-tuned model with its own classes
+    decoded = postprocess(predictions, spec, recipe)
     return [list(found) for found in split_detections(decoded, ascending=True)]
 
 

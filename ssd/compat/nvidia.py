@@ -1,41 +1,31 @@
-"""Image preprocessing: NVIDIA's published transforms, a fast exact equivalent of them, and the detection transform.
+"""NVIDIA's published notebook transforms, exactly, and fast: the engine of the seed-compatible ``utils`` facade.
 
-Two pipelines live here and they are deliberately different:
-
-* :func:`prepare_input` reproduces NVIDIA's torch.hub ``prepare_input`` (scikit-image resize so that the shorter side
-  is 300, centre crop 300 x 300, ``(x * 256 - 128) / 128``) to ~1e-15, but much faster: see :func:`seed_preprocess`.
-* :func:`preprocess_for_detection` is the batched torch transform of the one-call detection API: the whole image
-  resized to 300 x 300 (no crop, so boxes cover the full picture) and normalised with the ImageNet mean and std.
+:func:`prepare_input` reproduces NVIDIA's torch.hub ``prepare_input`` (scikit-image resize so that the shorter side
+is 300, centre crop 300 x 300, ``(x * 256 - 128) / 128``) to ~1e-15, but much faster: see :func:`seed_preprocess`.
+The one-call detection API preprocesses differently (the whole image, ImageNet statistics): see
+:mod:`ssd.inference.preprocess`.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from .images import ImageSource, load_rgb
+from ..io.images import ImageSource, load_rgb
 
 if TYPE_CHECKING:
     from scipy import sparse
 
 __all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "SEED_SIZE",
     "crop_center",
     "normalize",
     "prepare_input",
-    "preprocess_for_detection",
     "rescale",
     "seed_preprocess",
-    "to_tensor_chw",
 ]
 
 SEED_SIZE = 300
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # scipy.ndimage.gaussian_filter's defaults, which skimage.transform.resize relies on.
 _GAUSS_TRUNCATE = 4.0
@@ -202,108 +192,3 @@ def prepare_input(src: ImageSource) -> np.ndarray:
     """NVIDIA's ``prepare_input``: load ``src`` (anything :func:`ssd.images.load_rgb` accepts) and return the
     float64 300 x 300 x 3 array in [-1, 1] of :func:`seed_preprocess`."""
     return seed_preprocess(load_rgb(src))
-
-
-def to_tensor_chw(img: np.ndarray) -> torch.Tensor:
-    """An H x W x 3 (or H x W, H x W x 1) numpy image as a 3 x H x W tensor, sharing memory where possible.
-
-    uint8 stays uint8; float64 becomes float32 (the detection transform works in float32 anyway); other float types
-    are kept. Grayscale is expanded to three channels without a copy.
-    """
-    if not isinstance(img, np.ndarray):
-        raise TypeError(f"to_tensor_chw: expected a numpy array, got {type(img).__name__}")
-    if img.ndim == 2:
-        img = img[:, :, None]
-    if img.ndim != 3 or img.shape[2] not in (1, 3):
-        raise ValueError(f"to_tensor_chw: expected an H x W x 3, H x W x 1 or H x W array, got shape {img.shape}")
-    if img.dtype == np.float64:
-        img = img.astype(np.float32)
-    elif img.dtype != np.uint8 and img.dtype.kind != "f":
-        raise TypeError(f"to_tensor_chw: expected a uint8 or float array, got {img.dtype}")
-    # torch refuses negative strides and warns on read-only arrays (np.asarray of a PIL image is read-only).
-    if not img.flags.writeable or any(s < 0 for s in img.strides):
-        img = np.array(img)
-    tensor = torch.from_numpy(img).permute(2, 0, 1)
-    return tensor.expand(3, -1, -1) if tensor.shape[0] == 1 else tensor
-
-
-def _check_tensor(image: object, index: int) -> torch.Tensor:
-    if not isinstance(image, torch.Tensor):
-        raise TypeError(f"images[{index}]: expected a 3 x H x W tensor, got {type(image).__name__}")
-    if image.ndim != 3 or image.shape[0] != 3 or image.shape[1] < 1 or image.shape[2] < 1:
-        raise ValueError(f"images[{index}]: expected a tensor of shape 3 x H x W, got {tuple(image.shape)}")
-    if image.dtype != torch.uint8 and not image.dtype.is_floating_point:
-        raise TypeError(f"images[{index}]: expected a uint8 (0..255) or float (0..1) tensor, got {image.dtype}")
-    return image
-
-
-def _stack_to_device(group: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Stack same-size images into N x 3 x H x W on ``device``, pinning host memory for an asynchronous CUDA copy."""
-    # Tensors from to_tensor_chw are views of H x W x 3 arrays: stacking them as H x W x 3 is a plain copy, where
-    # stacking into 3 x H x W would be a slow strided gather. The result then has channels-last strides.
-    hwc = all(t.permute(1, 2, 0).is_contiguous() for t in group)
-    parts = [t.permute(1, 2, 0) for t in group] if hwc else list(group)
-    if device.type == "cuda" and all(t.device.type == "cpu" for t in parts):
-        batch = torch.empty((len(parts), *parts[0].shape), dtype=parts[0].dtype, pin_memory=True)
-        torch.stack(parts, out=batch)
-        batch = batch.to(device, non_blocking=True)
-    else:
-        batch = torch.stack([t.to(device) for t in parts])
-    return batch.permute(0, 3, 1, 2) if hwc else batch
-
-
-def preprocess_for_detection(
-    images: Sequence[torch.Tensor] | torch.Tensor,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-    size: int = SEED_SIZE,
-    memory_format: torch.memory_format = torch.contiguous_format,
-) -> torch.Tensor:
-    """Batch 3 x H x W images (uint8 0..255 or float 0..1, any sizes) into the N x 3 x size x size model input.
-
-    Each whole image (no crop) is resized with antialiased bilinear interpolation in float32 and normalised with
-    :data:`IMAGENET_MEAN` / :data:`IMAGENET_STD`. Images go to ``device`` (default: that of the first image) before
-    conversion, uint8 when they are uint8 (4x less to copy), through pinned memory when the target is CUDA. Images of
-    the same size share one interpolate call. Float inputs are not range-checked (that would synchronise the device).
-    Returns ``dtype`` in ``memory_format``; an N x 3 x H x W tensor may be passed instead of a list.
-    """
-    _check_positive(size=size)
-    if isinstance(images, torch.Tensor):
-        if images.ndim != 4:
-            raise ValueError(f"images: expected a list of 3 x H x W tensors or an N x 3 x H x W tensor, "
-                             f"got a tensor of shape {tuple(images.shape)}")
-        images = list(images.unbind(0))
-    images = [_check_tensor(image, i) for i, image in enumerate(images)]
-    if device is not None:
-        target = torch.device(device)
-    elif images:
-        target = images[0].device
-    else:
-        target = torch.device("cpu")
-    out_shape = (len(images), 3, size, size)
-    if not images:
-        return torch.empty(out_shape, device=target, dtype=dtype, memory_format=memory_format)
-
-    groups: dict[tuple[int, int, torch.dtype], list[int]] = {}
-    for i, image in enumerate(images):
-        groups.setdefault((image.shape[1], image.shape[2], image.dtype), []).append(i)
-
-    # x / 255 then (x - mean) / std folded into one multiply-add per channel; resizing is linear, so it can come first.
-    std = torch.tensor(IMAGENET_STD, device=target, dtype=torch.float32).view(1, 3, 1, 1)
-    mean = torch.tensor(IMAGENET_MEAN, device=target, dtype=torch.float32).view(1, 3, 1, 1)
-    out = None
-    for (height, width, src_dtype), indices in groups.items():
-        # Contiguous while still uint8: a quarter of the bytes to shuffle, and the fast layout for CPU resizing.
-        batch = _stack_to_device([images[i] for i in indices], target).contiguous().to(torch.float32)
-        if (height, width) != (size, size):
-            batch = torch.nn.functional.interpolate(
-                batch, size=(size, size), mode="bilinear", antialias=True, align_corners=False
-            )
-        scale = 1.0 / (255.0 * std) if src_dtype == torch.uint8 else 1.0 / std
-        batch = torch.addcmul(-mean / std, batch, scale)
-        if len(groups) == 1:
-            return batch.to(dtype).contiguous(memory_format=memory_format)
-        if out is None:
-            out = torch.empty(out_shape, device=target, dtype=dtype, memory_format=memory_format)
-        out[torch.tensor(indices, device=target)] = batch.to(dtype)
-    return out

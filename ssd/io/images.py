@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 
-from .fetch import iter_body
+from .http import iter_body
 
 if TYPE_CHECKING:
     import torch
@@ -38,6 +38,7 @@ __all__ = [
     "is_image_file",
     "load_image",
     "load_rgb",
+    "load_uint8",
 ]
 
 ImageSource: TypeAlias = (
@@ -344,3 +345,15 @@ def load_image(src: ImageSource, **kwargs: Any) -> np.ndarray:
         # The exact operation of skimage.img_as_float, so results match the seed bit for bit.
         return np.multiply(img, 1.0 / 255, dtype=np.float64)
     return img
+
+
+def load_uint8(src: ImageSource, **kwargs: Any) -> tuple[np.ndarray, str]:
+    """The one form ``detect`` works in: ``src`` as H x W x 3 uint8 RGB, and the name that describes it.
+
+    16-bit and float sources are rounded to the nearest of 256 levels (what every picture of them shows).
+    Keyword arguments (``timeout``, ``max_bytes``) are passed to :func:`load_rgb`.
+    """
+    pixels = load_rgb(src, **kwargs)
+    if pixels.dtype != np.uint8:
+        pixels = np.multiply(pixels, 255.0).round().astype(np.uint8)
+    return pixels, describe_source(src)

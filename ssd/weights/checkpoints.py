@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .fetch import iter_body
+from ..io.http import iter_body
 
 ENV_VAR = "SSD_CHECKPOINT"
 # (connect, read) seconds: a dead server fails fast, a slow one may still send a 100+ MB file.

@@ -1,10 +1,11 @@
-"""Turn SSD300's raw predictions into detections: NVIDIA's ``decode_results``, exactly, vectorized over a batch.
+"""Raw predictions to detections: one implementation, parameterized by a :class:`PostProcessSpec` recipe.
 
-The semantics are those of NVIDIA's reference (PyTorch/Detection/SSD): boxes decoded with variances 0.1 / 0.2,
-softmax over the 81 classes, then per image and per class 1..80 the scores above a threshold, at most the 200
-highest, greedy non-maximum suppression that drops a box when its IoU with a kept box is >= ``criteria``, and
-finally the ``max_output`` highest scores over all classes. Every float operation that decides which box survives
-is done in float32 in NVIDIA's order, so the detections are NVIDIA's, bit for bit on the same machine.
+NVIDIA's recipe (``decode_results``) is reproduced exactly: boxes decoded with variances 0.1 / 0.2, softmax over
+the classes, per image and class the scores above a threshold, at most the 200 highest, greedy NMS dropping a box
+whose IoU with a kept one is >= the IoU threshold, then the highest over all classes. Every float operation that
+decides which box survives is done in float32 in NVIDIA's order, so the detections are NVIDIA's, bit for bit on the
+same machine. mmdetection's recipe differs only in where candidates are capped (per feature map, over (anchor,
+class) pairs), in clipping and dropping empty boxes before NMS, and in suppressing only IoU > threshold.
 
 Everything runs on the device of the predictions, without a Python loop over images, classes or candidates; the
 only host synchronisations are a few per batch (one per NMS round).
@@ -12,7 +13,6 @@ only host synchronisations are a few per batch (one per NMS round).
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -20,21 +20,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .coco import NUM_CLASSES
-from .default_boxes import CENTER_VARIANCE, NUM_BOXES, SIZE_VARIANCE, default_boxes
+from .box_coder import decode_boxes
+from .models.spec import DetectorSpec, PostProcessSpec
 
-__all__ = [
-    "NUM_BOXES",
-    "NUM_CLASSES",
-    "Decoded",
-    "check_predictions",
-    "class_scores",
-    "decode_batch",
-    "decode_boxes",
-    "split_detections",
-]
-
-_FOREGROUND = NUM_CLASSES - 1
+__all__ = ["Decoded", "check_predictions", "class_scores", "postprocess", "split_detections"]
 
 # Softmax gives p_c = exp(x_c - max) / s with s >= 1, so p_c > t needs x_c - max > log(t). Boxes failing that by
 # this margin (far more than float32 rounding) cannot hold a candidate, and their softmax is never computed.
@@ -45,18 +34,16 @@ _CHUNK_ELEMENTS = 1 << 21
 _WAVE_ELEMENTS = 1 << 27
 _MIN_GROUP_PAD = 8
 
-_ANCHORS: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
-
 
 class Decoded(NamedTuple):
-    """Detections of a batch, padded to ``K = max_output`` rows per image, on the predictions' device.
+    """Detections of a batch, padded to ``K = max_detections`` rows per image, on the predictions' device.
 
     Row ``k < counts[i]`` of image ``i`` is a detection; rows are sorted by descending score. Padding rows hold
     zeros (label 0 is background, never a detection).
     """
 
     boxes: Tensor  # N x K x 4 float32, (left, top, right, bottom) relative to the input
-    labels: Tensor  # N x K int64, 1..80
+    labels: Tensor  # N x K int64, 1..C-1
     scores: Tensor  # N x K float32
     counts: Tensor  # N int64
 
@@ -67,14 +54,15 @@ def _shape(x: object) -> str:
     return type(x).__name__
 
 
-def check_predictions(predictions: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-    """Validate the model's output ``(locs, confs)`` and return it as a tuple, unchanged.
+def check_predictions(predictions: Sequence[Tensor], spec: DetectorSpec) -> tuple[Tensor, Tensor]:
+    """Validate a model's output ``(locs, confs)`` against ``spec`` and return it as a tuple, unchanged.
 
     Raises:
         ValueError: unless ``predictions`` is a pair of floating-point tensors on one device with shapes
-            N x 4 x 8732 and N x 81 x 8732.
+            N x 4 x A and N x C x A (A anchors and C classes of ``spec``).
     """
-    expected = f"the model's output (locs, confs) with shapes N x 4 x {NUM_BOXES} and N x {NUM_CLASSES} x {NUM_BOXES}"
+    boxes, classes = spec.anchors.num_anchors, spec.num_classes
+    expected = f"the model's output (locs, confs) with shapes N x 4 x {boxes} and N x {classes} x {boxes}"
     if isinstance(predictions, Tensor):
         raise ValueError(f"predictions: expected {expected}, got a single tensor of shape {_shape(predictions)}")
     if not isinstance(predictions, (tuple, list)) or len(predictions) != 2:
@@ -88,8 +76,8 @@ def check_predictions(predictions: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     if (
         locs.dim() != 3
         or confs.dim() != 3
-        or tuple(locs.shape[1:]) != (4, NUM_BOXES)
-        or tuple(confs.shape[1:]) != (NUM_CLASSES, NUM_BOXES)
+        or tuple(locs.shape[1:]) != (4, boxes)
+        or tuple(confs.shape[1:]) != (classes, boxes)
         or locs.shape[0] != confs.shape[0]
     ):
         raise ValueError(f"predictions: expected {expected}, got shapes {_shape(locs)} and {_shape(confs)}")
@@ -100,71 +88,12 @@ def check_predictions(predictions: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     return locs, confs
 
 
-def _check_locs(locs: Tensor) -> None:
-    if not isinstance(locs, Tensor) or locs.dim() != 3 or tuple(locs.shape[1:]) != (4, NUM_BOXES):
-        raise ValueError(f"locs: expected a tensor of shape N x 4 x {NUM_BOXES}, got {_shape(locs)}")
-    if not locs.is_floating_point():
-        raise ValueError(f"locs: expected a floating-point tensor, got {locs.dtype}")
-
-
-def _check_confs(confs: Tensor) -> None:
-    if not isinstance(confs, Tensor) or confs.dim() != 3 or tuple(confs.shape[1:]) != (NUM_CLASSES, NUM_BOXES):
-        raise ValueError(f"confs: expected a tensor of shape N x {NUM_CLASSES} x {NUM_BOXES}, got {_shape(confs)}")
-    if not confs.is_floating_point():
-        raise ValueError(f"confs: expected a floating-point tensor, got {confs.dtype}")
-
-
-def _anchors(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Default-box centres and sizes, each 2 x 8732, cached so GPU calls do not upload them every time."""
-    key = (device, dtype)
-    cached = _ANCHORS.get(key)
-    if cached is None:
-        xywh = default_boxes("xywh").to(device=device, dtype=dtype).t().contiguous()
-        cached = (xywh[:2], xywh[2:])
-        _ANCHORS[key] = cached
-    return cached
-
-
-def decode_boxes(locs: Tensor) -> Tensor:
-    """Decode N x 4 x 8732 box offsets into N x 8732 x 4 float32 (left, top, right, bottom), relative, unclamped.
-
-    The input is not modified. Gradients flow through.
-    """
-    _check_locs(locs)
-    locs = locs.float()
-    centres, sizes = _anchors(locs.device, locs.dtype)
-    # NVIDIA scales by the variances first and rounds every step separately; the exp runs on a strided view of the
-    # scaled N x 4 x 8732 tensor, as NVIDIA's does, so even its vectorised/scalar split over elements matches.
-    scaled = torch.cat([locs[:, :2] * CENTER_VARIANCE, locs[:, 2:] * SIZE_VARIANCE], dim=1)
-    xy = scaled[:, :2] * sizes + centres
-    half = 0.5 * (scaled[:, 2:].exp() * sizes)
-    return torch.cat([xy - half, xy + half], dim=1).transpose(1, 2).contiguous()
-
-
 def class_scores(confs: Tensor) -> Tensor:
-    """Softmax of N x 81 x 8732 logits over the classes, as N x 8732 x 81 float32. The input is not modified."""
-    _check_confs(confs)
+    """Softmax of N x C x A logits over the classes, as N x A x C float32. The input is not modified."""
+    if not isinstance(confs, Tensor) or confs.dim() != 3 or not confs.is_floating_point():
+        raise ValueError(f"confs: expected a floating-point tensor of shape N x C x A, got {_shape(confs)}")
     # Softmax over the last axis of the permuted view: the exact call NVIDIA makes, hence identical roundings.
     return confs.float().permute(0, 2, 1).softmax(dim=-1)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _check_params(criteria: float, max_output: int, score_threshold: float, max_per_class: int) -> None:
-    if not _is_real(criteria) or not 0 < criteria <= 1:
-        raise ValueError(f"criteria: expected a number in (0, 1], got {criteria!r}")
-    if not _is_int(max_output) or max_output < 1:
-        raise ValueError(f"max_output: expected an integer >= 1, got {max_output!r}")
-    if not _is_real(score_threshold) or not 0 <= score_threshold < 1:
-        raise ValueError(f"score_threshold: expected a number in [0, 1), got {score_threshold!r}")
-    if not _is_int(max_per_class) or max_per_class < 1:
-        raise ValueError(f"max_per_class: expected an integer >= 1, got {max_per_class!r}")
 
 
 def _empty(n_images: int, max_output: int, device: torch.device) -> Decoded:
@@ -177,18 +106,30 @@ def _empty(n_images: int, max_output: int, device: torch.device) -> Decoded:
 
 
 class _Candidates(NamedTuple):
-    """Candidates sorted by (image, class) group, then in NVIDIA's pick order: score desc, box index desc."""
+    """Candidates sorted by (image, class) group, then in pick order: score desc, box index desc."""
 
     image: Tensor  # M int64
-    box: Tensor  # M int64, 0..8731
-    label: Tensor  # M int64, 1..80
+    box: Tensor  # M int64, 0..A-1
+    label: Tensor  # M int64, 1..C-1
     score: Tensor  # M float32
-    group_start: Tensor  # N * 80 int64: first candidate of each (image, class) group
-    group_size: Tensor  # N * 80 int64
+    group_start: Tensor  # N * (C-1) int64: first candidate of each (image, class) group
+    group_size: Tensor  # N * (C-1) int64
 
 
-def _candidates(confs: Tensor, threshold: float, max_per_class: int) -> _Candidates | None:
-    n_images = confs.shape[0]
+class _Hits(NamedTuple):
+    """Unsorted candidates in (image, box, class) descending order: NVIDIA's tie order read from the end."""
+
+    image: Tensor
+    box: Tensor
+    cls: Tensor  # 0-based foreground class
+    score: Tensor
+
+    def subset(self, index: Tensor) -> _Hits:
+        return _Hits(self.image[index], self.box[index], self.cls[index], self.score[index])
+
+
+def _hits_per_class(confs: Tensor, threshold: float) -> _Hits | None:
+    """Every (image, box, class) scoring above ``threshold``, computing softmax only for rows that can matter."""
     fg_top = confs[:, 1:].amax(dim=1)
     top = torch.maximum(fg_top, confs[:, 0])
     floor = math.log(threshold) - _LOGIT_MARGIN if threshold > 0 else -math.inf
@@ -202,22 +143,51 @@ def _candidates(confs: Tensor, threshold: float, max_per_class: int) -> _Candida
     if hits.shape[0] == 0:
         return None
     # hits run by (image, box, class); reversed, equal scores keep the higher box index first, like NVIDIA's
-    # ascending sort read from the end. Two stable sorts then give (group, score desc, box desc).
+    # ascending sort read from the end.
     hits = hits.flip(0)
     row, cls = hits[:, 0], hits[:, 1]
-    image, box = rows[row, 0], rows[row, 1]
-    score = probs[row, cls + 1]
-    order = torch.sort(score, descending=True, stable=True).indices
-    group = image * _FOREGROUND + cls
-    order = order[torch.sort(group[order], stable=True).indices]
-    image, box, cls, score, group = image[order], box[order], cls[order], score[order], group[order]
+    return _Hits(rows[row, 0], rows[row, 1], cls, probs[row, cls + 1])
 
-    counts = torch.bincount(group, minlength=n_images * _FOREGROUND)
-    rank = torch.arange(group.shape[0], device=group.device) - (counts.cumsum(0) - counts)[group]
-    top_k = (rank < max_per_class).nonzero().squeeze(1)
-    image, box, cls, score = image[top_k], box[top_k], cls[top_k], score[top_k]
-    size = counts.clamp(max=max_per_class)
-    return _Candidates(image, box, cls + 1, score, size.cumsum(0) - size, size)
+
+def _hits_per_level(confs: Tensor, threshold: float, per_level: int, level_sizes: Sequence[int]) -> _Hits | None:
+    """Per feature map and image, the ``per_level`` best (anchor, class) pairs scoring above ``threshold``."""
+    probs = confs.permute(0, 2, 1).softmax(dim=-1)[..., 1:]  # N x A x (C-1)
+    n_images, _, n_fg = probs.shape
+    chosen = torch.zeros(probs.shape, dtype=torch.bool, device=probs.device)
+    start = 0
+    for size in level_sizes:
+        flat = probs[:, start : start + size].reshape(n_images, -1)
+        k = min(per_level, flat.shape[1])
+        top = flat.masked_fill(~(flat > threshold), -1.0).topk(k, dim=1)
+        picked = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, top.indices, top.values > threshold)
+        chosen[:, start : start + size] = picked.reshape(n_images, size, n_fg)
+        start += size
+    hits = chosen.nonzero()
+    if hits.shape[0] == 0:
+        return None
+    hits = hits.flip(0)
+    image, box, cls = hits.unbind(1)
+    return _Hits(image, box, cls, probs[image, box, cls])
+
+
+def _group(hits: _Hits, n_groups: int, n_fg: int, cap: int | None) -> tuple[_Candidates, Tensor]:
+    """Sort hits into (image, class) groups by score desc (ties: box desc), keep ``cap`` per group.
+
+    Returns the candidates and, for each, its index into ``hits``.
+    """
+    # Two stable sorts give (group, score desc, box desc) from the reversed (image, box, class) order.
+    order = torch.sort(hits.score, descending=True, stable=True).indices
+    group = hits.image * n_fg + hits.cls
+    order = order[torch.sort(group[order], stable=True).indices]
+    group = group[order]
+    counts = torch.bincount(group, minlength=n_groups)
+    if cap is not None:
+        rank = torch.arange(group.shape[0], device=group.device) - (counts.cumsum(0) - counts)[group]
+        order = order[(rank < cap).nonzero().squeeze(1)]
+        counts = counts.clamp(max=cap)
+    cands = _Candidates(hits.image[order], hits.box[order], hits.cls[order] + 1, hits.score[order],
+                        counts.cumsum(0) - counts, counts)
+    return cands, order
 
 
 def _plan_chunks(sizes: np.ndarray) -> list[tuple[np.ndarray, int]]:
@@ -235,8 +205,8 @@ def _plan_chunks(sizes: np.ndarray) -> list[tuple[np.ndarray, int]]:
     return chunks
 
 
-def _suppression(boxes: Tensor, pos: Tensor, valid: Tensor, criteria: float) -> Tensor:
-    """S[g, i, j]: candidate i ranks above j in group g and NVIDIA would drop j once i is kept."""
+def _suppression(boxes: Tensor, pos: Tensor, valid: Tensor, recipe: PostProcessSpec) -> Tensor:
+    """S[g, i, j]: candidate i ranks above j in group g and j is dropped once i is kept."""
     b = boxes[pos]  # groups x P x 4
     # NVIDIA's calc_iou_tensor, operation for operation, in float32; IoU and the test are symmetric in i and j.
     wh = torch.minimum(b[:, :, None, 2:], b[:, None, :, 2:]) - torch.maximum(b[:, :, None, :2], b[:, None, :, :2])
@@ -246,7 +216,7 @@ def _suppression(boxes: Tensor, pos: Tensor, valid: Tensor, criteria: float) -> 
     area = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
     iou = inter.div_(area[:, :, None] + area[:, None, :] - inter)
     # NVIDIA keeps iou < criteria, so a NaN IoU (two degenerate boxes) suppresses too ...
-    suppress = ~(iou < criteria)
+    suppress = ~(iou < recipe.iou_threshold) if recipe.suppress_equal else iou > recipe.iou_threshold
     del iou
     # ... but boxes with NaN/inf coordinates take no part: they would suppress or be suppressed by everything.
     usable = valid & torch.isfinite(b).all(dim=-1)
@@ -258,13 +228,14 @@ def _suppression(boxes: Tensor, pos: Tensor, valid: Tensor, criteria: float) -> 
 class _Chunk:
     """Groups padded to one size P: their suppression matrices and the current greedy-keep estimate."""
 
-    def __init__(self, cands: _Candidates, boxes: Tensor, members: np.ndarray, size: int, criteria: float) -> None:
+    def __init__(self, cands: _Candidates, boxes: Tensor, members: np.ndarray, size: int,
+                 recipe: PostProcessSpec) -> None:
         device = boxes.device
         groups = torch.from_numpy(members).to(device)
         offsets = torch.arange(size, device=device)
         self.valid = offsets < cands.group_size[groups, None]
         self.pos = torch.where(self.valid, cands.group_start[groups, None] + offsets, 0)
-        self.suppress = _suppression(boxes, self.pos, self.valid, criteria)
+        self.suppress = _suppression(boxes, self.pos, self.valid, recipe)
         self.keep = torch.ones_like(self.valid)
         self.rounds_left = size + 1
 
@@ -277,7 +248,7 @@ class _Chunk:
         return changed
 
 
-def _nms(cands: _Candidates, boxes: Tensor, criteria: float) -> Tensor:
+def _nms(cands: _Candidates, boxes: Tensor, recipe: PostProcessSpec) -> Tensor:
     """Greedy NMS of every (image, class) group at once; returns the kept mask over the candidates."""
     n_cands = cands.score.shape[0]
     # One spare slot receives the writes for padding, so no data-dependent (host-syncing) selection is needed.
@@ -293,7 +264,7 @@ def _nms(cands: _Candidates, boxes: Tensor, criteria: float) -> Tensor:
         load += elements
 
     for wave in waves:
-        chunks = [_Chunk(cands, boxes, members, size, criteria) for members, size in wave]
+        chunks = [_Chunk(cands, boxes, members, size, recipe) for members, size in wave]
         # Greedy keep is the unique solution of keep[j] = not any(keep[i] & S[i, j]) in rank order; iterating
         # from all-True settles at least one more rank per round, so a chunk of padded size P is done within P
         # rounds and the round after shows no change.
@@ -339,47 +310,54 @@ def _select(cands: _Candidates, kept: Tensor, boxes: Tensor, n_images: int, max_
 
 
 @torch.no_grad()
-def decode_batch(
-    locs: Tensor,
-    confs: Tensor,
-    *,
-    criteria: float = 0.5,
-    max_output: int = 20,
-    score_threshold: float = 0.05,
-    max_per_class: int = 200,
-) -> Decoded:
-    """Detections for a batch of raw predictions, exactly as NVIDIA's ``decode_results`` finds them.
+def postprocess(predictions: Sequence[Tensor], spec: DetectorSpec, recipe: PostProcessSpec | None = None) -> Decoded:
+    """Detections for a batch of raw predictions, as the recipe (default ``spec.postprocess``) finds them.
 
     Args:
-        locs: N x 4 x 8732 box offsets; any floating dtype (computed in float32); not modified.
-        confs: N x 81 x 8732 class logits (no softmax); not modified.
-        criteria: a box is dropped when its IoU with a kept box of its class is >= this.
-        max_output: detections kept per image, over all classes (K).
-        score_threshold: a class score must be strictly greater to be a candidate.
-        max_per_class: the highest-scoring candidates per image and class that go through NMS.
+        predictions: the model's ``(locs N x 4 x A, confs N x C x A)``, any floating dtype (computed in float32);
+            not modified.
+        spec: the model's spec (``model.spec``): its anchors, box coder and class count.
+        recipe: thresholds and caps; ``spec.postprocess`` (the published evaluation protocol) when None.
 
     Equal scores are ordered as NVIDIA's sorts order them when stable (higher box index first within a class,
-    higher class first across classes); NVIDIA's own unstable ``torch.sort`` leaves that order unspecified. Boxes with
-    NaN or infinite coordinates take no part in NMS (they are kept or dropped only by score), where NVIDIA's loop
-    would let them suppress, or be suppressed by, everything in their class.
+    higher class first across classes). Boxes with NaN or infinite coordinates take no part in NMS (they are kept
+    or dropped only by score).
 
     Returns:
-        A :class:`Decoded` of padded N x K tensors on the predictions' device, rows by descending score.
-
-    Raises:
-        ValueError: for predictions of the wrong kind or shape, or parameters out of range.
+        A :class:`Decoded` of padded N x K tensors on the predictions' device, rows by descending score; boxes are
+        (left, top, right, bottom) relative to the network input.
     """
-    locs, confs = check_predictions((locs, confs))
-    _check_params(criteria, max_output, score_threshold, max_per_class)
-    max_output, max_per_class = int(max_output), int(max_per_class)
-    criteria, score_threshold = float(criteria), float(score_threshold)
+    if not isinstance(spec, DetectorSpec):
+        raise TypeError(f"spec: expected a DetectorSpec (model.spec), got {type(spec).__name__}")
+    recipe = spec.postprocess if recipe is None else recipe
+    if not isinstance(recipe, PostProcessSpec):
+        raise TypeError(f"recipe: expected a PostProcessSpec, got {type(recipe).__name__}")
+    locs, confs = check_predictions(predictions, spec)
     n_images, device = locs.shape[0], locs.device
-    cands = _candidates(confs.float(), score_threshold, max_per_class)
-    if cands is None:
-        return _empty(n_images, max_output, device)
-    boxes = decode_boxes(locs)[cands.image, cands.box]
-    kept = _nms(cands, boxes, criteria)
-    return _select(cands, kept, boxes, n_images, max_output)
+    n_fg = confs.shape[1] - 1
+    confs = confs.float()
+    if recipe.candidates_per_class is not None:
+        hits = _hits_per_class(confs, recipe.score_threshold)
+    else:
+        hits = _hits_per_level(confs, recipe.score_threshold, recipe.candidates_per_level, spec.anchors.level_sizes)
+    if hits is None:
+        return _empty(n_images, recipe.max_detections, device)
+    n_groups = n_images * n_fg
+    cands, _ = _group(hits, n_groups, n_fg, recipe.candidates_per_class)
+    boxes = decode_boxes(locs, spec.anchors, spec.box_coder)[cands.image, cands.box]
+    if recipe.clip_boxes:
+        boxes = boxes.clamp(0.0, 1.0)
+    if recipe.drop_empty:
+        nonempty = ((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).nonzero().squeeze(1)
+        if nonempty.shape[0] < boxes.shape[0]:
+            # The survivors keep their order; regrouping them only recomputes the group extents.
+            kept = _Hits(cands.image, cands.box, cands.label - 1, cands.score).subset(nonempty)
+            cands, order = _group(kept, n_groups, n_fg, None)
+            boxes = boxes[nonempty][order]
+            if cands.score.shape[0] == 0:
+                return _empty(n_images, recipe.max_detections, device)
+    kept_mask = _nms(cands, boxes, recipe)
+    return _select(cands, kept_mask, boxes, n_images, recipe.max_detections)
 
 
 def split_detections(decoded: Decoded, ascending: bool = False) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:

@@ -7,8 +7,8 @@ import warnings
 import torch
 from torch import nn
 
-from .checkpoints import VARIANTS, load_into, resolve_state_dict
-from .model import SSD300
+from .models.ssd300_resnet50 import SSD300
+from .weights.checkpoints import VARIANTS, load_into, resolve_state_dict
 
 MODEL_MATHS = ("fp32", "fp16")
 

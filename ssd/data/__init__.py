@@ -1,0 +1,1 @@
+"""Datasets and class vocabularies: COCO's names and ids."""

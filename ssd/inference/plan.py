@@ -1,0 +1,63 @@
+"""The inference plan: where and how a model runs (device, input dtype, memory format, autocast)."""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["PRECISIONS", "InferencePlan", "plan_for"]
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class InferencePlan:
+    device: torch.device
+    input_dtype: torch.dtype
+    memory_format: torch.memory_format
+    autocast_dtype: torch.dtype | None = None
+
+    def autocast(self) -> Any:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+
+def _first_conv_weight(model: torch.nn.Module) -> torch.Tensor:
+    for p in model.parameters():
+        if p.dim() == 4:
+            return p
+    raise TypeError(f"model: expected a convolutional network, got {type(model).__name__} with no 4-D weight")
+
+
+def plan_for(model: torch.nn.Module, precision: str | None, *, stacklevel: int = 3) -> InferencePlan:
+    """The plan that follows the model (device, dtype, memory format); ``precision`` None keeps its weights' dtype,
+    'fp32' needs a float32 model, 'bf16' and 'fp16' autocast a float32 model (or run a model already in that dtype).
+    """
+    weight = _first_conv_weight(model)
+    device, model_dtype = weight.device, weight.dtype
+    channels_last = weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    if precision is None or (precision == "fp32" and model_dtype == torch.float32):
+        if precision is None and device.type == "cpu" and model_dtype == torch.float16:
+            warnings.warn("this model holds float16 weights on the CPU, where half-precision convolutions are about "
+                          "25x slower than fp32; use model.float() (and precision='bf16' for speed)", UserWarning,
+                          stacklevel=stacklevel)
+        return InferencePlan(device, model_dtype, memory_format)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected None or one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}")
+    if precision == "fp32":
+        raise ValueError(f"precision='fp32': expected a float32 model, got {model_dtype}; build it with "
+                         "model_math='fp32'")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    if model_dtype == dtype:
+        return InferencePlan(device, dtype, memory_format)
+    if model_dtype != torch.float32:
+        raise ValueError(f"precision={precision!r}: expected a float32 model to autocast, got {model_dtype}")
+    if device.type == "cpu" and precision == "fp16":
+        warnings.warn("precision='fp16' on the CPU is very slow (about 25-100x slower than fp32); use 'bf16' or "
+                      "'fp32' there", UserWarning, stacklevel=stacklevel)
+    return InferencePlan(device, torch.float32, memory_format, dtype)

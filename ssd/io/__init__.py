@@ -1,0 +1,1 @@
+"""Input and output: image loading and HTTP downloads under one policy."""

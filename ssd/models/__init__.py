@@ -1,0 +1,27 @@
+"""The networks (pure ``nn.Module``s) and their specs: one module per family, and a registry by name.
+
+A file here imports torch, torchvision and the spec only: never image loading, HTTP, drawing or the pipelines.
+"""
+from .base import Detector
+from .spec import AnchorSpec, BoxCoderSpec, ClassSpec, DetectorSpec, InputSpec, PostProcessSpec
+from .ssd300_resnet50 import NVIDIA_SSD300, SSD300, nvidia_spec
+
+__all__ = [
+    "NETWORKS",
+    "NVIDIA_SSD300",
+    "SSD300",
+    "AnchorSpec",
+    "BoxCoderSpec",
+    "ClassSpec",
+    "Detector",
+    "DetectorSpec",
+    "InputSpec",
+    "PostProcessSpec",
+    "nvidia_spec",
+]
+
+# Model name -> (network class, its published spec). A new family adds its row here and its checkpoint table in
+# ssd.weights, then an entrypoint in hubconf.py.
+NETWORKS: dict[str, tuple[type[Detector], DetectorSpec]] = {
+    NVIDIA_SSD300.name: (SSD300, NVIDIA_SSD300),
+}
