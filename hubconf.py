@@ -95,8 +95,8 @@ def _package(name: str):
             if any(_caller_has_own(p) for p in _OWN_PACKAGES):
                 packages = _load_beside_callers()
             else:
-                if _HERE not in sys.path:
-                    sys.path.append(_HERE)
+                # Appended even when torch.hub put the checkout first: it removes its own entry after the load.
+                sys.path.append(_HERE)
                 packages = _import_all()
             _STATE.loaded[_HERE] = packages
     return packages[name]

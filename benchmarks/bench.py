@@ -1,13 +1,15 @@
-"""Speed of every stage of SSD300 inference, measured side by side in one run; writes benchmarks/RESULTS.md.
+"""The one entry point of the benchmarks: ``python -m benchmarks [--suite NAME]`` (or ``python benchmarks/bench.py``).
 
-    python benchmarks/bench.py                 # CPU (about 3 minutes on 2 cores)
-    python benchmarks/bench.py --device cuda   # GPU: adds fp16/bf16 autocast, half weights, batches up to 256
+    python -m benchmarks                       # inference on CPU (about 3 minutes on 2 cores); writes RESULTS.md
+    python -m benchmarks --device cuda         # GPU: adds fp16/bf16 autocast, half weights, batches up to 256
+    python -m benchmarks --suite load          # cold-process torch.hub.load from the cache
+    python -m benchmarks --suite decode        # the decoder alone, against NVIDIA's per-class loop
 
 Stages: the seed's ``prepare_input`` (against NVIDIA's pipeline), the ``detect`` preprocessing, the network's
 forward pass per precision, memory format and batch size, ``decode_results`` (against a per-class loop), and
 the whole ``detect`` call (against the raw forward pass at the same precision). Times are medians of repeated
 runs after warm-up, reported per image and as images per second. Weights do not change speed; the model uses
-the test suite's detecting checkpoint so that ``detect`` has boxes to decode.
+random weights with detecting heads (benchmarks/weights.py) so that ``detect`` has boxes to decode.
 """
 from __future__ import annotations
 
@@ -26,15 +28,16 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
+if __package__ in (None, ""):  # run as a script: make the checkout importable, as ``python -m`` does
+    sys.path.insert(0, str(ROOT))
 
+from benchmarks.decode import measure_decode  # noqa: E402
+from benchmarks.load import measure_cold_load  # noqa: E402
+from benchmarks.prepare import measure_prepare_input  # noqa: E402
+from benchmarks.timing import median_seconds  # noqa: E402
+from benchmarks.weights import detecting_model  # noqa: E402
+from ssd.inference.preprocess import preprocess_for_detection, to_tensor_chw  # noqa: E402
 from ssd.models import SSD300  # noqa: E402
-from ssd.transforms import preprocess_for_detection, to_tensor_chw  # noqa: E402
-
-from bench_decode import measure_decode  # noqa: E402
-from bench_prepare import measure_prepare_input  # noqa: E402
-from checkpoint_factory import detecting_state_dict  # noqa: E402
-from timing import median_seconds  # noqa: E402
 
 
 def cpu_name() -> str:
@@ -74,13 +77,11 @@ def forward_configs(device: torch.device) -> list[tuple[str, torch.dtype | None,
 
 @functools.cache
 def _base_model() -> SSD300:
-    model = SSD300().eval()
-    model.load_state_dict(detecting_state_dict())
-    return model
+    return detecting_model()
 
 
 def bench_model(device: torch.device, dtype: torch.dtype, memory_format: torch.memory_format) -> SSD300:
-    """A fresh copy of the measured model; the weights (made once) are the test suite's detecting ones."""
+    """A fresh copy of the measured model (benchmarks/weights.py: random weights with detecting heads)."""
     return copy.deepcopy(_base_model()).to(device=device, dtype=dtype, memory_format=memory_format)
 
 
@@ -216,13 +217,46 @@ def render(device: torch.device, prep: dict, decode: dict, forward: list[dict], 
     return "\n".join(out)
 
 
+def run_load(args: argparse.Namespace) -> None:
+    result = measure_cold_load(2 if args.quick else 3)
+    print(f"cold process, checkpoint of {result['checkpoint_mb']:.0f} MB in the cache, median of {result['repeats']}:")
+    print(f"  import torch:                                {result['import_torch_s']:.2f} s")
+    print(f"  torch.hub.load(..., 'nvidia_ssd') from cache: {result['hub_load_s']:.2f} s (build + safe load)")
+    print(f"  whole process:                               {result['process_s']:.2f} s")
+
+
+def run_decode(args: argparse.Namespace) -> None:
+    result = measure_decode(batch=8, repeats=10 if args.quick else 50, device=args.device,
+                            baseline_repeats=2 if args.quick else 5)
+    print(f"device {result['device']}, batch {result['batch']}, {result['threads']} threads, "
+          f"{result['candidates_per_image']:.0f} candidates per image")
+    print(f"postprocess + split_detections: {result['decode_ms_per_image']:.3f} ms per image; per-class loop "
+          f"{result['baseline_ms_per_image']:.3f} ms (x{result['speedup']:.1f}); identical: "
+          f"{result['identical_to_baseline']}")
+
+
+def run_prepare(args: argparse.Namespace) -> None:
+    result = measure_prepare_input(repeats=5 if args.quick else 30)
+    print(f"prepare_input on a {result['image']}: ours {result['ours_s'] * 1e3:.2f} ms, NVIDIA's pipeline "
+          f"{result['baseline_s'] * 1e3:.2f} ms ({result['speedup']:.1f}x), max |difference| "
+          f"{result['max_abs_diff']:.1e}")
+
+
+SUITES = {"load": run_load, "decode": run_decode, "prepare": run_prepare}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--suite", choices=("inference", *SUITES), default="inference",
+                        help="what to measure (default: inference, every stage, written to RESULTS.md)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--quick", action="store_true", help="fewer repeats and batches, for a smoke test")
     parser.add_argument("--out", type=Path, default=None,
                         help="where to write the results (default: benchmarks/RESULTS.md, or RESULTS-cuda.md)")
     args = parser.parse_args(argv)
+    if args.suite != "inference":
+        SUITES[args.suite](args)
+        return
     device = torch.device(args.device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -246,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     forward = measure_forward(device, batches, args.quick)
     print("detect ...", flush=True)
     detect = measure_detect(device, detect_batch, detect_configs, args.quick)
-    command = "python benchmarks/bench.py" + (f" --device {args.device}" if device.type != "cpu" else "") + (
+    command = "python -m benchmarks" + (f" --device {args.device}" if device.type != "cpu" else "") + (
         " --quick" if args.quick else "")
     text = render(device, prep, decode, forward, detect, command)
     text += f"\nTotal benchmark time: {time.perf_counter() - started:.0f} s.\n"

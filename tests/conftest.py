@@ -8,11 +8,10 @@ import sys
 import numpy as np
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-GOLDEN = REPO / "tests" / "data" / "golden"
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from http_server import LocalServer  # noqa: E402
+from helpers import GOLDEN  # noqa: E402
+from helpers.http_server import LocalServer  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -28,7 +27,7 @@ def layout() -> list:
 @pytest.fixture(scope="session")
 def golden_state_dict(layout):
     """NVIDIA-layout weights from the golden recipe, salt 0 (the weights behind forward.npz)."""
-    from checkpoint_factory import golden_state_dict as make
+    from helpers.checkpoints import golden_state_dict as make
 
     return make(layout)
 

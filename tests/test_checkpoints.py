@@ -13,8 +13,8 @@ from ssd.weights import checkpoints
 from ssd.weights.checkpoints import CheckpointUnavailableError, CheckpointVariant, InvalidCheckpointError
 from ssd.zoo import build_ssd300
 
-from checkpoint_factory import golden_state_dict, training_checkpoint
-from test_model import forward_error
+from helpers import forward_error
+from helpers.checkpoints import golden_state_dict, training_checkpoint
 
 
 def checkpoint_bytes(distributed: bool = False, salt: int = 0) -> bytes:

@@ -15,8 +15,8 @@ from ssd.cli import main
 from ssd.weights import checkpoints
 from ssd.weights.checkpoints import CheckpointVariant
 
-from checkpoint_factory import save_detecting_checkpoint
-from conftest import REPO
+from helpers import REPO
+from helpers.checkpoints import save_detecting_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from ssd.inference.preprocess import preprocess_for_detection, to_tensor_chw
 from ssd.models import SSD300
 from utils import decode_results, pick_best
 
-from checkpoint_factory import detecting_state_dict
+from helpers.checkpoints import detecting_state_dict
 
 
 @pytest.fixture(scope="module")

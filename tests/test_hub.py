@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import REPO
+from helpers import REPO
 
 
 def run_python(code: str, cwd, env_extra: dict | None = None) -> subprocess.CompletedProcess:
@@ -98,9 +98,77 @@ def test_callers_own_ssd_and_utils_survive(tmp_path, imported_first):
 
 
 def test_hub_load_with_checkpoint_from_environment(tmp_path, hub_dir, monkeypatch, forward_golden):
-    from checkpoint_factory import save_training_checkpoint
-    from test_model import forward_error
+    from helpers import forward_error
+    from helpers.checkpoints import save_training_checkpoint
 
     monkeypatch.setenv("SSD_CHECKPOINT", str(save_training_checkpoint(tmp_path / "ckpt.pt", distributed=True)))
     model = torch.hub.load(str(REPO), "nvidia_ssd", source="local", model_math="fp32")
     assert forward_error(model, forward_golden) < 1e-4
+
+
+IMPORT_LIKE = """
+    import io, pickle, sys, threading, numpy as np, torch
+    {prelude}
+    repo = {repo!r}
+    first = torch.hub.load(repo, "nvidia_ssd", source="local", pretrained=False)
+    second = torch.hub.load(repo, "nvidia_ssd", source="local", pretrained=False)
+    assert type(first) is type(second), "loading twice gave two classes"
+
+    # torch.save of the whole module, then torch.load(weights_only=False), in this process.
+    buffer = io.BytesIO()
+    torch.save(first, buffer)
+    buffer.seek(0)
+    again = torch.load(buffer, weights_only=False)
+    assert type(again) is type(first)
+    x = torch.rand(1, 3, 300, 300)
+    with torch.inference_mode():
+        assert all(torch.equal(a, b) for a, b in zip(first(x), again(x)))
+
+    # Detections and the processing utils pickle.
+    found = first.detect(np.zeros((40, 60, 3), np.uint8), threshold=0.0, max_detections=3)[0]
+    assert repr(pickle.loads(pickle.dumps(found))) == repr(found)
+    utils = torch.hub.load(repo, "nvidia_ssd_processing_utils", source="local")
+    assert type(pickle.loads(pickle.dumps(utils))) is type(utils)
+
+    # Four threads loading at once all succeed, with one class.
+    results, errors = [], []
+    def load():
+        try:
+            results.append(type(torch.hub.load(repo, "nvidia_ssd", source="local", pretrained=False)))
+        except Exception as exc:
+            errors.append(repr(exc))
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors and results == [type(first)] * 4, (errors, results)
+
+    # DataLoader workers receive our objects (the default start method, and spawn where ours are importable).
+    # The dataset (a list of our objects) travels to each worker; len is what the workers send back.
+    methods = ["fork", "spawn"] if {spawn_too} else ["fork"]
+    for method in methods:
+        loader = torch.utils.data.DataLoader([found, found], num_workers=2, batch_size=None, collate_fn=len,
+                                             multiprocessing_context=method)
+        assert [int(n) for n in loader] == [len(found)] * 2
+    print("ok", type(first).__module__)
+"""
+
+
+@pytest.mark.timeout(300)
+def test_hub_load_behaves_like_an_import(tmp_path):
+    done = run_python(IMPORT_LIKE.format(repo=str(REPO), prelude="", spawn_too=True), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["ok", "ssd.models.ssd300_resnet50"]
+
+
+@pytest.mark.timeout(300)
+def test_hub_load_beside_the_callers_own_modules_still_pickles(tmp_path):
+    # The caller's ssd/utils keep their names, ours get private ones, and pickling, torch.save, threads and
+    # forked workers still work (spawned workers would need our modules under importable names).
+    for name, text in CALLER_MODULES.items():
+        (tmp_path / name).write_text(text)
+    prelude = f"sys.path.insert(0, {str(tmp_path)!r}); import ssd as theirs"
+    check_theirs = "\n    import ssd, utils\n    assert ssd is theirs and utils.WHO == 'caller utils'\n"
+    done = run_python(IMPORT_LIKE.format(repo=str(REPO), prelude=prelude, spawn_too=False) + check_theirs,
+                      cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[0] == "ok" and done.stdout.split()[1].startswith("_ssd_hub_")

@@ -1,19 +1,21 @@
 """The model matches NVIDIA's layout and numbers, and building it touches no network."""
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import skimage.data
 import torch
 
 from ssd.anchors import default_boxes
 from ssd.models import NVIDIA_SSD300, SSD300
 from ssd.zoo import build_ssd300, half_with_float_batchnorm
 
-from conftest import REPO
+from helpers import REPO, forward_error
 
 
 def test_state_dict_layout_matches_nvidia(layout):
@@ -22,18 +24,6 @@ def test_state_dict_layout_matches_nvidia(layout):
     for key, shape, dtype in layout:
         assert list(state[key].shape) == shape, key
         assert str(state[key].dtype).removeprefix("torch.") == dtype, key
-
-
-def forward_error(model: torch.nn.Module, golden: dict) -> float:
-    """Worst absolute difference to forward.npz, relative to the golden output's range."""
-    x = torch.from_numpy(golden["image"]).permute(2, 0, 1)[None]
-    with torch.inference_mode():
-        locs, confs = model(x)
-    assert locs.shape == (1, 4, 8732) and confs.shape == (1, 81, 8732)
-    errors = []
-    for ours, theirs in ((locs, golden["locs"]), (confs, golden["confs"])):
-        errors.append(np.abs(ours.float().numpy() - theirs).max() / (theirs.max() - theirs.min()))
-    return float(max(errors))
 
 
 def test_forward_parity_with_reference(golden_state_dict, forward_golden):
@@ -107,3 +97,46 @@ def test_half_helper_is_reusable():
 def test_builder_validates_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         build_ssd300(**kwargs)
+
+
+def test_network_files_import_no_pipeline():
+    """ssd/models holds pure networks: torch, torchvision, the spec, anchors and box coding, nothing else."""
+    import ast
+
+    allowed_absolute = {"__future__", "typing", "dataclasses", "math", "numbers", "functools", "itertools",
+                        "collections", "torch", "torchvision"}
+    allowed_relative = {"base", "spec", "anchors", "box_coder", "data.coco", "ssd300_resnet50", "ssd_vgg16",
+                        "ssdlite_mobilenetv2", ""}
+    for path in sorted((REPO / "ssd" / "models").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                roots = {alias.name.split(".")[0] for alias in node.names}
+                assert roots <= allowed_absolute, f"{path.name} imports {roots}"
+            elif isinstance(node, ast.ImportFrom):
+                if node.level == 0:
+                    assert node.module.split(".")[0] in allowed_absolute, f"{path.name} imports {node.module}"
+                elif not (node.level == 2 and node.module == "inference.detect" and path.name == "base.py"):
+                    # (base.py's detect method looks the pipeline up when called, never at import time)
+                    assert (node.module or "") in allowed_relative, f"{path.name} imports {node.module}"
+
+
+def test_a_model_with_its_own_classes_works_end_to_end(tmp_path):
+    from ssd.models import nvidia_spec
+
+    spec = nvidia_spec(class_names=("circle", "square", "triangle"), category_ids=(7, 8, 9))
+    torch.manual_seed(0)
+    model = SSD300(spec).eval()
+    assert model.conf[0].out_channels == 4 * 4 and model.names == ["circle", "square", "triangle"]
+    with torch.no_grad():
+        for head in model.conf:  # uniform class scores (0.25) everywhere ...
+            head.weight.zero_()
+            head.bias.zero_()
+        model.conf[5].bias[2 * 4:3 * 4] = 20.0  # ... but "square" on the last map (label 2: its 4 channels)
+    found = model.detect(skimage.data.chelsea(), threshold=0.5)[0]
+    assert len(found) > 0 and set(found.names) == {"square"} and set(found.category_ids) == {8}
+    record = json.loads(found.to_json())
+    assert record["detections"][0]["name"] == "square" and record["detections"][0]["category_id"] == 8
+    assert found.save(tmp_path / "square.png").stat().st_size > 0
+    assert SSD300(num_classes=4).spec.classes.names == ("class_1", "class_2", "class_3")
+    with pytest.raises(ValueError, match="num_classes"):
+        SSD300(num_classes=1)

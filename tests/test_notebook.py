@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from checkpoint_factory import save_detecting_checkpoint
-from conftest import REPO
+from helpers import REPO
+from helpers.checkpoints import save_detecting_checkpoint
 
 NOTEBOOK = REPO / "notebooks" / "ssd_inference.ipynb"
 GENERATOR = REPO / "notebooks" / "make_notebook.py"

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from checkpoint_factory import save_detecting_checkpoint
-from conftest import REPO
+from helpers import REPO
+from helpers.checkpoints import save_detecting_checkpoint
 
 README = (REPO / "README.md").read_text()
 

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 from skimage import data
 
-from checkpoint_factory import save_detecting_checkpoint
-from conftest import REPO
+from helpers import REPO
+from helpers.checkpoints import save_detecting_checkpoint
 
 SEED = REPO / "tests" / "data" / "seed_notebook.md"
 

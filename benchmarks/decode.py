@@ -1,23 +1,20 @@
 """Time the batched decoder against an NVIDIA-style per-class loop on realistic synthetic predictions.
 
-Run from the repository root: ``python benchmarks/bench_decode.py [--device cuda] [--batch 8] [--repeats 50]``.
+Part of ``python -m benchmarks`` (``--suite decode`` runs it alone).
 """
 from __future__ import annotations
-
-import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-# Run as a script, only the benchmarks folder is on the path; the package lives one level up.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.timing import median_seconds
+from ssd.anchors import default_boxes as spec_default_boxes
+from ssd.box_coder import decode_boxes
+from ssd.models import NVIDIA_SSD300
+from ssd.postprocess import postprocess, split_detections
 
-from ssd.decode import NUM_BOXES, NUM_CLASSES, decode_batch, decode_boxes, split_detections  # noqa: E402
-from ssd.default_boxes import default_boxes  # noqa: E402
-
-from timing import median_seconds  # noqa: E402
+NUM_BOXES = NVIDIA_SSD300.anchors.num_anchors
+NUM_CLASSES = NVIDIA_SSD300.num_classes
 
 THRESHOLD = 0.05
 CRITERIA = 0.5
@@ -40,8 +37,8 @@ def synthetic_predictions(
     """Deterministic (locs, confs) that look like a trained model's: mostly confident background, a few objects
     whose default boxes form clusters of overlapping detections, and weak scores scattered over most classes."""
     gen = torch.Generator().manual_seed(seed)
-    anchors = default_boxes("xywh")
-    anchors_ltrb = default_boxes("ltrb")
+    anchors = spec_default_boxes(NVIDIA_SSD300.anchors, "xywh")
+    anchors_ltrb = spec_default_boxes(NVIDIA_SSD300.anchors, "ltrb")
     locs = torch.randn(batch, 4, NUM_BOXES, generator=gen) * 0.3
     confs = torch.randn(batch, NUM_CLASSES, NUM_BOXES, generator=gen) * 0.7 - 1.0
     confs[:, 0] = 7.0 + 0.3 * torch.randn(batch, NUM_BOXES, generator=gen)
@@ -72,7 +69,7 @@ def synthetic_predictions(
 
 def nvidia_style_decode(locs: torch.Tensor, confs: torch.Tensor) -> list[tuple[np.ndarray, ...]]:
     """The straightforward baseline: per image, per class, threshold, sort and a greedy loop (as NVIDIA does)."""
-    all_boxes = decode_boxes(locs)
+    all_boxes = decode_boxes(locs, NVIDIA_SSD300.anchors, NVIDIA_SSD300.box_coder)
     all_probs = confs.float().permute(0, 2, 1).softmax(dim=-1)
     results = []
     for boxes_in, probs in zip(all_boxes, all_probs):
@@ -115,8 +112,10 @@ def measure_decode(batch: int = 8, repeats: int = 50, device: str = "cpu", basel
     candidates = above.sum(dim=(1, 2)).float()
     classes = above.any(dim=1).sum(dim=1).float()
 
+    recipe = NVIDIA_SSD300.postprocess.updated(iou_threshold=CRITERIA, max_detections=MAX_OUTPUT)
+
     def fast() -> list:
-        return split_detections(decode_batch(locs, confs, criteria=CRITERIA, max_output=MAX_OUTPUT), ascending=True)
+        return split_detections(postprocess((locs, confs), NVIDIA_SSD300, recipe), ascending=True)
 
     fast_s = median_seconds(fast, repeats, device=device)
     slow_s = median_seconds(lambda: nvidia_style_decode(locs, confs), baseline_repeats, warmup=1)
@@ -137,26 +136,3 @@ def measure_decode(batch: int = 8, repeats: int = 50, device: str = "cpu", basel
         "identical_to_baseline": identical,
         "threads": torch.get_num_threads(),
     }
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu", help="torch device of the predictions (default: cpu)")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=50)
-    parser.add_argument("--baseline-repeats", type=int, default=5)
-    args = parser.parse_args()
-    result = measure_decode(args.batch, args.repeats, args.device, args.baseline_repeats)
-    low, high = result["candidates_min_max"]
-    print(f"device {result['device']}, batch {result['batch']}, {result['threads']} threads")
-    print(
-        f"candidates (score > {THRESHOLD}) per image: {result['candidates_per_image']:.0f} (min {low}, max {high}),"
-        f" over {result['classes_per_image']:.1f} classes; {result['detections_per_image']:.1f} detections kept"
-    )
-    print(f"decode_batch + split_detections: {result['decode_ms_per_image']:.3f} ms per image")
-    print(f"per-class loop baseline:         {result['baseline_ms_per_image']:.3f} ms per image")
-    print(f"speed-up x{result['speedup']:.1f}; identical detections: {result['identical_to_baseline']}")
-
-
-if __name__ == "__main__":
-    main()

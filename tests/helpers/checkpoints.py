@@ -7,7 +7,7 @@ import pathlib
 
 import torch
 
-GOLDEN = pathlib.Path(__file__).resolve().parent / "data" / "golden"
+GOLDEN = pathlib.Path(__file__).resolve().parents[1] / "data" / "golden"
 
 
 def _recipe():

@@ -4,24 +4,18 @@ The baseline is what the published torch.hub utilities do: ``skimage.io.imread``
 ``skimage.transform.resize`` of the whole image, centre crop and normalise. Both run in the same process on the same
 file; each time is the median of ``repeats`` runs after a warm-up.
 
-Run from the repository root: ``python benchmarks/bench_prepare.py [--repeats 30]``.
+Part of ``python -m benchmarks`` (``--suite prepare`` runs it alone).
 """
 from __future__ import annotations
 
-import argparse
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-# Run as a script, only the benchmarks folder is on the path; the package lives one level up.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ssd.transforms import crop_center, normalize, prepare_input, rescale  # noqa: E402
-
-from timing import median_seconds  # noqa: E402
+from benchmarks.timing import median_seconds
+from ssd.compat.nvidia import crop_center, normalize, prepare_input, rescale
 
 
 def nvidia_prepare_input(path: str) -> np.ndarray:
@@ -61,19 +55,3 @@ def measure_prepare_input(repeats: int = 30, warmup: int = 3, width: int = 640, 
         "speedup": baseline / ours,
         "max_abs_diff": max_abs_diff,
     }
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=3)
-    args = parser.parse_args(argv)
-    result = measure_prepare_input(repeats=args.repeats, warmup=args.warmup)
-    print(f"prepare_input on a {result['image']}, median of {result['repeats']} runs:")
-    print(f"  ours (ssd.transforms.prepare_input): {result['ours_s'] * 1e3:8.2f} ms")
-    print(f"  NVIDIA's pipeline (skimage):        {result['baseline_s'] * 1e3:8.2f} ms")
-    print(f"  speedup: {result['speedup']:.1f}x   max |difference|: {result['max_abs_diff']:.1e}")
-
-
-if __name__ == "__main__":
-    main()
