@@ -51,10 +51,19 @@ class SSD300(nn.Module):
     ``forward(x)`` takes N x 3 x 300 x 300 and returns the raw ``(locs, confs)``: N x 4 x 8732 box offsets and
     N x 81 x 8732 class logits (no softmax), exactly as NVIDIA's model does. ``detect(images)`` runs the whole
     pipeline and returns boxes in original image pixels.
+
+    ``num_classes`` (background included) sizes the class heads for training on another label set; ``detect``
+    and the published checkpoints assume the default 81.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, num_classes: int = NUM_CLASSES) -> None:
         super().__init__()
+        # bool is an int subclass but never a class count; a background-only model has nothing to detect.
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int):
+            raise TypeError(f"num_classes: expected an int, got {type(num_classes).__name__}")
+        if num_classes < 2:
+            raise ValueError(f"num_classes: expected at least 2 (background included), got {num_classes}")
+        self.num_classes = num_classes
         self.feature_extractor = ResNetTrunk()
         self.additional_blocks = nn.ModuleList(
             _additional_block(cin, mid, cout, downsample=i < 3)
@@ -67,7 +76,7 @@ class SSD300(nn.Module):
             nn.Conv2d(c, n * 4, kernel_size=3, padding=1) for n, c in zip(per_cell, FEATURE_CHANNELS)
         )
         self.conf = nn.ModuleList(
-            nn.Conv2d(c, n * NUM_CLASSES, kernel_size=3, padding=1) for n, c in zip(per_cell, FEATURE_CHANNELS)
+            nn.Conv2d(c, n * num_classes, kernel_size=3, padding=1) for n, c in zip(per_cell, FEATURE_CHANNELS)
         )
         self._init_head_weights()
 
@@ -87,7 +96,7 @@ class SSD300(nn.Module):
         # Each head's (N, boxes*C, H, W) map is read as (N, C, boxes*H*W), the layout the checkpoints were
         # trained with; the default boxes follow the same order.
         locs = torch.cat([head(f).reshape(n, 4, -1) for head, f in zip(self.loc, features)], dim=2)
-        confs = torch.cat([head(f).reshape(n, NUM_CLASSES, -1) for head, f in zip(self.conf, features)], dim=2)
+        confs = torch.cat([head(f).reshape(n, self.num_classes, -1) for head, f in zip(self.conf, features)], dim=2)
         return locs.contiguous(), confs.contiguous()
 
     # The one-call API: ``model.detect(images, threshold=0.4, ...)``; see ``ssd.detection.detect``.
