@@ -1,0 +1,1 @@
+"""Datasets for training: COCO-format annotation files and a synthetic shapes set."""
