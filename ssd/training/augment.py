@@ -76,7 +76,9 @@ class SSDAugmentation:
         augment: False gives the evaluation path: resize and normalise only.
         generator: source of randomness; the global torch RNG when None.
         max_trials: patches tried per crop option before giving up on cropping.
-        crop_min_ious: the crop options (see :data:`CROP_MIN_IOUS`).
+        crop_min_ious: the crop options (see :data:`CROP_MIN_IOUS`); ``(None,)`` disables cropping.
+        flip_p: probability of the horizontal flip.
+        color_jitter: False leaves colours alone (geometry-only augmentation).
 
     Call with ``image`` as an H x W x 3 uint8 numpy array or a 3 x H x W uint8 tensor, ``boxes`` an n x 4 array or
     tensor of ltrb pixel coordinates and ``labels`` n integers. Returns a 3 x size x size float32 tensor
@@ -91,6 +93,8 @@ class SSDAugmentation:
         generator: torch.Generator | None = None,
         max_trials: int = 50,
         crop_min_ious: tuple[float | None, ...] = CROP_MIN_IOUS,
+        flip_p: float = 0.5,
+        color_jitter: bool = True,
     ) -> None:
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"size: expected a positive int, got {size!r}")
@@ -100,6 +104,8 @@ class SSDAugmentation:
             raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
         if not crop_min_ious:
             raise ValueError("crop_min_ious: expected at least one option, got none")
+        if isinstance(flip_p, bool) or not isinstance(flip_p, (int, float)) or not 0.0 <= flip_p <= 1.0:
+            raise ValueError(f"flip_p: expected a probability in [0, 1], got {flip_p!r}")
         self.size = size
         self.augment = bool(augment)
         self.generator = generator
@@ -109,7 +115,8 @@ class SSDAugmentation:
         self.contrast = 0.5
         self.saturation = 0.5
         self.hue = 0.05
-        self.flip_p = 0.5
+        self.flip_p = float(flip_p)
+        self.color_jitter = bool(color_jitter)
         self._mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
         self._std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
@@ -196,7 +203,7 @@ class SSDAugmentation:
 
         crop_h, crop_w = int(img.shape[1]), int(img.shape[2])
         img = TF.resize(img, [self.size, self.size], antialias=True)
-        if self.augment:
+        if self.augment and self.color_jitter:
             img = self._jitter(img)
         out = (img.to(torch.float32) / 255.0 - self._mean) / self._std
 
