@@ -134,3 +134,25 @@ def test_train_rejects_bad_config(shapes, tmp_path, overrides, error, message):
 def test_train_rejects_unknown_config_keys(shapes, tmp_path):
     with pytest.raises(ValueError, match="unknown.*learning_rate"):
         train({"annotations": shapes[0], "images": shapes[1], "out_dir": tmp_path, "learning_rate": 1.0})
+
+
+@pytest.mark.timeout(300)
+def test_train_skips_and_counts_bad_images_with_workers(shapes, tmp_path):
+    annotations, images = shapes
+    document = json.loads(annotations.read_text())
+    document["images"].append({"id": 99, "file_name": "corrupt.jpg", "width": 100, "height": 100})
+    image_dir = tmp_path / "images"
+    image_dir.mkdir()
+    for path in images.iterdir():
+        (image_dir / path.name).write_bytes(path.read_bytes())
+    (image_dir / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    bad_annotations = tmp_path / "annotations.json"
+    bad_annotations.write_text(json.dumps(document))
+    config = _config(
+        (bad_annotations, image_dir), tmp_path / "out", batch_size=5, num_workers=1, skip_bad_images=True
+    )
+    summary = train(config)
+    assert summary["skipped_images"] == 1 and summary["iterations"] == 1
+    record = _metrics(tmp_path / "out" / "metrics.jsonl")[0]
+    assert record["images"] == 4 and record["skipped_images"] == 1
+    assert summary["dataset_stats"]["images_without_boxes"] == 1

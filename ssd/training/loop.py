@@ -35,7 +35,15 @@ from .augment import SSDAugmentation
 from .loss import SSDLoss
 from .targets import encode_batch
 
-__all__ = ["CHECKPOINT_FORMAT", "NonFiniteLossError", "TrainConfig", "build_optimizer", "lr_factor", "train"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "EncodingCollate",
+    "NonFiniteLossError",
+    "TrainConfig",
+    "build_optimizer",
+    "lr_factor",
+    "train",
+]
 
 CHECKPOINT_FORMAT = "ssd300-train/1"
 # NVIDIA's schedule: 65 epochs with the rate divided by 10 after epochs 43 and 54.
@@ -164,6 +172,27 @@ def _device(config: TrainConfig) -> torch.device:
     return device
 
 
+class EncodingCollate:
+    """Collate that also encodes the targets, so that the matching runs in the DataLoader's workers.
+
+    Returns ``(images N x 3 x 300 x 300, gloc N x 4 x A, glabel N x A, targets)`` or None when every item was
+    dropped (see :class:`ssd.data.coco_format.DetectionCollate`).
+    """
+
+    def __init__(self) -> None:
+        self._collate = DetectionCollate()
+
+    def __call__(
+        self, batch: list[tuple[torch.Tensor, dict[str, Any]] | None]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[dict[str, Any]]] | None:
+        collated = self._collate(batch)
+        if collated is None:
+            return None
+        images, targets = collated
+        boxes, labels = encode_batch([t["boxes"] for t in targets], [t["labels"] for t in targets])
+        return images, boxes.transpose(1, 2).contiguous(), labels, targets
+
+
 def build_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
     """SGD with weight decay on multi-dimensional weights only: BatchNorm scales and shifts and biases get none."""
     decay, no_decay = [], []
@@ -270,7 +299,7 @@ def train(config: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
         batch_size=config.batch_size,
         shuffle=True,
         num_workers=config.num_workers,
-        collate_fn=DetectionCollate(),
+        collate_fn=EncodingCollate(),
         generator=torch.Generator().manual_seed(config.seed),
         pin_memory=device.type == "cuda",
         persistent_workers=config.num_workers > 0,
@@ -332,11 +361,10 @@ def train(config: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
             if batch is None:
                 skipped += expected
                 continue
-            images, targets = batch
+            images, gloc, glabels, targets = batch
             skipped += expected - len(targets)
-            gboxes, glabels = encode_batch([t["boxes"] for t in targets], [t["labels"] for t in targets])
             images = images.to(device, non_blocking=True, memory_format=memory_format)
-            gloc = gboxes.transpose(1, 2).to(device, non_blocking=True)
+            gloc = gloc.to(device, non_blocking=True)
             glabels = glabels.to(device, non_blocking=True)
             with _autocast(device, autocast_dtype):
                 locs, confs = model(images)
