@@ -156,3 +156,15 @@ def test_train_skips_and_counts_bad_images_with_workers(shapes, tmp_path):
     record = _metrics(tmp_path / "out" / "metrics.jsonl")[0]
     assert record["images"] == 4 and record["skipped_images"] == 1
     assert summary["dataset_stats"]["images_without_boxes"] == 1
+
+
+def test_ssd300_num_classes_sizes_the_class_heads():
+    model = SSD300(num_classes=4).eval()
+    with torch.no_grad():
+        locs, confs = model(torch.zeros(1, 3, 300, 300))
+    assert locs.shape == (1, 4, 8732) and confs.shape == (1, 4, 8732)
+    assert SSD300().num_classes == 81
+    with pytest.raises(ValueError, match="num_classes"):
+        SSD300(num_classes=1)
+    with pytest.raises(TypeError, match="num_classes"):
+        SSD300(num_classes=4.0)
