@@ -33,7 +33,7 @@ from ..model import SSD300
 from ..transforms import IMAGENET_MEAN, IMAGENET_STD
 from .augment import SSDAugmentation
 from .loss import SSDLoss
-from .targets import encode_batch
+from .targets import encode_targets
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -189,7 +189,11 @@ class EncodingCollate:
         if collated is None:
             return None
         images, targets = collated
-        boxes, labels = encode_batch([t["boxes"] for t in targets], [t["labels"] for t in targets])
+        # One image at a time: the batched matcher pads every image to the most crowded one and holds
+        # N x T x 8732 IoUs, which for COCO's crowded images is gigabytes per worker; the results are identical.
+        encoded = [encode_targets(t["boxes"], t["labels"]) for t in targets]
+        boxes = torch.stack([b for b, _ in encoded])
+        labels = torch.stack([lab for _, lab in encoded])
         return images, boxes.transpose(1, 2).contiguous(), labels, targets
 
 
