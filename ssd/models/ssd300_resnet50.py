@@ -86,7 +86,9 @@ def nvidia_spec(num_classes: int | None = None, class_names: tuple[str, ...] | N
             raise ValueError(f"num_classes: expected {classes.num_classes} (the {len(class_names)} class names plus "
                              f"background), got {num_classes}")
     else:
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int):
+            raise TypeError(f"num_classes: expected an integer (classes plus background), got {num_classes!r}")
+        if num_classes < 2:
             raise ValueError(f"num_classes: expected an integer >= 2 (classes plus background), got {num_classes!r}")
         if num_classes == NVIDIA_SSD300.num_classes:
             return NVIDIA_SSD300

@@ -1,0 +1,217 @@
+"""NVIDIA's SSD training augmentation: random IoU-constrained crop, horizontal flip, colour jitter, resize, normalise.
+
+The steps and their parameters follow NVIDIA's ``SSDTransformer`` (DeepLearningExamples, PyTorch/Detection/SSD):
+
+1. SSD random crop: pick one of the options (no crop; a patch whose IoU with every box is above 0.1, 0.3, 0.5, 0.7,
+   0.9; any patch), then try up to ``max_trials`` patches of relative width and height in [0.3, 1] with aspect
+   w / h in [0.5, 2]. A patch is accepted when the IoU condition holds for every box and at least one box centre
+   lies strictly inside it; boxes whose centre is outside are dropped, the others are clipped to the patch.
+   NVIDIA re-draws the option until a patch is accepted; here, after ``max_trials`` failures the image is left
+   uncropped, so the time per image is bounded. Images without boxes are never cropped (no patch can satisfy
+   the centre rule, in NVIDIA's code either).
+2. Horizontal flip with probability 0.5.
+3. Resize to ``size`` x ``size`` (bilinear, antialiased, like PIL's resize that NVIDIA uses).
+4. Colour jitter: brightness 0.125, contrast 0.5, saturation 0.5, hue 0.05, applied in a random order.
+5. Scale to [0, 1] and normalise with the ImageNet mean and std.
+
+The patch is sampled in relative coordinates, as NVIDIA does, and then rounded to whole pixels; boxes are cropped
+with the rounded window so that they stay aligned with the pixels actually kept. Every random draw goes through
+``torch`` (the given ``torch.Generator``, or the global RNG when None), so a seeded generator reproduces a run.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as TF
+
+from ..models.ssd300_resnet50 import NVIDIA_SSD300
+from .targets import box_iou_ltrb
+
+__all__ = ["CROP_MIN_IOUS", "SSDAugmentation"]
+
+# None: keep the whole image; -inf: any patch (NVIDIA's (None, None) option); the rest: minimum IoU with every box.
+CROP_MIN_IOUS: tuple[float | None, ...] = (None, 0.1, 0.3, 0.5, 0.7, 0.9, -math.inf)
+
+
+def _to_chw_uint8(image: np.ndarray | torch.Tensor) -> torch.Tensor:
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"image: expected an H x W x 3 uint8 array, got {image.dtype} {tuple(image.shape)}")
+        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    if isinstance(image, torch.Tensor):
+        if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError(f"image: expected a 3 x H x W uint8 tensor, got {image.dtype} {tuple(image.shape)}")
+        return image
+    raise TypeError(f"image: expected a numpy array or torch.Tensor, got {type(image).__name__}")
+
+
+def _check_targets(boxes: object, labels: object) -> tuple[torch.Tensor, torch.Tensor]:
+    box_tensor = torch.as_tensor(boxes) if isinstance(boxes, (np.ndarray, torch.Tensor)) else None
+    if box_tensor is None:
+        raise TypeError(f"boxes: expected a torch.Tensor or numpy array, got {type(boxes).__name__}")
+    if box_tensor.numel() == 0:
+        box_tensor = box_tensor.reshape(0, 4)
+    if box_tensor.ndim != 2 or box_tensor.shape[1] != 4:
+        raise ValueError(f"boxes: expected shape (n, 4) in pixels ltrb, got {tuple(box_tensor.shape)}")
+    box_tensor = box_tensor.to(torch.float32)
+    if not bool(torch.isfinite(box_tensor).all()):
+        raise ValueError("boxes: expected finite coordinates, got NaN or infinity")
+    label_tensor = torch.as_tensor(labels) if isinstance(labels, (np.ndarray, torch.Tensor)) else None
+    if label_tensor is None:
+        raise TypeError(f"labels: expected a torch.Tensor or numpy array, got {type(labels).__name__}")
+    if label_tensor.dtype.is_floating_point or label_tensor.shape != (box_tensor.shape[0],):
+        got = f"{label_tensor.dtype} {tuple(label_tensor.shape)}"
+        raise ValueError(f"labels: expected {box_tensor.shape[0]} integer labels, got {got}")
+    return box_tensor, label_tensor.to(torch.int64)
+
+
+class SSDAugmentation:
+    """Callable ``(image, boxes, labels) -> (image, boxes, labels)`` for SSD training.
+
+    Args:
+        size: output side in pixels (300 for SSD300).
+        augment: False gives the evaluation path: resize and normalise only.
+        generator: source of randomness; the global torch RNG when None.
+        max_trials: patches tried per crop option before giving up on cropping.
+        crop_min_ious: the crop options (see :data:`CROP_MIN_IOUS`); ``(None,)`` disables cropping.
+        flip_p: probability of the horizontal flip.
+        color_jitter: False leaves colours alone (geometry-only augmentation).
+
+    Call with ``image`` as an H x W x 3 uint8 numpy array or a 3 x H x W uint8 tensor, ``boxes`` an n x 4 array or
+    tensor of ltrb pixel coordinates and ``labels`` n integers. Returns a 3 x size x size float32 tensor
+    normalised with the ImageNet mean and std, the kept boxes as ltrb relative to the output (0..1, float32) and
+    their labels (int64).
+    """
+
+    def __init__(
+        self,
+        size: int = 300,
+        augment: bool = True,
+        generator: torch.Generator | None = None,
+        max_trials: int = 50,
+        crop_min_ious: tuple[float | None, ...] = CROP_MIN_IOUS,
+        flip_p: float = 0.5,
+        color_jitter: bool = True,
+    ) -> None:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"size: expected a positive int, got {size!r}")
+        if isinstance(max_trials, bool) or not isinstance(max_trials, int) or max_trials < 1:
+            raise ValueError(f"max_trials: expected a positive int, got {max_trials!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
+        if not crop_min_ious:
+            raise ValueError("crop_min_ious: expected at least one option, got none")
+        if isinstance(flip_p, bool) or not isinstance(flip_p, (int, float)) or not 0.0 <= flip_p <= 1.0:
+            raise ValueError(f"flip_p: expected a probability in [0, 1], got {flip_p!r}")
+        self.size = size
+        self.augment = bool(augment)
+        self.generator = generator
+        self.max_trials = max_trials
+        self.crop_min_ious = tuple(crop_min_ious)
+        self.brightness = 0.125
+        self.contrast = 0.5
+        self.saturation = 0.5
+        self.hue = 0.05
+        self.flip_p = float(flip_p)
+        self.color_jitter = bool(color_jitter)
+        self._mean = torch.tensor(NVIDIA_SSD300.input.mean).view(3, 1, 1)
+        self._std = torch.tensor(NVIDIA_SSD300.input.std).view(3, 1, 1)
+
+    def _uniform(self, low: float, high: float) -> float:
+        return low + (high - low) * float(torch.rand((), generator=self.generator))
+
+    def _sample_crop(self, boxes_rel: torch.Tensor) -> tuple[float, float, float, float] | None:
+        """A relative (left, top, right, bottom) patch, or None to keep the whole image."""
+        if boxes_rel.shape[0] == 0:
+            return None
+        option = int(torch.randint(len(self.crop_min_ious), (), generator=self.generator))
+        min_iou = self.crop_min_ious[option]
+        if min_iou is None:
+            return None
+        centres = 0.5 * (boxes_rel[:, :2] + boxes_rel[:, 2:])
+        for _ in range(self.max_trials):
+            w = self._uniform(0.3, 1.0)
+            h = self._uniform(0.3, 1.0)
+            if not 0.5 <= w / h <= 2.0:
+                continue
+            left = self._uniform(0.0, 1.0 - w)
+            top = self._uniform(0.0, 1.0 - h)
+            patch = (left, top, left + w, top + h)
+            ious = box_iou_ltrb(boxes_rel, torch.tensor([patch]))
+            if not bool((ious > min_iou).all()):
+                continue
+            inside = (
+                (centres[:, 0] > patch[0]) & (centres[:, 0] < patch[2])
+                & (centres[:, 1] > patch[1]) & (centres[:, 1] < patch[3])
+            )
+            if bool(inside.any()):
+                return patch
+        return None
+
+    def _jitter(self, image: torch.Tensor) -> torch.Tensor:
+        # ColorJitter's semantics with our own draws, so that the generator controls them too.
+        factors = {
+            "brightness": self._uniform(1 - self.brightness, 1 + self.brightness),
+            "contrast": self._uniform(1 - self.contrast, 1 + self.contrast),
+            "saturation": self._uniform(1 - self.saturation, 1 + self.saturation),
+            "hue": self._uniform(-self.hue, self.hue),
+        }
+        adjust = {
+            "brightness": TF.adjust_brightness,
+            "contrast": TF.adjust_contrast,
+            "saturation": TF.adjust_saturation,
+            "hue": TF.adjust_hue,
+        }
+        names = list(factors)
+        for index in torch.randperm(4, generator=self.generator).tolist():
+            name = names[index]
+            image = adjust[name](image, factors[name])
+        return image
+
+    def __call__(
+        self, image: np.ndarray | torch.Tensor, boxes: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        img = _to_chw_uint8(image)
+        height, width = int(img.shape[1]), int(img.shape[2])
+        box_tensor, label_tensor = _check_targets(boxes, labels)
+        bboxes = tv_tensors.BoundingBoxes(box_tensor, format="XYXY", canvas_size=(height, width))
+
+        if self.augment:
+            scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+            patch = self._sample_crop(box_tensor / scale)
+            if patch is not None:
+                centres = 0.5 * (box_tensor[:, :2] + box_tensor[:, 2:]) / scale[:2]
+                keep = (
+                    (centres[:, 0] > patch[0]) & (centres[:, 0] < patch[2])
+                    & (centres[:, 1] > patch[1]) & (centres[:, 1] < patch[3])
+                )
+                left, top = int(patch[0] * width), int(patch[1] * height)
+                right, bottom = int(patch[2] * width), int(patch[3] * height)
+                # Rounding can shrink a thin patch to nothing; keep at least one pixel.
+                right, bottom = max(right, left + 1), max(bottom, top + 1)
+                crop = {"top": top, "left": left, "height": bottom - top, "width": right - left}
+                img = TF.crop(img, **crop)
+                kept = tv_tensors.wrap(bboxes[keep], like=bboxes)
+                bboxes = TF.crop(kept, **crop)
+                label_tensor = label_tensor[keep]
+            if float(torch.rand((), generator=self.generator)) < self.flip_p:
+                img = TF.horizontal_flip(img)
+                bboxes = TF.horizontal_flip(bboxes)
+
+        crop_h, crop_w = int(img.shape[1]), int(img.shape[2])
+        img = TF.resize(img, [self.size, self.size], antialias=True)
+        if self.augment and self.color_jitter:
+            img = self._jitter(img)
+        out = (img.to(torch.float32) / 255.0 - self._mean) / self._std
+
+        # Relative to the (cropped) canvas: resizing does not change relative coordinates. Clamp because a
+        # box may stick out of the original image; the crop already clipped the ones it kept.
+        relative = bboxes.as_subclass(torch.Tensor) / torch.tensor([crop_w, crop_h, crop_w, crop_h])
+        relative = relative.clamp(0.0, 1.0).to(torch.float32)
+        # A box wholly outside the image, or cut to a sliver by the pixel rounding of the patch, has no area left;
+        # the encoder rejects such boxes, so they go (with their labels).
+        nonempty = (relative[:, 2] > relative[:, 0]) & (relative[:, 3] > relative[:, 1])
+        return out.contiguous(), relative[nonempty], label_tensor[nonempty]
