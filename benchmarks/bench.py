@@ -1,4 +1,4 @@
-"""The one entry point of the benchmarks: ``python -m benchmarks [--suite NAME]`` (or ``python benchmarks/bench.py``).
+"""The one entry point of the benchmarks: ``python -m benchmarks [--suite NAME]`` (or ``python -m benchmarks``).
 
     python -m benchmarks                       # inference on CPU (about 3 minutes on 2 cores); writes RESULTS.md
     python -m benchmarks --device cuda         # GPU: adds fp16/bf16 autocast, half weights, batches up to 256
@@ -211,7 +211,7 @@ def render(device: torch.device, prep: dict, decode: dict, forward: list[dict], 
     out.append(f"- `detect` (loading from memory, resizing, decoding, boxes to pixels) costs at most "
                f"{worst['overhead'] * 100:+.1f}% over the raw forward pass at the same settings.")
     if device.type == "cpu":
-        out.append("- No GPU was used for this file; `python benchmarks/bench.py --device cuda` writes "
+        out.append("- No GPU was used for this file; `python -m benchmarks --device cuda` writes "
                    "`benchmarks/RESULTS-cuda.md`.")
     out.append("")
     return "\n".join(out)
