@@ -159,3 +159,61 @@ def nvidia_ssd_processing_utils():
         >>> best = [utils.pick_best(r, 0.40) for r in results]
     """
     return _package("utils").Processing()
+
+
+def _mmdet(name: str, pretrained: bool, kwargs: dict):
+    force_download = kwargs.pop("force_download", False) or kwargs.pop("force_reload", False)
+    options = {k: kwargs.pop(k) for k in ("checkpoint", "progress", "num_classes") if k in kwargs}
+    if kwargs:
+        raise TypeError(f"{name}: unexpected keyword argument(s) {sorted(kwargs)}; expected pretrained, checkpoint, "
+                        "force_download, progress, num_classes")
+    return _package("ssd").zoo.build_mmdet(name, pretrained, force_download=force_download, **options)
+
+
+def ssd300_vgg16(pretrained: bool = True, **kwargs):
+    """SSD300 with a VGG16 backbone, trained on COCO by mmdetection (box AP 25.5 on COCO val2017; 300 x 300 input).
+
+    Args:
+        pretrained (bool): load mmdetection's published checkpoint (default True; sha256-checked, cached with
+            the other checkpoints); False gives the untrained model.
+        checkpoint (str or Path): an mmdetection-format file or URL to load instead.
+        force_download (bool): fetch the checkpoint again even if cached.
+        progress (bool): show a download progress bar (default True).
+        num_classes (int): classes plus background, for fine-tuning (new classification heads).
+
+    Returns:
+        A module in eval mode: ``model(x)`` (x: N x 3 x 300 x 300, RGB minus mean [123.675, 116.28, 103.53])
+        returns ``(locs N x 4 x 8732, confs N x 81 x 8732)``, background at index 0; ``model.detect(images)``
+        applies mmdetection's test recipe (score > 0.02, NMS 0.45, 200 per image).
+
+    Example:
+        >>> model = torch.hub.load("<owner>/<repo>", "ssd300_vgg16")
+        >>> print(model.detect("photo.jpg", threshold=0.4)[0])
+    """
+    return _mmdet("ssd300_vgg16", pretrained, kwargs)
+
+
+def ssd512_vgg16(pretrained: bool = True, **kwargs):
+    """SSD512 with a VGG16 backbone, trained on COCO by mmdetection (box AP 29.5 on COCO val2017; 512 x 512 input).
+
+    Arguments as ``ssd300_vgg16``. ``model(x)`` (x: N x 3 x 512 x 512) returns ``(locs N x 4 x 24564,
+    confs N x 81 x 24564)``, background at index 0.
+
+    Example:
+        >>> model = torch.hub.load("<owner>/<repo>", "ssd512_vgg16")
+        >>> print(model.detect("photo.jpg", threshold=0.4)[0])
+    """
+    return _mmdet("ssd512_vgg16", pretrained, kwargs)
+
+
+def ssdlite320_mobilenet_v2(pretrained: bool = True, **kwargs):
+    """SSDLite with a MobileNetV2 backbone, trained on COCO by mmdetection (box AP 21.3; 320 x 320 input).
+
+    Arguments as ``ssd300_vgg16``. ``model(x)`` (x: N x 3 x 320 x 320, (RGB - mean) / [58.395, 57.12, 57.375])
+    returns ``(locs N x 4 x 3234, confs N x 81 x 3234)``, background at index 0.
+
+    Example:
+        >>> model = torch.hub.load("<owner>/<repo>", "ssdlite320_mobilenet_v2")
+        >>> print(model.detect("photo.jpg", threshold=0.4)[0])
+    """
+    return _mmdet("ssdlite320_mobilenet_v2", pretrained, kwargs)

@@ -1,12 +1,14 @@
-"""The one builder behind the ``nvidia_ssd`` entrypoint: model, precision and weights, with validated options."""
+"""The builders behind the hub entrypoints: network, weights and precision, with validated options."""
 from __future__ import annotations
 
 import os
 import warnings
+from typing import Any
 
 import torch
 from torch import nn
 
+from .models.base import Detector
 from .models.ssd300_resnet50 import SSD300
 from .weights.checkpoints import VARIANTS, load_into, resolve_state_dict
 
@@ -75,3 +77,58 @@ def build_ssd300(
             )
         half_with_float_batchnorm(model)
     return model.eval()
+
+
+def build_mmdet(
+    name: str,
+    pretrained: bool = True,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    force_download: bool = False,
+    progress: bool = True,
+    num_classes: int | None = None,
+) -> Detector:
+    """Build one of mmdetection's SSDs (``ssd300_vgg16``, ``ssd512_vgg16``, ``ssdlite320_mobilenet_v2``).
+
+    ``pretrained`` loads mmdetection's published COCO checkpoint (or ``checkpoint``, a path or URL of an
+    mmdetection-format file); ``num_classes`` (background included) gives new classification heads for fine-tuning,
+    every other tensor coming from the checkpoint.
+    """
+    from .models import NETWORKS
+    from .weights.mmdet import resolve_mmdet_state_dict
+
+    if name not in MMDET_MODELS:
+        raise ValueError(f"name: expected one of {', '.join(map(repr, MMDET_MODELS))}, got {name!r}")
+    pretrained = _expect_bool("pretrained", pretrained)
+    force_download = _expect_bool("force_download", force_download)
+    progress = _expect_bool("progress", progress)
+    from .models.mmdet_common import with_num_classes
+
+    network, spec = NETWORKS[name]
+    if not pretrained and checkpoint is not None:
+        warnings.warn("pretrained=False: the checkpoint argument is ignored", UserWarning, stacklevel=3)
+    model = network(with_num_classes(spec, num_classes))
+    if pretrained:
+        state_dict, source = resolve_mmdet_state_dict(spec, checkpoint, force_download=force_download,
+                                                      progress=progress)
+        if model.spec.num_classes == spec.num_classes:
+            model.load_state_dict(state_dict, strict=True)
+        else:
+            # Fine-tuning start: the class predictors are new (their shapes differ), everything else is kept.
+            own = model.state_dict()
+            model.load_state_dict({k: v for k, v in state_dict.items() if v.shape == own[k].shape}, strict=False)
+        model.checkpoint_source = source
+    return model.eval()
+
+
+MMDET_MODELS = ("ssd300_vgg16", "ssd512_vgg16", "ssdlite320_mobilenet_v2")
+
+
+def build_model(name: str = "nvidia_ssd", **kwargs: Any) -> Detector:
+    """Any model of the library by name: ``nvidia_ssd`` or one of :data:`MMDET_MODELS` (what ``--model`` takes)."""
+    if name == "nvidia_ssd":
+        return build_ssd300(**kwargs)
+    if name in MMDET_MODELS:
+        kwargs.pop("model_math", None)
+        return build_mmdet(name, **kwargs)
+    raise ValueError(f"model: expected one of 'nvidia_ssd', {', '.join(map(repr, MMDET_MODELS))}, got {name!r}")

@@ -39,7 +39,14 @@ def test_help_shows_arguments_outputs_and_example():
         assert part in text
     assert "decode_results" in hubconf.nvidia_ssd_processing_utils.__doc__
     public = {name for name in vars(hubconf) if callable(getattr(hubconf, name)) and not name.startswith("_")}
-    assert public == {"nvidia_ssd", "nvidia_ssd_processing_utils"}  # what torch.hub.list would show
+    # what torch.hub.list would show
+    assert public == {"nvidia_ssd", "nvidia_ssd_processing_utils", "ssd300_vgg16", "ssd512_vgg16",
+                      "ssdlite320_mobilenet_v2"}
+    for name, accuracy, size in (("ssd300_vgg16", "25.5", "300 x 300"), ("ssd512_vgg16", "29.5", "512 x 512"),
+                                 ("ssdlite320_mobilenet_v2", "21.3", "320 x 320")):
+        text = getattr(hubconf, name).__doc__
+        assert accuracy in text and size in text and "Example" in text
+    assert "num_classes" in hubconf.ssd300_vgg16.__doc__
 
 
 def test_unknown_keyword_is_a_type_error():

@@ -9,14 +9,28 @@ from .checkpoints import (
     read_state_dict,
     resolve_state_dict,
 )
+from .mmdet import (
+    MMDET_CHECKPOINTS,
+    MMDetCheckpointInfo,
+    convert_mmdet_state_dict,
+    load_mmdet_state_dict,
+    load_mmdet_weights,
+    resolve_mmdet_state_dict,
+)
 
 __all__ = [
+    "MMDET_CHECKPOINTS",
     "VARIANTS",
     "CheckpointUnavailableError",
     "CheckpointVariant",
     "InvalidCheckpointError",
+    "MMDetCheckpointInfo",
     "cache_dir",
+    "convert_mmdet_state_dict",
     "load_into",
+    "load_mmdet_state_dict",
+    "load_mmdet_weights",
     "read_state_dict",
+    "resolve_mmdet_state_dict",
     "resolve_state_dict",
 ]

@@ -14,7 +14,7 @@ import re
 import tempfile
 import urllib.parse
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -107,10 +107,10 @@ def _local_file_hint() -> str:
 # Reading a checkpoint file
 
 
-def _torch_load(path: pathlib.Path):
+def _torch_load(path: pathlib.Path, extra_globals: tuple = ()):
     # NVIDIA's training checkpoints carry a MultiStepLR state whose milestones are a Counter: plain data.
     allow = getattr(torch.serialization, "safe_globals", None)
-    ctx = allow([collections.Counter]) if allow is not None else contextlib.nullcontext()
+    ctx = allow([collections.Counter, *extra_globals]) if allow is not None else contextlib.nullcontext()
     with ctx:
         return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -134,13 +134,26 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         FileNotFoundError: ``path`` does not exist.
         InvalidCheckpointError: the file is not a safe, readable checkpoint holding a state dict.
     """
+    return extract_state_dict(load_checkpoint_object(path), str(path))
+
+
+def load_checkpoint_object(path: str | os.PathLike, extra_globals: tuple = ()) -> object:
+    """The object stored in a checkpoint file, loaded with ``torch.load(weights_only=True)`` onto the CPU.
+
+    ``extra_globals``: more plain-data classes to accept (other families' checkpoints carry their own);
+    anything else that needs code to unpickle is refused before it runs.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        InvalidCheckpointError: the file is not a safe, readable PyTorch checkpoint.
+    """
     path = pathlib.Path(path)
     if not path.is_file():
         if path.exists():
             raise IsADirectoryError(f"checkpoint {str(path)!r}: expected a file, got a directory")
         raise FileNotFoundError(f"checkpoint {str(path)!r}: no such file")
     try:
-        obj = _torch_load(path)
+        obj = _torch_load(path, tuple(extra_globals))
     except pickle.UnpicklingError as exc:
         details = _unpickler_reason(exc)
         if "global" in details.lower():
@@ -156,7 +169,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             f"checkpoint {str(path)!r} is not a readable PyTorch checkpoint ({type(exc).__name__}: "
             f"{_first_line(exc)})"
         ) from None
-    return extract_state_dict(obj, str(path))
+    return obj
 
 
 def _unpickler_reason(exc: BaseException) -> str:
@@ -225,23 +238,26 @@ class _DownloadFailed(Exception):
 
 
 def download(url: str, destination: str | os.PathLike, *, progress: bool = True,
-             timeout: tuple[float, float] = DOWNLOAD_TIMEOUT) -> dict[str, torch.Tensor]:
+             timeout: tuple[float, float] = DOWNLOAD_TIMEOUT,
+             reader: Callable[[pathlib.Path], dict[str, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
     """Fetch ``url`` into ``destination`` and return its state dict.
 
     The body streams into a temporary file in the destination's folder, which becomes ``destination`` only
-    after it loads as a checkpoint; on any failure nothing is left behind.
+    after it loads as a checkpoint (``reader``, default :func:`read_state_dict`: other families pass their own);
+    on any failure nothing is left behind.
 
     Raises:
         CheckpointUnavailableError: the download failed or what came back is not a checkpoint; the message
             names the URL and says how to use a local file instead.
     """
     try:
-        return _download(url, pathlib.Path(destination), progress, timeout)
+        return _download(url, pathlib.Path(destination), progress, timeout, reader or read_state_dict)
     except _DownloadFailed as exc:
         raise CheckpointUnavailableError(f"could not download checkpoint {url}: {exc}. {_local_file_hint()}") from None
 
 
-def _download(url: str, destination: pathlib.Path, progress: bool, timeout: tuple[float, float]):
+def _download(url: str, destination: pathlib.Path, progress: bool, timeout: tuple[float, float],
+              reader: Callable[[pathlib.Path], dict[str, torch.Tensor]]):
     import requests
     from tqdm.auto import tqdm
 
@@ -284,7 +300,7 @@ def _download(url: str, destination: pathlib.Path, progress: bool, timeout: tupl
         if head.startswith((b"<!doctype", b"<html", b"<?xml", b"{")):
             raise _DownloadFailed("the server sent a web page or a JSON message, not a checkpoint")
         try:
-            state_dict = read_state_dict(tmp)
+            state_dict = reader(tmp)
         except InvalidCheckpointError as exc:
             raise _DownloadFailed(str(exc).replace(f"checkpoint {str(tmp)!r}", "the downloaded file")) from None
         os.replace(tmp, destination)

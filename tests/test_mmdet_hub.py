@@ -1,0 +1,63 @@
+"""mmdetection's models through torch.hub and the builders: published-format files, fine-tuning, bad names."""
+from __future__ import annotations
+
+import pytest
+import torch
+from skimage import data
+
+from ssd.models import MMDET_SSDLITE320
+from ssd.zoo import MMDET_MODELS, build_mmdet, build_model
+
+from helpers import REPO
+from helpers.mmdet import mmdet_state_dict, save_mmdet
+
+
+@pytest.fixture(scope="module")
+def ssdlite_file(tmp_path_factory):
+    return save_mmdet(tmp_path_factory.mktemp("mmdet") / "ssdlite.pth", mmdet_state_dict("ssdlite"), legacy=True)
+
+
+def test_hub_entrypoint_loads_an_mmdetection_file_and_detects(ssdlite_file, hub_dir):
+    model = torch.hub.load(str(REPO), "ssdlite320_mobilenet_v2", source="local", checkpoint=str(ssdlite_file))
+    assert model.spec.name == "ssdlite320_mobilenet_v2" and model.checkpoint_source == str(ssdlite_file)
+    found = model.detect(data.astronaut(), threshold=0.3)[0]
+    assert found.boxes.shape[1] == 4 and len(found.names) == len(found)
+    assert not (hub_dir / "checkpoints").exists()  # a local file is never copied into the cache
+
+
+def test_num_classes_keeps_everything_but_the_class_predictors(ssdlite_file):
+    full = build_mmdet("ssdlite320_mobilenet_v2", checkpoint=str(ssdlite_file))
+    tuned = build_mmdet("ssdlite320_mobilenet_v2", checkpoint=str(ssdlite_file), num_classes=4)
+    assert tuned.spec.num_classes == 4
+    x = torch.rand(1, 3, 320, 320)
+    with torch.inference_mode():
+        (locs_full, confs_full), (locs_tuned, confs_tuned) = full(x), tuned(x)
+    torch.testing.assert_close(locs_tuned, locs_full)  # backbone, neck and box heads all came from the file
+    assert confs_tuned.shape == (1, 4, MMDET_SSDLITE320.anchors.num_anchors) != confs_full.shape
+
+
+@pytest.mark.parametrize("name", MMDET_MODELS)
+def test_untrained_builds_by_name(name):
+    model = build_model(name, pretrained=False)
+    assert model.spec.name == name and not model.training
+    assert model.meta["input_size"] == model.spec.input.size
+
+
+def test_bad_names_and_arguments():
+    with pytest.raises(ValueError, match="model: expected one of 'nvidia_ssd'"):
+        build_model("yolo")
+    with pytest.raises(TypeError, match="pretrained: expected True or False"):
+        build_mmdet("ssd300_vgg16", pretrained="yes")
+    with pytest.raises(TypeError, match="unexpected keyword argument.*'model_math'"):
+        torch.hub.load(str(REPO), "ssd300_vgg16", source="local", pretrained=False, model_math="fp16")
+
+
+def test_an_nvidia_file_is_refused_naming_it(tmp_path):
+    from ssd.weights import InvalidCheckpointError
+
+    from helpers.checkpoints import save_training_checkpoint
+
+    path = save_training_checkpoint(tmp_path / "nvidia.pt")
+    with pytest.raises(InvalidCheckpointError, match="nvidia.pt") as info:
+        build_mmdet("ssd300_vgg16", checkpoint=str(path))
+    assert "ssd300_vgg16" in str(info.value)
