@@ -5,9 +5,12 @@ from .checkpoints import (
     CheckpointVariant,
     InvalidCheckpointError,
     cache_dir,
+    check_fits,
+    checkpoint_policy,
     load_into,
     read_state_dict,
     resolve_state_dict,
+    url_cache_name,
 )
 
 __all__ = [
@@ -16,7 +19,10 @@ __all__ = [
     "CheckpointVariant",
     "InvalidCheckpointError",
     "cache_dir",
+    "check_fits",
+    "checkpoint_policy",
     "load_into",
     "read_state_dict",
     "resolve_state_dict",
+    "url_cache_name",
 ]
