@@ -1,6 +1,7 @@
 """A real HTTP server on 127.0.0.1 for tests, with routes that misbehave on purpose."""
 from __future__ import annotations
 
+import contextlib
 import http.server
 import socket
 import threading
@@ -13,7 +14,9 @@ class Route:
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
     # "ok", "drop" (close after half the body), "short" (claim more bytes than sent), "hang" (never answer),
-    # "trickle" (one byte every 0.2 s: each read succeeds, the whole takes long)
+    # "trickle" (one byte every 0.2 s: each read succeeds, the whole takes long), "trickle_headers" (the status
+    # line and headers one byte every 0.2 s, then the body), "nolength" (no Content-Length: the body ends when the
+    # connection closes)
     behaviour: str = "ok"
 
 
@@ -23,6 +26,8 @@ class LocalServer:
     def __init__(self) -> None:
         self.routes: dict[str, Route] = {}
         self.hits: dict[str, int] = {}
+        # The headers of the last request to each path, so tests can see what the client asked for.
+        self.request_headers: dict[str, dict[str, str]] = {}
         self._release = threading.Event()
         server = self
 
@@ -34,11 +39,24 @@ class LocalServer:
 
             def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
                 server.hits[self.path] = server.hits.get(self.path, 0) + 1
+                server.request_headers[self.path] = dict(self.headers.items())
                 route = server.routes.get(self.path)
                 if route is None:
                     route = Route(b"<html><body>404 Not Found</body></html>", 404, {"Content-Type": "text/html"})
                 if route.behaviour == "hang":
                     server._release.wait(60)  # released at shutdown; the client's read timeout fires first
+                    return
+                if route.behaviour == "trickle_headers":
+                    self._trickle_headers(route)
+                    return
+                if route.behaviour == "nolength":
+                    self.send_response(route.status)
+                    for key, value in route.headers.items():
+                        self.send_header(key, value)
+                    self.send_header("Connection", "close")
+                    self.end_headers()
+                    self.wfile.write(route.body)
+                    self.close_connection = True
                     return
                 self.send_response(route.status)
                 length = len(route.body) * (2 if route.behaviour == "short" else 1)
@@ -66,6 +84,22 @@ class LocalServer:
                 if route.behaviour == "short":
                     self.wfile.flush()
                     self.close_connection = True
+
+            def _trickle_headers(self, route: Route) -> None:
+                lines = [f"HTTP/1.1 {route.status} OK", f"Content-Length: {len(route.body)}"]
+                lines += [f"{key}: {value}" for key, value in route.headers.items()]
+                head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+                for i in range(len(head)):
+                    if server._release.wait(0.2):  # stop at shutdown
+                        return
+                    try:
+                        self.wfile.write(head[i:i + 1])
+                        self.wfile.flush()
+                    except OSError:  # the client gave up
+                        return
+                with contextlib.suppress(OSError):
+                    self.wfile.write(route.body)
+                self.close_connection = True
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
