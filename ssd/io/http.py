@@ -173,10 +173,10 @@ class _Watchdog:
         policy = self.policy
         if policy.deadline is not None and elapsed >= policy.deadline:
             if self.headers_done:
-                detail = (f"timed out: still incomplete after {elapsed:.0f} s, the {policy.deadline:g} s deadline "
-                          f"({self.received} bytes received)")
+                detail = (f"timed out: still incomplete after {round(elapsed, 1):g} s, the {policy.deadline:g} s "
+                          f"deadline ({self.received} bytes received)")
             else:
-                detail = (f"timed out: the response headers were still incomplete after {elapsed:.0f} s, the "
+                detail = (f"timed out: the response headers were still incomplete after {round(elapsed, 1):g} s, the "
                           f"{policy.deadline:g} s deadline")
             return DownloadError(self.url, "timeout", detail)
         if (policy.min_rate is not None and elapsed > policy.min_rate_grace

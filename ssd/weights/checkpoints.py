@@ -15,6 +15,7 @@ import os
 import pathlib
 import pickle
 import re
+import struct
 import tempfile
 import time
 import urllib.parse
@@ -56,6 +57,10 @@ STALE_PART_S = 3600.0
 _NAME_KEEP = 64
 _URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)://")
 _ZIP_MAGIC = b"PK\x03\x04"
+# What torch.load raises on damaged bytes (found by truncating and flipping bytes of real files): a corrupt legacy
+# file trips torch's internal asserts and struct unpacking, not only its RuntimeErrors.
+_CORRUPT_FILE_ERRORS = (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError,
+                        AssertionError, NotImplementedError, struct.error, zipfile.BadZipFile)
 
 
 @dataclass(frozen=True)
@@ -196,7 +201,7 @@ def check_archive(path: pathlib.Path, name: str, max_unpacked_bytes: int) -> Non
     try:
         with zipfile.ZipFile(path) as archive:
             entries = archive.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, struct.error) as exc:
         raise InvalidCheckpointError(
             f"checkpoint {name!r} is not a readable PyTorch checkpoint: its zip directory is damaged ({exc})"
         ) from None
@@ -259,7 +264,7 @@ def _read_state_dict(path: pathlib.Path, name: str, max_unpacked_bytes: int | No
         raise InvalidCheckpointError(
             f"checkpoint {name!r} is not a readable PyTorch checkpoint: the safe loader rejected it ({details})"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+    except _CORRUPT_FILE_ERRORS as exc:
         raise InvalidCheckpointError(
             f"checkpoint {name!r} is not a readable PyTorch checkpoint ({type(exc).__name__}: {_first_line(exc)})"
         ) from None
