@@ -5,6 +5,7 @@ import gzip
 import io
 import os
 import pathlib
+import pickle
 import random
 import resource
 import shutil
@@ -251,7 +252,7 @@ def test_damaged_files_are_invalid_checkpoints(tmp_path, legacy):
     ("conf.1.bias", lambda t: t > 0, "expected floating-point weights, got torch.bool"),
     ("loc.2.bias", lambda t: t.index_fill(0, torch.tensor([1]), float("nan")), "1 NaN or infinite"),
     ("conf.3.weight", lambda t: t.clone().fill_(float("inf")), "NaN or infinite"),
-    ("feature_extractor.feature_extractor.1.num_batches_tracked", lambda t: t.float(), "integer counter"),
+    ("feature_extractor.feature_extractor.1.num_batches_tracked", lambda t: t.float() / 0, "NaN or infinite"),
 ])
 def test_tensors_that_hold_no_model_are_refused(tmp_path, hub_dir, golden, key, value, match):
     state = dict(golden)
@@ -264,10 +265,13 @@ def test_tensors_that_hold_no_model_are_refused(tmp_path, hub_dir, golden, key, 
 
 
 def test_integer_batch_counters_and_half_weights_are_fine(tmp_path, golden):
+    counter = "feature_extractor.feature_extractor.1.num_batches_tracked"
     path = tmp_path / "half.pt"
     path.write_bytes(saved({k: v.half() if v.is_floating_point() else v for k, v in golden.items()}))
-    state = read_state_dict(path)
-    assert state["feature_extractor.feature_extractor.1.num_batches_tracked"].dtype == torch.int64
+    assert read_state_dict(path)[counter].dtype == torch.int64
+    # Converted wholesale, the counters become floats too: still a model.
+    path.write_bytes(saved({k: v.half() for k, v in golden.items()}))
+    assert read_state_dict(path)[counter].dtype == torch.float16
 
 
 def test_wrapped_and_unwrapped_copies_of_a_key_collide(tmp_path, golden):
@@ -432,6 +436,9 @@ def test_every_failure_is_kept_with_its_reason(http_server, local_variants, hub_
     assert error.reason == "unavailable" and error.url is None
     assert [f.url for f in error.failures] == [*local_variants["fp16"].urls, *local_variants["amp"].urls]
     assert all(isinstance(f, DownloadError) and (f.reason, f.status) == ("http_status", 404) for f in error.failures)
+    again = pickle.loads(pickle.dumps(error))  # errors cross process boundaries (DataLoader workers, pools)
+    assert (again.reason, str(again), [f.url for f in again.failures]) == (
+        "unavailable", str(error), [f.url for f in error.failures])
 
 
 # ---------------------------------------------------------------- arguments

@@ -2,9 +2,9 @@
 
 Checkpoints are untrusted files. Before ``torch.load`` sees one, its zip directory is read to refuse archives that
 would unpack to far more than any SSD300 checkpoint (zip bombs); it is then loaded with ``weights_only=True`` onto
-the CPU, and every tensor must hold finite floating-point weights (or an integer ``num_batches_tracked``).
-Downloads go through :mod:`ssd.io.http`'s one download policy into a temporary file beside their cache entry that
-is renamed into place only after it loads and fits the model.
+the CPU, and every tensor must hold finite floating-point weights (BatchNorm's ``num_batches_tracked`` may be an
+integer). Downloads go through :mod:`ssd.io.http`'s one download policy into a temporary file beside their cache
+entry that is renamed into place only after it loads and fits the model.
 """
 from __future__ import annotations
 
@@ -293,16 +293,15 @@ def _check_tensor(key: str, value: torch.Tensor, source: str) -> None:
         )
     if value.layout != torch.strided:
         raise InvalidCheckpointError(f"checkpoint {source!r}: key {key!r}: expected a dense tensor, got {value.layout}")
-    if key.rsplit(".", 1)[-1] == "num_batches_tracked":  # BatchNorm's step counter: the one integer entry
-        if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
-            raise InvalidCheckpointError(
-                f"checkpoint {source!r}: key {key!r}: expected an integer counter, got {value.dtype}"
-            )
-        return
-    if not value.is_floating_point():
+    # BatchNorm's step counter is the one integer entry; a state dict converted wholesale with .half() turns it
+    # into a float, which loads the same, so it is exempt from the dtype rule (not from the finiteness one).
+    counter = key.rsplit(".", 1)[-1] == "num_batches_tracked"
+    if not value.is_floating_point() and not counter:
         raise InvalidCheckpointError(
             f"checkpoint {source!r}: key {key!r}: expected floating-point weights, got {value.dtype}"
         )
+    if not value.is_floating_point():
+        return
     finite = torch.isfinite(value)
     if not bool(finite.all()):
         bad = int(finite.numel() - finite.sum())
