@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import socket
+import ssl
 import threading
 from dataclasses import dataclass, field
 
@@ -23,7 +24,8 @@ class Route:
 class LocalServer:
     """Serves registered routes; counts requests per path so tests can prove a cache was (not) used."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: tuple[str, str] | None = None) -> None:
+        """``tls``: ``(certificate, key)`` PEM files to serve https instead of http."""
         self.routes: dict[str, Route] = {}
         self.hits: dict[str, int] = {}
         # The headers of the last request to each path, so tests can see what the client asked for.
@@ -104,6 +106,14 @@ class LocalServer:
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
+        self.scheme = "http"
+        if tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            # The handshake runs in each handler's thread, on its first read, not in the accepting loop.
+            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True,
+                                                    do_handshake_on_connect=False)
+            self.scheme = "https"
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self._thread.start()
 
@@ -114,7 +124,7 @@ class LocalServer:
         return self.url(path)
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"{self.scheme}://127.0.0.1:{self.port}{path}"
 
     def stop(self) -> None:
         self._release.set()

@@ -4,13 +4,17 @@ from __future__ import annotations
 import gzip
 import io
 import pickle
+import shutil
 import socket
+import subprocess
 import time
 
 import pytest
 
 from ssd.io.http import REASONS, DownloadError, DownloadPolicy, download, fetch
 from ssd.io.images import ImageFetchError, load_rgb
+
+from http_server import LocalServer
 
 BODY = bytes(range(256)) * 64  # 16 KiB that no sniffing mistakes for text
 
@@ -207,6 +211,36 @@ def test_connection_refused():
 
 def test_every_reason_is_documented(http_server):
     assert {"http_status", "timeout", "too_large", "connection", "html", "short_body"} <= REASONS
+
+
+# ---------------------------------------------------------------- https
+
+
+@pytest.fixture()
+def https_server(tmp_path, monkeypatch):
+    """The local server behind TLS, with a throwaway certificate for 127.0.0.1 that requests is told to trust."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert))
+    server = LocalServer(tls=(str(cert), str(key)))
+    yield server
+    server.stop()
+
+
+def test_https_body(https_server):
+    url = https_server.add("/f.bin", BODY)
+    assert url.startswith("https://") and fetch(url, quick()) == BODY
+
+
+def test_https_trickled_headers_meet_the_deadline(https_server):
+    # TLS wraps (and detaches) the socket the watchdog saw first: shutting it down must still end the read.
+    url = https_server.add("/slow-headers", BODY, behaviour="trickle_headers")
+    error, elapsed = failure(url, quick(read_timeout=1.0, deadline=2.0))
+    assert 1.9 <= elapsed < 3.0 and error.reason == "timeout"
 
 
 # ---------------------------------------------------------------- image URLs use the same policy

@@ -161,6 +161,7 @@ class _Watchdog:
         self._sockets: list[socket.socket] = []
         self._error: DownloadError | None = None
         self._stopped = False
+        self._closed = False
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -196,11 +197,20 @@ class _Watchdog:
             return self._error
 
     def attach(self, sock: socket.socket) -> None:
+        # Keep a duplicate descriptor: TLS wrapping detaches the original socket object (its fileno becomes -1),
+        # while shutting down any descriptor of a socket shuts down the connection itself.
+        try:
+            handle = sock.dup()
+        except OSError:
+            return
         with self._lock:
-            self._sockets.append(sock)
+            if self._closed:
+                handle.close()
+                return
+            self._sockets.append(handle)
             fired = self._error is not None
         if fired:  # a redirect's connection opened just after the deadline
-            _shutdown(sock)
+            _shutdown(handle)
 
     def stop(self) -> DownloadError | None:
         """Stop watching; returns the error if the watchdog fired before (the body may then be cut short)."""
@@ -209,6 +219,11 @@ class _Watchdog:
         self._wake.set()
         if self._thread is not None:
             self._thread.join()
+        with self._lock:
+            self._closed = True
+            handles, self._sockets = self._sockets, []
+        for handle in handles:
+            handle.close()
         return self._error
 
     def _run(self) -> None:
@@ -250,8 +265,8 @@ def _watched_adapter_class() -> type:
             watchdog.attach(sock)
         return sock
 
-    # _new_conn returns the plain TCP socket for http and https alike (TLS wraps it afterwards); shutting that
-    # socket down also ends a TLS read in progress.
+    # _new_conn returns the plain TCP socket for http and https alike, before the TLS handshake, so the watchdog
+    # covers a handshake trickled by the server too; shutting the socket down also ends a TLS read in progress.
     class WatchedHTTPConnection(urllib3.connection.HTTPConnection):
         def _new_conn(self) -> socket.socket:
             return register(super()._new_conn())
