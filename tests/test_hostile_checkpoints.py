@@ -169,6 +169,21 @@ def test_zip_bomb_under_the_total_is_refused_by_its_ratio(tmp_path):
     assert str(path) in str(info.value) and "data/0" in str(info.value)
 
 
+def test_zip_of_too_many_entries_is_refused_before_its_directory_is_read(tmp_path, monkeypatch):
+    path = tmp_path / "many.pt"
+    with zipfile.ZipFile(path, "w") as archive:
+        for i in range(checkpoints.MAX_ZIP_ENTRIES + 1):
+            archive.writestr(f"archive/data/{i}", b"")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the zip directory must not be read")
+
+    monkeypatch.setattr(zipfile, "ZipFile", never)  # opening a ZipFile reads its whole directory
+    with pytest.raises(InvalidCheckpointError, match=f"declares {checkpoints.MAX_ZIP_ENTRIES + 1} entries") as info:
+        read_state_dict(path)
+    assert str(path) in str(info.value)
+
+
 def test_limit_is_configurable_and_bounds_legacy_files(tmp_path, golden):
     modern = tmp_path / "modern.pt"
     modern.write_bytes(saved(golden))
@@ -482,3 +497,14 @@ def test_status_is_an_attribute(http_server, hub_dir):
         build_ssd300(checkpoint=url, progress=False)
     error = info.value
     assert isinstance(error, OSError) and (error.url, error.reason, error.status) == (url, "http_status", 404)
+
+
+def test_download_keeps_its_timeout_argument(http_server, tmp_path):
+    url = http_server.add("/hang.pt", b"", behaviour="hang")
+    start = time.monotonic()
+    with pytest.raises(CheckpointUnavailableError) as info:
+        checkpoints.download(url, tmp_path / "x.pt", progress=False, timeout=(1.0, 0.5))
+    assert info.value.reason == "timeout" and time.monotonic() - start < 3.0
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(TypeError, match="timeout: expected a"):
+        checkpoints.download(url, tmp_path / "x.pt", timeout=5)

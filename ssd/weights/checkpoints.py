@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import hashlib
 import os
 import pathlib
@@ -49,8 +50,10 @@ MAX_UNPACKED_BYTES = 1536 * 2**20
 # compress, so an entry inflating more than this is refused as a bomb (small entries are exempt).
 MAX_COMPRESSION_RATIO = 100
 _RATIO_EXEMPT_BYTES = 1 << 20
-# An SSD300 checkpoint has a few hundred entries; millions would make even reading the directory costly.
-MAX_ZIP_ENTRIES = 100_000
+# An SSD300 training checkpoint has under a thousand entries (one per tensor storage); a directory of millions
+# would cost gigabytes just to list, so its size is checked from the end record before it is read.
+MAX_ZIP_ENTRIES = 10_000
+_DIRECTORY_BYTES_PER_ENTRY = 300  # torch's entry names are short: "archive/data/123"
 # A ``.part`` file this old belongs to a download that was killed; it is removed the next time the cache is used.
 STALE_PART_S = 3600.0
 # Cache names of URL downloads keep this much of the URL's last path segment (for people reading the folder).
@@ -198,6 +201,14 @@ def check_archive(path: pathlib.Path, name: str, max_unpacked_bytes: int) -> Non
         magic = fp.read(4)
     if magic != _ZIP_MAGIC:  # torch.load's own test for its zip format: anything else is read as a legacy file
         return
+    declared = _declared_directory(path)
+    if declared is not None:
+        count, directory_bytes = declared
+        if count > MAX_ZIP_ENTRIES or directory_bytes > MAX_ZIP_ENTRIES * _DIRECTORY_BYTES_PER_ENTRY:
+            raise InvalidCheckpointError(
+                f"checkpoint {name!r} was refused: its zip directory declares {count} entries in {directory_bytes} "
+                f"bytes, over the limit of {MAX_ZIP_ENTRIES} entries (MAX_ZIP_ENTRIES); it was not read"
+            )
     try:
         with zipfile.ZipFile(path) as archive:
             entries = archive.infolist()
@@ -223,6 +234,25 @@ def check_archive(path: pathlib.Path, name: str, max_unpacked_bytes: int) -> Non
                 f"bytes to {entry.file_size}, a ratio over {MAX_COMPRESSION_RATIO} that no weights reach "
                 f"(a possible zip bomb); it was not loaded"
             )
+
+
+def _declared_directory(path: pathlib.Path) -> tuple[int, int] | None:
+    """``(entry count, directory bytes)`` from the zip's end record, read without reading the directory itself.
+
+    zipfile's own end-record reader (it handles zip64) is private API; without it, the count is checked after
+    the directory is read instead.
+    """
+    end_record = getattr(zipfile, "_EndRecData", None)
+    if end_record is None:
+        return None
+    try:
+        with open(path, "rb") as fp:
+            record = end_record(fp)
+        if not record:
+            return None
+        return int(record[zipfile._ECD_ENTRIES_TOTAL]), int(record[zipfile._ECD_SIZE])
+    except (OSError, ValueError, TypeError, IndexError, AttributeError, EOFError, struct.error, zipfile.BadZipFile):
+        return None
 
 
 def read_state_dict(path: str | os.PathLike, *, max_unpacked_bytes: int | None = None) -> dict[str, torch.Tensor]:
@@ -416,13 +446,15 @@ def _read_cached(path: pathlib.Path) -> dict[str, torch.Tensor]:
 
 
 def download(url: str, destination: str | os.PathLike, *, progress: bool = True, policy: DownloadPolicy | None = None,
-             validate: Validator | None = None) -> dict[str, torch.Tensor]:
+             validate: Validator | None = None,
+             timeout: tuple[float, float] | None = None) -> dict[str, torch.Tensor]:
     """Fetch ``url`` into ``destination`` under ``policy`` (default :func:`checkpoint_policy`) and return its state
     dict.
 
     The body streams into a temporary ``.part`` file in the destination's folder, which becomes ``destination``
     only after it loads as a checkpoint and passes ``validate(state_dict, url)`` (which raises
     :class:`InvalidCheckpointError` for weights that do not fit); on any failure nothing is left behind.
+    ``timeout=(connect, read)`` (the former argument) overrides the policy's two timeouts.
 
     Raises:
         CheckpointUnavailableError: the download failed, what came back is not a (fitting) checkpoint, or the
@@ -434,6 +466,10 @@ def download(url: str, destination: str | os.PathLike, *, progress: bool = True,
     destination = pathlib.Path(destination)
     folder = destination.parent
     policy = checkpoint_policy() if policy is None else policy
+    if timeout is not None:
+        if not (isinstance(timeout, tuple) and len(timeout) == 2):
+            raise TypeError(f"timeout: expected a (connect, read) tuple of seconds, got {timeout!r}")
+        policy = dataclasses.replace(policy, connect_timeout=timeout[0], read_timeout=timeout[1])
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=destination.name + ".", suffix=".part")
