@@ -15,6 +15,7 @@ import contextlib
 import functools
 import io
 import math
+import numbers
 import re
 import socket
 import threading
@@ -81,7 +82,7 @@ def _rebuild_error(cls: type[DownloadError], message: str) -> DownloadError:
 def _check_number(name: str, value: object, *, optional: bool = False) -> None:
     if optional and value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"DownloadPolicy.{name}: expected a number, got {type(value).__name__}")
     if not (value > 0 and math.isfinite(value)):
         raise ValueError(f"DownloadPolicy.{name}: expected a positive finite number, got {value!r}")
@@ -125,7 +126,7 @@ class DownloadPolicy:
         _check_number("deadline", self.deadline, optional=True)
         _check_number("min_rate", self.min_rate, optional=True)
         _check_number("min_rate_grace", self.min_rate_grace)
-        if isinstance(self.max_bytes, bool) or not isinstance(self.max_bytes, int):
+        if isinstance(self.max_bytes, bool) or not isinstance(self.max_bytes, numbers.Integral):
             raise TypeError(f"DownloadPolicy.max_bytes: expected an int, got {type(self.max_bytes).__name__}")
         if self.max_bytes <= 0:
             raise ValueError(f"DownloadPolicy.max_bytes: expected a positive number of bytes, got {self.max_bytes}")
@@ -234,7 +235,8 @@ class _Watchdog:
                 wait = max(0.0, self.start + policy.deadline - time.monotonic())
             if policy.min_rate is not None:
                 wait = min(wait, _RATE_CHECK_S)
-            if self._wake.wait(wait) or self.poll() is not None:
+            # Event.wait rejects an infinite timeout; None waits for stop() alone.
+            if self._wake.wait(None if math.isinf(wait) else wait) or self.poll() is not None:
                 return
 
 

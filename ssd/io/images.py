@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import io
 import math
+import numbers
 import os
 import pathlib
 import re
@@ -155,16 +156,16 @@ def fetch_bytes(url: str, *, timeout: float = DEFAULT_TIMEOUT, max_bytes: int = 
     decoded bytes. Raises :class:`ImageFetchError` (a :class:`~ssd.io.http.DownloadError`, so an ``OSError``)
     naming the URL, with the failure's ``reason`` as an attribute.
     """
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
         raise TypeError(f"timeout: expected a number of seconds, got {type(timeout).__name__}")
     if not (timeout > 0 and math.isfinite(timeout)):
         raise ValueError(f"timeout: expected a positive number of seconds, got {timeout!r}")
-    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int):
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, numbers.Integral):
         raise TypeError(f"max_bytes: expected an int number of bytes, got {type(max_bytes).__name__}")
     if max_bytes <= 0:
         raise ValueError(f"max_bytes: expected a positive number of bytes, got {max_bytes!r}")
     try:
-        return fetch(url, image_policy(timeout, max_bytes))
+        return fetch(url, image_policy(float(timeout), int(max_bytes)))
     except DownloadError as exc:
         raise ImageFetchError(exc.url, exc.reason, exc.detail, status=exc.status) from None
 
