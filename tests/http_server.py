@@ -41,6 +41,7 @@ class LocalServer:
         self.hits: dict[str, int] = {}
         # The headers of the last request to each path, so tests can see what the client asked for.
         self.request_headers: dict[str, dict[str, str]] = {}
+        self._arrived = threading.Condition()
         self._release = threading.Event()
         server = self
 
@@ -53,6 +54,8 @@ class LocalServer:
             def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
                 server.hits[self.path] = server.hits.get(self.path, 0) + 1
                 server.request_headers[self.path] = dict(self.headers.items())
+                with server._arrived:
+                    server._arrived.notify_all()
                 route = server.routes.get(self.path)
                 if route is None:
                     route = Route(b"<html><body>404 Not Found</body></html>", 404, {"Content-Type": "text/html"})
@@ -132,6 +135,11 @@ class LocalServer:
         """Register ``path`` and return its full URL."""
         self.routes[path] = Route(body, status, dict(headers or {}), behaviour)
         return self.url(path)
+
+    def wait_for_request(self, path: str, timeout: float = 30.0) -> bool:
+        """Block until ``path`` has been requested at least once (or ``timeout`` passes); True if it was."""
+        with self._arrived:
+            return self._arrived.wait_for(lambda: self.hits.get(path, 0) > 0, timeout)
 
     def url(self, path: str) -> str:
         return f"{self.scheme}://127.0.0.1:{self.port}{path}"

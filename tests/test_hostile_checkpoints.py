@@ -11,6 +11,7 @@ import resource
 import shutil
 import struct
 import subprocess
+import sys
 import time
 import tracemalloc
 import zipfile
@@ -362,6 +363,31 @@ def test_stale_part_files_are_swept_and_fresh_ones_kept(http_server, hub_dir, go
     build_ssd300(checkpoint=url, progress=False)
     assert not stale.exists() and fresh.exists()
     assert cache_files(hub_dir) == sorted([fresh.name, url_cache_name(url)])
+
+
+def test_killed_download_leaves_a_part_file_that_a_later_run_sweeps(http_server, hub_dir, good_bytes):
+    # A real download in another process, killed (SIGKILL: no finally runs) while the server trickles the body.
+    url = http_server.add("/model.pt", good_bytes, behaviour="trickle")
+    folder = hub_dir / "checkpoints"
+    script = ("import sys; from ssd.weights import checkpoints; "
+              "checkpoints.download(sys.argv[1], sys.argv[2], progress=False)")
+    env = {**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen([sys.executable, "-c", script, url, str(folder / url_cache_name(url))], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert http_server.wait_for_request("/model.pt", timeout=120)
+    finally:
+        child.kill()
+        child.wait()
+    leftovers = list(folder.glob("*.part"))
+    assert len(leftovers) == 1  # the body was streaming into it when the process died
+    http_server.add("/model.pt", good_bytes)
+    build_ssd300(checkpoint=url, progress=False)
+    assert leftovers[0].exists()  # an hour has not passed: it might be another process's download in progress
+    old = time.time() - 2 * checkpoints.STALE_PART_S
+    os.utime(leftovers[0], (old, old))
+    build_ssd300(checkpoint=url, progress=False)
+    assert cache_files(hub_dir) == [url_cache_name(url)]
 
 
 def _make_unwritable(folder: pathlib.Path) -> bool:
