@@ -112,8 +112,9 @@ def nvidia_ssd(pretrained: bool = True, model_math: str = "fp32", **kwargs):
             BatchNorm in float32; feed it ``x.half()`` on CUDA (on CPU it works but is ~100x slower).
         weights (str): which published checkpoint: 'fp32', 'fp16' or 'amp' (default: the one named by
             model_math; if its URLs fail, 'amp' is tried with a warning).
-        checkpoint (str or Path): a local file or URL to load instead; the SSD_CHECKPOINT environment variable
-            does the same (this argument wins). Training checkpoints and bare state dicts both work.
+        checkpoint (str or Path): a local file, an http(s) URL or a file:// URL to load instead; the
+            SSD_CHECKPOINT environment variable does the same (this argument wins). Training checkpoints and bare
+            state dicts both work. See docs/troubleshooting-downloads.md for what each failure raises.
         force_download (bool): fetch the checkpoint again even if cached (``force_reload`` is accepted too).
         progress (bool): show a download progress bar (default True).
 
@@ -122,7 +123,8 @@ def nvidia_ssd(pretrained: bool = True, model_math: str = "fp32", **kwargs):
         ``(locs, confs)``: N x 4 x 8732 box offsets and N x 81 x 8732 class logits. ``model.detect(images)``
         returns one ``Detections`` per image with boxes in original pixels.
 
-    Checkpoints are cached in ``torch.hub.get_dir()/checkpoints``.
+    Checkpoints are cached in ``torch.hub.get_dir()/checkpoints``: published ones under their file names, URL
+    downloads under ``url-<hash of the URL>-<file name>``.
 
     Example:
         >>> model = torch.hub.load("<owner>/<repo>", "nvidia_ssd", model_math="fp32")

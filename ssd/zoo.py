@@ -1,6 +1,7 @@
 """The builders behind the hub entrypoints: network, weights and precision, with validated options."""
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from typing import Any
@@ -10,7 +11,7 @@ from torch import nn
 
 from .models.base import Detector
 from .models.ssd300_resnet50 import SSD300
-from .weights.checkpoints import VARIANTS, load_into, resolve_state_dict
+from .weights.checkpoints import VARIANTS, check_fits, load_into, resolve_state_dict
 
 MODEL_MATHS = ("fp32", "fp16")
 
@@ -54,13 +55,15 @@ def build_ssd300(
         warnings.warn("pretrained=False: the weights/checkpoint argument is ignored", UserWarning, stacklevel=3)
 
     if pretrained:
-        state_dict, source = resolve_state_dict(
-            weights or model_math, checkpoint, force_download=force_download, progress=progress
-        )
         # Every value comes from the checkpoint, so skip initialising 23M random weights (a third of the load
-        # time): build on the meta device and adopt the loaded tensors; float32 whatever the file stored.
+        # time): build on the meta device and adopt the loaded tensors; float32 whatever the file stored. Built
+        # first so that a download is checked against it before it enters the cache.
         with torch.device("meta"):
             model = SSD300()
+        state_dict, source = resolve_state_dict(
+            weights or model_math, checkpoint, force_download=force_download, progress=progress,
+            validate=functools.partial(check_fits, model),
+        )
         load_into(model, state_dict, source, assign=True)
         model.float()
         model.checkpoint_source = source

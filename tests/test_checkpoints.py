@@ -146,13 +146,15 @@ def test_failed_download_leaves_nothing_and_names_the_url(http_server, hub_dir, 
     message = str(info.value)
     assert url in message and "SSD_CHECKPOINT" in message
     assert cache_files(hub_dir) == []
-    # Then the server is fixed: the same URL downloads, is cached under its last path segment, and is reused.
+    # Then the server is fixed: the same URL downloads, is cached under a name keyed by the whole URL (ending in
+    # its last path segment), and is reused.
     http_server.add("/files/model.pt", good_bytes)
     build_ssd300(checkpoint=url, progress=False)
-    assert cache_files(hub_dir) == ["model.pt"]
+    assert cache_files(hub_dir) == [checkpoints.url_cache_name(url)]
+    assert checkpoints.url_cache_name(url).endswith("-model.pt")
     http_server.stop()
     model = build_ssd300(checkpoint=url, progress=False)
-    assert model.checkpoint_source == str(hub_dir / "checkpoints" / "model.pt")
+    assert model.checkpoint_source == str(hub_dir / "checkpoints" / checkpoints.url_cache_name(url))
 
 
 def test_trickling_server_is_abandoned(http_server, hub_dir, good_bytes, monkeypatch):

@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import errno
 import io
+import math
+import numbers
 import os
 import pathlib
 import re
 import struct
 import sys
-import time
 import zlib
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 
-from .http import iter_body
+from .http import DownloadError, DownloadPolicy, fetch
 
 if TYPE_CHECKING:
     import torch
@@ -35,6 +36,7 @@ __all__ = [
     "ImageTooLargeError",
     "describe_source",
     "fetch_bytes",
+    "image_policy",
     "is_image_file",
     "load_image",
     "load_rgb",
@@ -75,8 +77,11 @@ class ImageTooLargeError(ImageLoadError):
     """The image header claims more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` (a possible decompression bomb)."""
 
 
-class ImageFetchError(OSError):
-    """An http(s) URL could not be downloaded: connection error, timeout, non-2xx status or over the size cap."""
+class ImageFetchError(DownloadError):
+    """An http(s) URL could not be downloaded: connection error, timeout, non-2xx status or over the size cap.
+
+    A :class:`~ssd.io.http.DownloadError` (so an ``OSError``): ``url``, ``reason`` and ``detail`` are attributes.
+    """
 
 
 def is_image_file(path: str | os.PathLike[str]) -> bool:
@@ -135,41 +140,34 @@ def _sniff(head: bytes) -> str:
     return "Pillow does not recognise the data as any image format"
 
 
+def image_policy(timeout: float = DEFAULT_TIMEOUT, max_bytes: int = DEFAULT_MAX_BYTES) -> DownloadPolicy:
+    """The download policy of image URLs: ``timeout`` for the connection and each read, ``_TOTAL_TIMEOUTS`` times
+    that for the whole request (headers included), and ``max_bytes`` for the body."""
+    return DownloadPolicy(connect_timeout=timeout, read_timeout=timeout, deadline=_TOTAL_TIMEOUTS * timeout,
+                          max_bytes=max_bytes)
+
+
 def fetch_bytes(url: str, *, timeout: float = DEFAULT_TIMEOUT, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
-    """Download ``url`` (http or https) and return its body.
+    """Download ``url`` (http or https) and return its body, under :func:`image_policy`.
 
-    ``timeout`` bounds the connection and every read (seconds), and the whole download may take at most
-    ``_TOTAL_TIMEOUTS`` times that, so a server trickling bytes cannot hold it forever; the body may not exceed
-    ``max_bytes``, checked on the Content-Length header before reading and on the bytes actually received. Raises
-    :class:`ImageFetchError` (an ``OSError``) naming the URL for connection errors, timeouts, non-2xx statuses and
-    oversized bodies.
+    ``timeout`` bounds the connection and every read (seconds), and the whole request, headers included, may take
+    at most ``_TOTAL_TIMEOUTS`` times that, so a server trickling bytes cannot hold it forever; the body may not
+    exceed ``max_bytes``, checked on the Content-Length header before reading, on the bytes received and on the
+    decoded bytes. Raises :class:`ImageFetchError` (a :class:`~ssd.io.http.DownloadError`, so an ``OSError``)
+    naming the URL, with the failure's ``reason`` as an attribute.
     """
-    if not timeout > 0:
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise TypeError(f"timeout: expected a number of seconds, got {type(timeout).__name__}")
+    if not (timeout > 0 and math.isfinite(timeout)):
         raise ValueError(f"timeout: expected a positive number of seconds, got {timeout!r}")
-    if not max_bytes > 0:
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, numbers.Integral):
+        raise TypeError(f"max_bytes: expected an int number of bytes, got {type(max_bytes).__name__}")
+    if max_bytes <= 0:
         raise ValueError(f"max_bytes: expected a positive number of bytes, got {max_bytes!r}")
-    import requests
-
-    deadline = time.monotonic() + _TOTAL_TIMEOUTS * timeout
     try:
-        with requests.get(url, stream=True, timeout=(timeout, timeout)) as response:
-            if not 200 <= response.status_code < 300:
-                raise ImageFetchError(f"could not download {url}: HTTP {response.status_code} {response.reason}")
-            declared = response.headers.get("Content-Length", "").strip()
-            if declared.isdigit() and int(declared) > max_bytes:
-                raise ImageFetchError(
-                    f"refusing to download {url}: Content-Length {declared} bytes exceeds max_bytes={max_bytes}"
-                )
-            chunks = []
-            received = 0
-            for chunk in iter_body(response, 1 << 16, deadline=deadline):
-                received += len(chunk)
-                if received > max_bytes:
-                    raise ImageFetchError(f"refusing to download {url}: body exceeds max_bytes={max_bytes}")
-                chunks.append(chunk)
-    except (requests.RequestException, ConnectionError, TimeoutError) as exc:
-        raise ImageFetchError(f"could not download {url}: {exc}") from exc
-    return b"".join(chunks)
+        return fetch(url, image_policy(float(timeout), int(max_bytes)))
+    except DownloadError as exc:
+        raise ImageFetchError(exc.url, exc.reason, exc.detail, status=exc.status) from None
 
 
 def _check_pixel_budget(width: int, height: int, name: str) -> None:

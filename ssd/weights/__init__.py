@@ -5,9 +5,12 @@ from .checkpoints import (
     CheckpointVariant,
     InvalidCheckpointError,
     cache_dir,
+    check_fits,
+    checkpoint_policy,
     load_into,
     read_state_dict,
     resolve_state_dict,
+    url_cache_name,
 )
 from .mmdet import (
     MMDET_CHECKPOINTS,
@@ -26,6 +29,8 @@ __all__ = [
     "InvalidCheckpointError",
     "MMDetCheckpointInfo",
     "cache_dir",
+    "check_fits",
+    "checkpoint_policy",
     "convert_mmdet_state_dict",
     "load_into",
     "load_mmdet_state_dict",
@@ -33,4 +38,5 @@ __all__ = [
     "read_state_dict",
     "resolve_mmdet_state_dict",
     "resolve_state_dict",
+    "url_cache_name",
 ]

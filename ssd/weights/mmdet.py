@@ -28,7 +28,7 @@ from .checkpoints import (
     is_url,
     load_checkpoint_object,
     strip_distributed_prefix,
-    url_file_name,
+    url_cache_name,
 )
 
 __all__ = [
@@ -397,7 +397,7 @@ def resolve_mmdet_state_dict(spec: DetectorSpec, checkpoint: str | os.PathLike |
             if not path.exists():
                 raise FileNotFoundError(f"checkpoint: file {str(path)!r} does not exist")
             return load_mmdet_state_dict(path, spec), str(path)
-        destination = cache_dir() / url_file_name(str(checkpoint))
+        destination = cache_dir() / url_cache_name(str(checkpoint))
         if destination.is_file() and not force_download:
             return load_mmdet_state_dict(destination, spec), str(destination)
         reader = functools.partial(load_mmdet_state_dict, spec_or_family=spec)
@@ -413,8 +413,9 @@ def resolve_mmdet_state_dict(spec: DetectorSpec, checkpoint: str | os.PathLike |
     try:
         return download(info.url, destination, progress=progress, reader=reader), info.url
     except CheckpointUnavailableError as exc:
-        raise CheckpointUnavailableError(
-            f"{exc} Or copy {info.file_name} into {cache_dir()} under that name.") from None
+        raise CheckpointUnavailableError(exc.url, exc.reason, exc.detail, status=exc.status,
+                                         message=f"{exc} Or copy {info.file_name} into {cache_dir()} under that "
+                                                 "name.") from None
 
 
 def load_mmdet_weights(model: torch.nn.Module, checkpoint: str | os.PathLike | None = None, *,

@@ -1,0 +1,536 @@
+"""Hostile and broken checkpoints, caches and arguments: real files on disk, real HTTP on 127.0.0.1."""
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import pathlib
+import pickle
+import random
+import resource
+import shutil
+import struct
+import subprocess
+import sys
+import time
+import tracemalloc
+import zipfile
+import zlib
+
+import pytest
+import torch
+
+from ssd.io.http import DownloadError
+from ssd.weights import checkpoints
+from ssd.weights.checkpoints import (
+    CheckpointUnavailableError,
+    CheckpointVariant,
+    InvalidCheckpointError,
+    read_state_dict,
+    url_cache_name,
+)
+from ssd.zoo import build_ssd300
+
+from helpers.checkpoints import golden_state_dict, training_checkpoint
+
+MiB = 2**20
+
+
+def saved(obj: object, **options) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer, **options)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def golden() -> dict[str, torch.Tensor]:
+    return golden_state_dict()
+
+
+@pytest.fixture(scope="module")
+def good_bytes(golden) -> bytes:
+    return saved(training_checkpoint(golden))
+
+
+@pytest.fixture(scope="module")
+def other_bytes() -> bytes:
+    return saved(training_checkpoint(golden_state_dict(salt=1)))
+
+
+def cache_files(hub_dir: pathlib.Path) -> list[str]:
+    folder = hub_dir / "checkpoints"
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+@pytest.fixture()
+def local_variants(monkeypatch, http_server):
+    """The published variants, served by the local server: one URL for fp32 and fp16, two for amp."""
+    variants = {
+        name: CheckpointVariant(name, v.file_name, tuple(http_server.url(f"/{name}/{i}/{v.file_name}")
+                                                         for i in range(len(v.urls))))
+        for name, v in checkpoints.VARIANTS.items()
+    }
+    monkeypatch.setattr(checkpoints, "VARIANTS", variants)
+    return variants
+
+
+# ---------------------------------------------------------------- zip bombs
+
+def zip_archive(entries: list[tuple[str, int, bytes, int, int]]) -> bytes:
+    """A zip file from ``(name, method, stored data, crc32, uncompressed size)`` entries, data already encoded.
+
+    Written by hand because zipfile can only produce a deflated entry by compressing all of it, and a 1.6 GB run
+    of zeros takes seconds to compress; deflate blocks of zeros flushed with Z_FULL_FLUSH are identical, so
+    repeating one gives the same stream for a fraction of the cost.
+    """
+    out = io.BytesIO()
+    directory = []
+    for name, method, data, crc, size in entries:
+        offset = out.tell()
+        raw_name = name.encode()
+        out.write(struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, method, 0, 0x21, crc, len(data), size,
+                              len(raw_name), 0) + raw_name + data)
+        directory.append(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, method, 0, 0x21, crc, len(data),
+                                     size, len(raw_name), 0, 0, 0, 0, 0, offset) + raw_name)
+    start = out.tell()
+    out.write(b"".join(directory))
+    out.write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(entries), len(entries), out.tell() - start, start, 0))
+    return out.getvalue()
+
+
+def deflated_zeros(mebibytes: int) -> tuple[bytes, int]:
+    """A raw deflate stream of ``mebibytes`` MiB of zeros, and its CRC-32."""
+    block = bytes(MiB)
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    first = compressor.compress(block) + compressor.flush(zlib.Z_FULL_FLUSH)
+    second = compressor.compress(block) + compressor.flush(zlib.Z_FULL_FLUSH)
+    assert first == second  # a full flush resets the compressor: every block encodes alike
+    stream = first * mebibytes + compressor.flush()
+    crc = 0
+    for _ in range(mebibytes):
+        crc = zlib.crc32(block, crc)
+    return stream, crc
+
+
+def torch_zip_bomb(mebibytes: int) -> bytes:
+    """A real torch.save archive whose tensor data entry is replaced by ``mebibytes`` MiB of deflated zeros."""
+    with zipfile.ZipFile(io.BytesIO(saved({"model": {"w": torch.zeros(4)}}))) as source:
+        entries = []
+        for info in source.infolist():
+            data = source.read(info)
+            if info.filename.endswith("/data/0"):
+                stream, crc = deflated_zeros(mebibytes)
+                entries.append((info.filename, zipfile.ZIP_DEFLATED, stream, crc, mebibytes * MiB))
+            else:
+                entries.append((info.filename, zipfile.ZIP_STORED, data, zlib.crc32(data), len(data)))
+    return zip_archive(entries)
+
+
+@pytest.fixture(scope="module")
+def bomb_bytes() -> bytes:
+    data = torch_zip_bomb(1600)  # 1.6 GiB unpacked, over MAX_UNPACKED_BYTES (1.5 GiB)
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:  # a genuine bomb: zipfile reads it as one
+        entry = next(i for i in archive.infolist() if i.filename.endswith("/data/0"))
+        assert entry.compress_type == zipfile.ZIP_DEFLATED and entry.file_size == 1600 * MiB
+        with archive.open(entry) as fp:
+            assert fp.read(MiB) == bytes(MiB)
+    assert len(data) < 4 * MiB
+    return data
+
+
+def test_zip_bomb_is_refused_before_memory_grows(tmp_path, monkeypatch, bomb_bytes):
+    path = tmp_path / "bomb.pt"
+    path.write_bytes(bomb_bytes)
+
+    def never(*args, **kwargs):
+        raise AssertionError("torch.load must not see a zip bomb")
+
+    monkeypatch.setattr(torch, "load", never)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidCheckpointError) as info:
+            read_state_dict(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before
+    message = str(info.value)
+    with zipfile.ZipFile(path) as archive:
+        declared = sum(entry.file_size for entry in archive.infolist())
+    assert str(path) in message and f"would unpack to {declared} bytes" in message and "zip bomb" in message
+    assert peak < 8 * MiB and grown < 100 * 1024
+
+
+def test_zip_bomb_under_the_total_is_refused_by_its_ratio(tmp_path):
+    path = tmp_path / "ratio.pt"
+    path.write_bytes(torch_zip_bomb(64))
+    with pytest.raises(InvalidCheckpointError, match="ratio over 100") as info:
+        read_state_dict(path)
+    assert str(path) in str(info.value) and "data/0" in str(info.value)
+
+
+def test_zip_of_too_many_entries_is_refused_before_its_directory_is_read(tmp_path, monkeypatch):
+    path = tmp_path / "many.pt"
+    with zipfile.ZipFile(path, "w") as archive:
+        for i in range(checkpoints.MAX_ZIP_ENTRIES + 1):
+            archive.writestr(f"archive/data/{i}", b"")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the zip directory must not be read")
+
+    monkeypatch.setattr(zipfile, "ZipFile", never)  # opening a ZipFile reads its whole directory
+    with pytest.raises(InvalidCheckpointError, match=f"declares {checkpoints.MAX_ZIP_ENTRIES + 1} entries") as info:
+        read_state_dict(path)
+    assert str(path) in str(info.value)
+
+
+def test_limit_is_configurable_and_bounds_legacy_files(tmp_path, golden):
+    modern = tmp_path / "modern.pt"
+    modern.write_bytes(saved(golden))
+    assert read_state_dict(modern).keys() == golden.keys()
+    with pytest.raises(InvalidCheckpointError, match="over the 1000000-byte limit") as info:
+        read_state_dict(modern, max_unpacked_bytes=10**6)
+    assert str(modern) in str(info.value)
+    legacy = tmp_path / "legacy.pt"
+    legacy.write_bytes(saved(golden, _use_new_zipfile_serialization=False))
+    assert legacy.read_bytes()[:4] != b"PK\x03\x04"
+    assert read_state_dict(legacy).keys() == golden.keys()
+    with pytest.raises(InvalidCheckpointError, match=f"the file is {legacy.stat().st_size} bytes") as info:
+        read_state_dict(legacy, max_unpacked_bytes=10 * MiB)
+    assert str(legacy) in str(info.value)
+    with pytest.raises(ValueError, match="max_unpacked_bytes: expected"):
+        read_state_dict(legacy, max_unpacked_bytes=0)
+
+
+def test_downloaded_bomb_is_refused_and_not_kept(http_server, hub_dir, bomb_bytes):
+    url = http_server.add("/bomb.pt", bomb_bytes)
+    with pytest.raises(CheckpointUnavailableError, match="zip bomb") as info:
+        build_ssd300(checkpoint=url, progress=False)
+    assert info.value.reason == "invalid_checkpoint" and info.value.url == url
+    assert cache_files(hub_dir) == []
+
+
+def test_download_cap_counts_raw_bytes(http_server, hub_dir, monkeypatch, good_bytes):
+    # No Content-Length: only counting the bytes as they arrive can stop this body.
+    monkeypatch.setattr(checkpoints, "MAX_CHECKPOINT_BYTES", len(good_bytes) // 2)
+    url = http_server.add("/big.pt", good_bytes, behaviour="nolength")
+    with pytest.raises(CheckpointUnavailableError, match="max_bytes") as info:
+        build_ssd300(checkpoint=url, progress=False)
+    assert info.value.reason == "too_large" and cache_files(hub_dir) == []
+
+
+def test_gzip_encoded_checkpoint_downloads(http_server, hub_dir):
+    # Content-Length is the compressed size: compared with the decoded bytes, this download would look short.
+    weight = (torch.arange(100_000) % 10).float()  # compressible, so the encoded body is clearly shorter
+    original = saved({"model": {"conv.weight": weight, "conv.bias": torch.zeros(10)}})
+    packed = gzip.compress(original)
+    assert len(packed) < len(original) // 2
+    url = http_server.add("/packed.pt", packed, headers={"Content-Encoding": "gzip"})
+    state, source = checkpoints.resolve_state_dict(checkpoint=url, progress=False)
+    assert source == url and torch.equal(state["conv.weight"], weight)
+    assert cache_files(hub_dir) == [url_cache_name(url)]
+    assert (hub_dir / "checkpoints" / url_cache_name(url)).read_bytes() == original
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")  # torch notes odd bytes, then fails
+@pytest.mark.parametrize("legacy", [False, True])
+def test_damaged_files_are_invalid_checkpoints(tmp_path, legacy):
+    # Truncations and flipped bytes of small real files: torch.load meets them with struct errors and internal
+    # asserts as well as RuntimeErrors, and every one must come out as InvalidCheckpointError naming the file.
+    options = {"_use_new_zipfile_serialization": False} if legacy else {}
+    blob = saved({"model": {"a.weight": torch.randn(50, 20), "a.bias": torch.randn(50)}}, **options)
+    rng = random.Random(7)
+    damaged = [blob[:n] for n in (0, 1, 4, 9, 30, 64, 200, len(blob) // 2, len(blob) - 22, len(blob) - 1)]
+    for _ in range(60):
+        copy = bytearray(blob)
+        for _ in range(rng.randint(1, 6)):
+            copy[rng.randrange(len(copy))] = rng.randrange(256)
+        damaged.append(bytes(copy))
+    path = tmp_path / "damaged.pt"
+    refused = 0
+    for data in damaged:
+        path.write_bytes(data)
+        try:
+            read_state_dict(path)
+        except InvalidCheckpointError as exc:
+            assert str(path) in str(exc)
+            refused += 1
+    assert refused >= 10  # at least every truncation; a flip inside tensor data may still load
+
+
+# ---------------------------------------------------------------- tensors that hold no model
+
+
+@pytest.mark.parametrize(("key", "value", "match"), [
+    ("loc.0.weight", lambda t: torch.empty(t.shape, device="meta"), "meta tensor"),
+    ("loc.0.bias", lambda t: t.long(), "expected floating-point weights, got torch.int64"),
+    ("conf.1.bias", lambda t: t > 0, "expected floating-point weights, got torch.bool"),
+    ("loc.2.bias", lambda t: t.index_fill(0, torch.tensor([1]), float("nan")), "1 NaN or infinite"),
+    ("conf.3.weight", lambda t: t.clone().fill_(float("inf")), "NaN or infinite"),
+    ("feature_extractor.feature_extractor.1.num_batches_tracked", lambda t: t.float() / 0, "NaN or infinite"),
+])
+def test_tensors_that_hold_no_model_are_refused(tmp_path, hub_dir, golden, key, value, match):
+    state = dict(golden)
+    state[key] = value(state[key])
+    path = tmp_path / "odd.pt"
+    path.write_bytes(saved({"model": state}))
+    with pytest.raises(InvalidCheckpointError, match=match) as info:
+        build_ssd300(checkpoint=path)
+    assert str(path) in str(info.value) and repr(key) in str(info.value)
+
+
+def test_integer_batch_counters_and_half_weights_are_fine(tmp_path, golden):
+    counter = "feature_extractor.feature_extractor.1.num_batches_tracked"
+    path = tmp_path / "half.pt"
+    path.write_bytes(saved({k: v.half() if v.is_floating_point() else v for k, v in golden.items()}))
+    assert read_state_dict(path)[counter].dtype == torch.int64
+    # Converted wholesale, the counters become floats too: still a model.
+    path.write_bytes(saved({k: v.half() for k, v in golden.items()}))
+    assert read_state_dict(path)[counter].dtype == torch.float16
+
+
+def test_wrapped_and_unwrapped_copies_of_a_key_collide(tmp_path, golden):
+    state = dict(golden)
+    state["module.loc.0.bias"] = state["loc.0.bias"] + 1
+    path = tmp_path / "both.pt"
+    path.write_bytes(saved(state))
+    with pytest.raises(InvalidCheckpointError, match="both name 'loc.0.bias'") as info:
+        read_state_dict(path)
+    assert str(path) in str(info.value) and "'module.loc.0.bias'" in str(info.value)
+
+
+# ---------------------------------------------------------------- cache identity
+
+
+def test_cache_name_is_keyed_by_the_whole_url():
+    a, b = "http://h/a/model.pt", "http://h/b/model.pt"
+    assert url_cache_name(a) == url_cache_name(a)
+    assert url_cache_name(a) != url_cache_name(b) != url_cache_name(b + "?v=2")
+    assert url_cache_name(a).startswith("url-") and url_cache_name(a).endswith("-model.pt")
+    # Encoded separators are decoded, then replaced: nothing in the name can climb out of the cache folder.
+    assert url_cache_name("http://h/x/" + "%2e%2e%2F" * 3 + "w e.pt").endswith("-_.._.._w_e.pt")
+    long = url_cache_name("http://h/" + "w" * 5000 + ".pt")
+    assert len(long) < 100 and long.endswith("w.pt")
+
+
+def test_same_file_name_at_two_urls_are_two_entries(http_server, hub_dir, good_bytes, other_bytes):
+    first = http_server.add("/a/model.pt", good_bytes)
+    second = http_server.add("/b/model.pt", other_bytes)
+    one = build_ssd300(checkpoint=first, progress=False).state_dict()["loc.0.bias"]
+    two = build_ssd300(checkpoint=second, progress=False).state_dict()["loc.0.bias"]
+    assert not torch.equal(one, two)
+    assert cache_files(hub_dir) == sorted([url_cache_name(first), url_cache_name(second)])
+    http_server.stop()
+    assert torch.equal(build_ssd300(checkpoint=first, progress=False).state_dict()["loc.0.bias"], one)
+    assert torch.equal(build_ssd300(checkpoint=second, progress=False).state_dict()["loc.0.bias"], two)
+
+
+def test_url_cannot_stand_in_for_a_published_checkpoint(http_server, local_variants, hub_dir, good_bytes,
+                                                        other_bytes):
+    name = local_variants["fp32"].file_name
+    impostor = http_server.add(f"/elsewhere/{name}", other_bytes)
+    build_ssd300(checkpoint=impostor, progress=False)
+    assert name not in cache_files(hub_dir)
+    published = f"/fp32/0/{name}"
+    http_server.add(published, good_bytes)
+    model = build_ssd300(progress=False)
+    assert model.checkpoint_source == http_server.url(published) and http_server.hits[published] == 1
+
+
+def test_very_long_url_file_name(http_server, hub_dir, good_bytes):
+    url = http_server.add("/" + "w" * 1000 + ".pt", good_bytes)
+    build_ssd300(checkpoint=url, progress=False)
+    assert cache_files(hub_dir) == [url_cache_name(url)]
+    http_server.stop()
+    assert build_ssd300(checkpoint=url, progress=False).checkpoint_source.endswith(url_cache_name(url))
+
+
+# ---------------------------------------------------------------- cache hygiene
+
+
+def test_stale_part_files_are_swept_and_fresh_ones_kept(http_server, hub_dir, good_bytes):
+    folder = hub_dir / "checkpoints"
+    folder.mkdir(parents=True)
+    # What a download killed two hours ago leaves, and what one running in another process right now writes.
+    stale = folder / "url-0123456789abcdef-model.pt.k1ll3d.part"
+    fresh = folder / "nvidia_ssdpyt_fp32_190826.pt.runn1n.part"
+    stale.write_bytes(b"half a checkpoint")
+    fresh.write_bytes(b"a quarter")
+    old = time.time() - 2 * checkpoints.STALE_PART_S
+    os.utime(stale, (old, old))
+    url = http_server.add("/model.pt", good_bytes)
+    build_ssd300(checkpoint=url, progress=False)
+    assert not stale.exists() and fresh.exists()
+    assert cache_files(hub_dir) == sorted([fresh.name, url_cache_name(url)])
+
+
+def test_killed_download_leaves_a_part_file_that_a_later_run_sweeps(http_server, hub_dir, good_bytes):
+    # A real download in another process, killed (SIGKILL: no finally runs) while the server trickles the body.
+    url = http_server.add("/model.pt", good_bytes, behaviour="trickle")
+    folder = hub_dir / "checkpoints"
+    script = ("import sys; from ssd.weights import checkpoints; "
+              "checkpoints.download(sys.argv[1], sys.argv[2], progress=False)")
+    env = {**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen([sys.executable, "-c", script, url, str(folder / url_cache_name(url))], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert http_server.wait_for_request("/model.pt", timeout=120)
+    finally:
+        child.kill()
+        child.wait()
+    leftovers = list(folder.glob("*.part"))
+    assert len(leftovers) == 1  # the body was streaming into it when the process died
+    http_server.add("/model.pt", good_bytes)
+    build_ssd300(checkpoint=url, progress=False)
+    assert leftovers[0].exists()  # an hour has not passed: it might be another process's download in progress
+    old = time.time() - 2 * checkpoints.STALE_PART_S
+    os.utime(leftovers[0], (old, old))
+    build_ssd300(checkpoint=url, progress=False)
+    assert cache_files(hub_dir) == [url_cache_name(url)]
+
+
+def _make_unwritable(folder: pathlib.Path) -> bool:
+    """Make ``folder`` unwritable even for root (chattr +i) where plain permissions are not enough."""
+    folder.chmod(0o555)
+    probe = folder / "probe"
+    try:
+        probe.touch()
+    except PermissionError:
+        return True
+    probe.unlink()
+    if shutil.which("chattr") is None:
+        return False
+    done = subprocess.run(["chattr", "+i", str(folder)], capture_output=True)
+    return done.returncode == 0
+
+
+def test_read_only_cache_gives_a_hint(http_server, hub_dir, good_bytes):
+    folder = hub_dir / "checkpoints"
+    folder.mkdir(parents=True)
+    url = http_server.add("/model.pt", good_bytes)
+    try:
+        if not _make_unwritable(folder):
+            pytest.skip("cannot make a folder read-only here")
+        with pytest.raises(CheckpointUnavailableError) as info:
+            build_ssd300(checkpoint=url, progress=False)
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], capture_output=True)
+        folder.chmod(0o755)
+    error = info.value
+    assert error.reason == "cache" and str(folder) in str(error) and "TORCH_HOME" in str(error)
+    assert "SSD_CHECKPOINT" in str(error) and http_server.hits.get("/model.pt") is None
+    assert cache_files(hub_dir) == []
+
+
+def test_torch_home_pointing_at_a_file(tmp_path, monkeypatch, http_server, local_variants, good_bytes):
+    not_a_folder = tmp_path / "torch-home"
+    not_a_folder.write_text("oops")
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+    monkeypatch.setenv("TORCH_HOME", str(not_a_folder))
+    monkeypatch.delenv("SSD_CHECKPOINT", raising=False)
+    url = http_server.add("/model.pt", good_bytes)
+    for kwargs in ({"checkpoint": url}, {}):
+        with pytest.raises(CheckpointUnavailableError) as info:
+            build_ssd300(progress=False, **kwargs)
+        assert info.value.reason == "cache" and "TORCH_HOME" in str(info.value)
+        assert str(not_a_folder) in str(info.value)
+    assert not_a_folder.read_text() == "oops"
+
+
+def test_corrupt_cached_file_says_how_to_recover(http_server, hub_dir, good_bytes):
+    url = http_server.add("/model.pt", good_bytes)
+    build_ssd300(checkpoint=url, progress=False)
+    cached = hub_dir / "checkpoints" / url_cache_name(url)
+    cached.write_bytes(good_bytes[: len(good_bytes) // 3])
+    with pytest.raises(InvalidCheckpointError, match="force_download=True") as info:
+        build_ssd300(checkpoint=url, progress=False)
+    assert f"delete {str(cached)!r}" in str(info.value)
+    build_ssd300(checkpoint=url, progress=False, force_download=True)
+    assert cached.read_bytes() == good_bytes and http_server.hits["/model.pt"] == 2
+
+
+def test_download_that_does_not_fit_is_not_cached(http_server, hub_dir, golden):
+    state = dict(golden)
+    del state["loc.0.bias"]
+    url = http_server.add("/other-model.pt", saved(state))
+    with pytest.raises(CheckpointUnavailableError, match="does not fit SSD300.*loc.0.bias") as info:
+        build_ssd300(checkpoint=url, progress=False)
+    assert info.value.reason == "invalid_checkpoint" and cache_files(hub_dir) == []
+
+
+def test_variant_mirror_serving_another_model_falls_through(http_server, local_variants, hub_dir, golden,
+                                                            good_bytes):
+    state = dict(golden)
+    state["conf.5.bias"] = torch.zeros(3)
+    name = local_variants["amp"].file_name
+    http_server.add(f"/amp/0/{name}", saved(state))
+    second = http_server.add(f"/amp/1/{name}", good_bytes)
+    assert build_ssd300(weights="amp", progress=False).checkpoint_source == second
+    assert (hub_dir / "checkpoints" / name).read_bytes() == good_bytes
+
+
+def test_every_failure_is_kept_with_its_reason(http_server, local_variants, hub_dir):
+    with pytest.warns(RuntimeWarning, match="HTTP 404"), pytest.raises(CheckpointUnavailableError) as info:
+        build_ssd300(weights="fp16", progress=False)
+    error = info.value
+    assert error.reason == "unavailable" and error.url is None
+    assert [f.url for f in error.failures] == [*local_variants["fp16"].urls, *local_variants["amp"].urls]
+    assert all(isinstance(f, DownloadError) and (f.reason, f.status) == ("http_status", 404) for f in error.failures)
+    again = pickle.loads(pickle.dumps(error))  # errors cross process boundaries (DataLoader workers, pools)
+    assert (again.reason, str(again), [f.url for f in again.failures]) == (
+        "unavailable", str(error), [f.url for f in error.failures])
+
+
+# ---------------------------------------------------------------- arguments
+
+
+@pytest.mark.parametrize("value", ["", "   "])
+def test_empty_checkpoint_is_refused(hub_dir, monkeypatch, value):
+    with pytest.raises(ValueError, match="checkpoint: expected a path or URL, got an empty string"):
+        build_ssd300(checkpoint=value)
+    monkeypatch.setenv("SSD_CHECKPOINT", "  ")
+    with pytest.raises(ValueError, match="SSD_CHECKPOINT: expected a path or URL, got an empty string"):
+        build_ssd300()
+
+
+def test_file_url(tmp_path, hub_dir, good_bytes, golden):
+    path = tmp_path / "my weights" / "model.pt"
+    path.parent.mkdir()
+    path.write_bytes(good_bytes)
+    url = path.as_uri()
+    assert "%20" in url
+    model = build_ssd300(checkpoint=url)
+    assert model.checkpoint_source == str(path) and cache_files(hub_dir) == []
+    torch.testing.assert_close(model.state_dict()["loc.0.weight"], golden["loc.0.weight"])
+    with pytest.raises(FileNotFoundError, match="checkpoint: .*missing.pt"):
+        build_ssd300(checkpoint=(tmp_path / "missing.pt").as_uri())
+    with pytest.raises(ValueError, match="host 'elsewhere'"):
+        build_ssd300(checkpoint="file://elsewhere/model.pt")
+
+
+@pytest.mark.parametrize("url", ["ftp://127.0.0.1/model.pt", "s3://bucket/model.pt", "HDFS://x/y.pt"])
+def test_unsupported_scheme_is_named(hub_dir, url):
+    scheme = url.split(":", 1)[0].lower()
+    with pytest.raises(ValueError, match=f"checkpoint: unsupported URL scheme '{scheme}'"):
+        build_ssd300(checkpoint=url)
+    assert cache_files(hub_dir) == []
+
+
+def test_status_is_an_attribute(http_server, hub_dir):
+    url = http_server.url("/nowhere.pt")
+    with pytest.raises(CheckpointUnavailableError) as info:
+        build_ssd300(checkpoint=url, progress=False)
+    error = info.value
+    assert isinstance(error, OSError) and (error.url, error.reason, error.status) == (url, "http_status", 404)
+
+
+def test_download_keeps_its_timeout_argument(http_server, tmp_path):
+    url = http_server.add("/hang.pt", b"", behaviour="hang")
+    start = time.monotonic()
+    with pytest.raises(CheckpointUnavailableError) as info:
+        checkpoints.download(url, tmp_path / "x.pt", progress=False, timeout=(1.0, 0.5))
+    assert info.value.reason == "timeout" and time.monotonic() - start < 3.0
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(TypeError, match="timeout: expected a"):
+        checkpoints.download(url, tmp_path / "x.pt", timeout=5)
