@@ -11,6 +11,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from .evaluation import cli as evaluate_cli
 from .inference.detect import detect_iter
 from .io.images import IMAGE_EXTENSIONS, is_image_file
 from .weights.checkpoints import CheckpointUnavailableError, InvalidCheckpointError
@@ -34,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     run.add_argument("--checkpoint", default=None,
                      help="checkpoint file or URL (default: SSD_CHECKPOINT, else NVIDIA's published weights)")
+    evaluate_cli.add_parser(commands)
     return parser
 
 
@@ -166,4 +168,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "detect":
         return run_detect(args)
+    if args.command == "evaluate":
+        return evaluate_cli.run(args)
     return 2  # argparse already rejected anything else
