@@ -89,8 +89,8 @@ def device_for_rank(requested: str | torch.device | None = None) -> torch.device
         device = torch.device(requested)
     except (RuntimeError, TypeError) as exc:
         raise ValueError(f"device: expected cpu, cuda or cuda:N, got {requested!r} ({exc})") from None
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank() if env_world_size() > 1 else torch.cuda.current_device())
+    if device.type == "cuda" and device.index is None and env_world_size() > 1:
+        device = torch.device("cuda", local_rank())
     return device
 
 
