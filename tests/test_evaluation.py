@@ -445,3 +445,12 @@ def test_distributed_helpers_in_one_process(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "3")
     assert distributed.device_for_rank("cuda") == torch.device("cuda", 3)
     assert distributed.device_for_rank("cpu") == torch.device("cpu")
+
+
+def test_no_detections_at_all_scores_zero():
+    from ssd.evaluation.coco import _coco_eval
+
+    coco = load_annotations(ANNOTATIONS)
+    stats, per_class, summary = _coco_eval(coco, np.empty((0, 7)), sorted(coco.imgs))
+    assert stats[0] == 0.0 and stats[8] == 0.0 and set(per_class.values()) == {0.0}
+    assert summary.count("\n") == 12

@@ -26,21 +26,22 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the ``evaluate`` subcommand on an argparse ``add_subparsers()`` object; returns its parser."""
     parser = subparsers.add_parser("evaluate", help="COCO accuracy (mAP) on an annotated image set",
                                    description=DESCRIPTION)
-    parser.add_argument("--images", required=True, type=pathlib.Path, help="folder of the annotation file's images")
-    parser.add_argument("--annotations", required=True, type=pathlib.Path,
+    parser.add_argument("--images", required=True, type=pathlib.Path, metavar="DIR",
+                        help="folder of the annotation file's images")
+    parser.add_argument("--annotations", required=True, type=pathlib.Path, metavar="FILE.json",
                         help="COCO annotation file (e.g. instances_val2017.json)")
-    parser.add_argument("--checkpoint", default=None,
+    parser.add_argument("--checkpoint", default=None, metavar="PATH_OR_URL",
                         help="checkpoint file or URL (default: SSD_CHECKPOINT, else the published weights)")
     parser.add_argument("--model", default="nvidia_ssd", choices=sorted(_builders()),
                         help="which network (default nvidia_ssd)")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
-    parser.add_argument("--workers", type=int, default=0,
+    parser.add_argument("--batch-size", type=int, default=8, metavar="N", help="images per forward pass (default 8)")
+    parser.add_argument("--workers", type=int, default=0, metavar="N",
                         help="data-loader processes decoding and resizing images (default 0: in the main process)")
     parser.add_argument("--device", default=None,
                         help="cpu, cuda, cuda:1, ... (default: cuda when available; under torchrun cuda:LOCAL_RANK)")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                         help="fp32 (default, the published protocol); bf16 or fp16 autocast")
-    parser.add_argument("--out", default=pathlib.Path("ssd-eval"), type=pathlib.Path,
+    parser.add_argument("--out", default=pathlib.Path("ssd-eval"), type=pathlib.Path, metavar="DIR",
                         help="output folder for metrics.json and detections.json (default ./ssd-eval)")
     parser.add_argument("--skip-errors", action="store_true",
                         help="leave out (and report) images missing or unreadable instead of failing")
