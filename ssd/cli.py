@@ -111,9 +111,9 @@ def run_detect(args: argparse.Namespace) -> int:
         print(f"error: --batch-size: expected a positive integer, got {args.batch_size}", file=sys.stderr)
         return 2
     try:
-        device = distributed.device_for_rank(args.device)  # under torchrun, a bare "cuda" is cuda:LOCAL_RANK
+        device = distributed.device_for_rank(args.device, "--device")  # under torchrun, "cuda" is cuda:LOCAL_RANK
     except ValueError as exc:
-        print(f"error: --device: {exc}", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     jobs, skipped = collect_inputs(args.inputs)
     try:

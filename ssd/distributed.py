@@ -33,9 +33,10 @@ __all__ = [
 
 T = TypeVar("T")
 
-# Collectives wait at most this long for a slow rank: long enough for a big shard's skew, short enough that a
-# crashed peer ends the job instead of holding the machines for gloo's default 30 minutes ... twice.
-DEFAULT_TIMEOUT = datetime.timedelta(minutes=20)
+# Collectives wait at most this long for the slowest rank. The final gather or barrier of a long run waits out
+# the whole skew between shards, which can exceed the default 30 minutes on millions of images; a crashed peer
+# does not make anyone wait this long under torchrun, whose agent stops every process when one fails.
+DEFAULT_TIMEOUT = datetime.timedelta(hours=6)
 
 _OWNED = False  # whether this module created the process group (and so should destroy it)
 
@@ -80,15 +81,16 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def device_for_rank(requested: str | torch.device | None = None) -> torch.device:
+def device_for_rank(requested: str | torch.device | None = None, name: str = "device") -> torch.device:
     """The device this process should use: ``requested`` as given, except that a bare ``cuda`` (or nothing, with
-    CUDA available) means ``cuda:LOCAL_RANK`` when several processes share the node's GPUs."""
+    CUDA available) means ``cuda:LOCAL_RANK`` when several processes share the node's GPUs. Errors name the
+    argument ``name`` (``--device`` for the command line)."""
     if requested is None:
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(requested)
     except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device: expected cpu, cuda or cuda:N, got {requested!r} ({exc})") from None
+        raise ValueError(f"{name}: expected cpu, cuda or cuda:N, got {requested!r} ({exc})") from None
     if device.type == "cuda" and device.index is None and env_world_size() > 1:
         device = torch.device("cuda", local_rank())
     return device

@@ -71,9 +71,9 @@ def run(args: argparse.Namespace) -> int:
     if args.workers < 0:
         return _fail(f"--workers: expected an integer >= 0, got {args.workers}")
     try:
-        device = distributed.device_for_rank(args.device)
+        device = distributed.device_for_rank(args.device, "--device")
     except ValueError as exc:
-        return _fail(f"--device: {exc}")
+        return _fail(str(exc))
     if device.type == "cuda" and not torch.cuda.is_available():
         return _fail(f"--device: expected cpu (CUDA is not available here), got {args.device!r}")
     try:
