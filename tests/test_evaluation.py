@@ -128,6 +128,19 @@ def test_category_ids_are_mapped_back_to_the_files_own_ids(model, reference, tmp
                                                              for d in reference[0].detections}
 
 
+def test_bf16_channels_last_runs_the_same_pipeline(model, tmp_path):
+    import copy
+
+    fast = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    data = annotations()
+    data["images"] = data["images"][:2]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in (100, 101)]
+    result = evaluate(fast, IMAGES, write_json(tmp_path / "two.json", data), precision="bf16", progress=False,
+                      verbose=False)
+    assert result.images == 2 and len(result.stats) == 12 and all(-1 <= s <= 1 for s in result.stats)
+    assert {d["image_id"] for d in result.detections} == {100, 101}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The command line, one process and torchrun
 
@@ -274,7 +287,9 @@ def test_missing_and_corrupt_images_raise_or_are_counted(model, tmp_path):
     with pytest.raises(ValueError, match=r"broken\.jpg"):
         evaluate(model, images, without_missing, progress=False, verbose=False)
 
-    result = evaluate(model, images, path, progress=False, verbose=False, skip_errors=True, out_dir=tmp_path / "o")
+    # Through worker processes: the decoding error travels back to this process as a value, not a crash.
+    result = evaluate(model, images, path, progress=False, verbose=False, skip_errors=True, out_dir=tmp_path / "o",
+                      workers=2)
     assert result.images == 1
     assert sorted(pathlib.Path(f).name for f, _ in result.skipped) == ["broken.jpg", "missing.jpg"]
     metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
