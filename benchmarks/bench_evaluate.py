@@ -16,6 +16,7 @@ import pathlib
 import platform
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -62,27 +63,46 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def in_process(model: torch.nn.Module, images_dir: pathlib.Path, annotations: pathlib.Path) -> list[dict]:
-    rows = []
+def in_process(model: torch.nn.Module, images_dir: pathlib.Path, annotations: pathlib.Path,
+               repeats: int) -> list[dict]:
+    """Every configuration ``repeats`` times, round-robin (a shared machine's load drifts; interleaving spreads
+    it over all of them), reporting the median images/s of each."""
     paths = sorted(images_dir.iterdir())
     bf16 = copy.deepcopy(model).to(memory_format=torch.channels_last)  # what the CLI runs for --precision bf16
     # One untimed pass: first-call allocations and oneDNN kernel selection are not what a long evaluation pays.
     detect(model, paths[:2], keep_images=False)
-    for precision, net in (("fp32", model), ("bf16", bf16)):
-        for workers in (0, 2):
-            start = time.perf_counter()
-            with contextlib.redirect_stdout(io.StringIO()):
-                result = evaluate(net, images_dir, annotations, workers=workers, precision=precision, progress=False,
-                                  verbose=False)
-            total = time.perf_counter() - start
-            rows.append({"run": f"evaluate {precision}, {workers} workers", "images": result.images,
-                         "images_per_second": result.images_per_second,
-                         "with_cocoeval_per_second": result.images / total, "ap": result.ap})
+
+    def run_evaluate(net: torch.nn.Module, precision: str, workers: int) -> dict:
+        start = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()):
+            result = evaluate(net, images_dir, annotations, workers=workers, precision=precision, progress=False,
+                              verbose=False)
+        total = time.perf_counter() - start
+        return {"images": result.images, "images_per_second": result.images_per_second,
+                "with_cocoeval_per_second": result.images / total, "ap": result.ap}
+
+    def run_detect(net: torch.nn.Module, precision: str) -> dict:
         start = time.perf_counter()
         found = detect(net, paths, precision=precision, keep_images=False)
         seconds = time.perf_counter() - start
-        rows.append({"run": f"detect {precision} (threshold 0.4)", "images": len(found),
-                     "images_per_second": len(found) / seconds, "with_cocoeval_per_second": None, "ap": None})
+        return {"images": len(found), "images_per_second": len(found) / seconds, "with_cocoeval_per_second": None,
+                "ap": None}
+
+    configs = {}
+    for precision, net in (("fp32", model), ("bf16", bf16)):
+        for workers in (0, 2):
+            configs[f"evaluate {precision}, {workers} workers"] = (run_evaluate, (net, precision, workers))
+        configs[f"detect {precision} (threshold 0.4)"] = (run_detect, (net, precision))
+    samples: dict[str, list[dict]] = {name: [] for name in configs}
+    for _ in range(repeats):
+        for name, (fn, args) in configs.items():
+            samples[name].append(fn(*args))
+    rows = []
+    for name, runs in samples.items():
+        row = {"run": name, **runs[0], "images_per_second": statistics.median(r["images_per_second"] for r in runs)}
+        if runs[0]["with_cocoeval_per_second"] is not None:
+            row["with_cocoeval_per_second"] = statistics.median(r["with_cocoeval_per_second"] for r in runs)
+        rows.append(row)
     return rows
 
 
@@ -119,6 +139,7 @@ def processes(checkpoint: pathlib.Path, images_dir: pathlib.Path, annotations: p
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=24, help="images in the set (minicoco repeated)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each in-process configuration (median)")
     parser.add_argument("--json", type=pathlib.Path, default=None, help="also write the numbers here")
     options = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -126,12 +147,13 @@ def main() -> None:
         images_dir, annotations = make_set(root, options.images)
         checkpoint = save_minicoco_checkpoint(root / "minicoco.pt")
         model = build_ssd300(checkpoint=str(checkpoint))
-        local = in_process(model, images_dir, annotations)
+        local = in_process(model, images_dir, annotations, options.repeats)
         launched = processes(checkpoint, images_dir, annotations, root)
     threads = os.environ.get("OMP_NUM_THREADS")
     print(f"{cpu_name()}, {os.cpu_count()} logical cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} torch thread(s) per process (OMP_NUM_THREADS={threads})")
-    print(f"{options.images} images (minicoco repeated), batch size 8, CPU\n")
+    print(f"{options.images} images (minicoco repeated), batch size 8, CPU, median of {options.repeats}; "
+          f"load average {os.getloadavg()[0]:.1f}\n")
     print("| run | images/s (inference) | images/s (with COCOeval) | AP |")
     print("| --- | --- | --- | --- |")
     for row in local:
