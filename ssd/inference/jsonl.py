@@ -147,8 +147,8 @@ def _stream(args: argparse.Namespace, model: Any, jobs: list[tuple[str, Any]], p
                          skip_errors=True)
     with JsonlWriter(mine_path) as writer, tqdm(total=len(mine), unit="image", disable=not main or len(mine) < 5,
                                                 file=sys.stderr) as bar:
-        for k, result in stream:
-            index = mine[k]
+        for position, result in stream:
+            index = mine[position]
             name = jobs[index][0]
             bar.update(1)
             if isinstance(result, Exception):
@@ -160,7 +160,7 @@ def _stream(args: argparse.Namespace, model: Any, jobs: list[tuple[str, Any]], p
             height, width = result.image_size
             writer.write({
                 "file": name, "width": width, "height": height, "picture": pictures[index],
-                "detections": [{k: d[k] for k in ("name", "category_id", "score", "bbox")}
+                "detections": [{key: d[key] for key in ("name", "category_id", "score", "bbox")}
                                for d in result.to_dict()["detections"]],
             })
             if world == 1:
