@@ -74,6 +74,9 @@ def save_detecting_checkpoint(path: pathlib.Path) -> pathlib.Path:
 
 # The minicoco golden set (tests/data/golden/minicoco) was scored with salt 23 and +7.0 on the class-logit biases
 # of these labels, at every default box of every head: `bias[c * nd:(c + 1) * nd]` for head k with nd boxes a cell.
+# c is the model's label (head channel block), so 1, 17 and 62 are person, dog and toilet. The shared README calls
+# them "person, cat and chair", the names of COCO *category ids* 1, 17 and 62; biasing those classes' labels
+# (1, 16, 57) instead scores 0 everywhere, while these labels reproduce all 12 of NVIDIA's numbers exactly.
 MINICOCO_SALT = 23
 MINICOCO_FAVOURED = (1, 17, 62)
 MINICOCO_BIAS = 7.0
