@@ -469,3 +469,19 @@ def test_no_detections_at_all_scores_zero():
     stats, per_class, summary = _coco_eval(coco, np.empty((0, 7)), sorted(coco.imgs))
     assert stats[0] == 0.0 and stats[8] == 0.0 and set(per_class.values()) == {0.0}
     assert summary.count("\n") == 12
+
+
+@pytest.mark.parametrize("rule", ["antialias", "bilinear"])
+def test_resize_uint8_gives_the_pixels_preprocessing_normalises(rule):
+    from dataclasses import replace
+
+    from ssd.inference.preprocess import preprocess_for_detection, resize_uint8
+
+    spec = replace(NVIDIA_SSD300.input, resize=rule)
+    image = torch.from_numpy(np.random.RandomState(0).randint(0, 256, (3, 97, 141), dtype=np.uint8))
+    small = resize_uint8(image, spec)
+    assert small.dtype == torch.uint8 and small.shape == (3, 300, 300)
+    torch.testing.assert_close(preprocess_for_detection([small], input_spec=spec),
+                               preprocess_for_detection([image], input_spec=spec), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="image: expected a 3 x H x W uint8 CPU tensor"):
+        resize_uint8(image.float(), spec)
