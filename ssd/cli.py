@@ -11,7 +11,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from . import distributed
+from .evaluation import cli as evaluate_cli
 from .inference.detect import detect_iter
+from .inference.jsonl import run_streaming_detect
 from .io.images import IMAGE_EXTENSIONS, is_image_file
 from .weights.checkpoints import CheckpointUnavailableError, InvalidCheckpointError
 from .zoo import build_ssd300
@@ -34,6 +37,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     run.add_argument("--checkpoint", default=None,
                      help="checkpoint file or URL (default: SSD_CHECKPOINT, else NVIDIA's published weights)")
+    run.add_argument("--jsonl", action="store_true",
+                     help="stream results to OUT/detections.jsonl, one line per image (always so under torchrun)")
+    run.add_argument("--no-pictures", dest="pictures", action="store_false", help="write no annotated pictures")
+    run.add_argument("--resume", action="store_true",
+                     help="with JSON Lines: skip inputs an earlier (interrupted) run into OUT already did")
+    evaluate_cli.add_parser(commands)
     return parser
 
 
@@ -101,11 +110,10 @@ def run_detect(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         print(f"error: --batch-size: expected a positive integer, got {args.batch_size}", file=sys.stderr)
         return 2
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(device)
-    except RuntimeError as exc:
-        print(f"error: --device: expected cpu, cuda or cuda:N, got {args.device!r} ({exc})", file=sys.stderr)
+        device = distributed.device_for_rank(args.device, "--device")  # under torchrun, "cuda" is cuda:LOCAL_RANK
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     jobs, skipped = collect_inputs(args.inputs)
     try:
@@ -118,6 +126,8 @@ def run_detect(args: argparse.Namespace) -> int:
     except (CheckpointUnavailableError, InvalidCheckpointError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.jsonl or args.resume or distributed.env_world_size() > 1:
+        return run_streaming_detect(args, model, jobs, skipped)
     args.out.mkdir(parents=True, exist_ok=True)
 
     from tqdm.auto import tqdm
@@ -137,8 +147,9 @@ def run_detect(args: argparse.Namespace) -> int:
                 skipped.append((name, str(result)))
                 tqdm.write(f"skipped {name}: {result}", file=sys.stderr)
                 continue
-            picture = _picture_name(name, used)
-            result.save(args.out / picture)
+            picture = _picture_name(name, used) if args.pictures else None
+            if picture is not None:
+                result.save(args.out / picture)
             height, width = result.image_size
             records[index] = {
                 "file": name, "width": width, "height": height, "picture": picture,
@@ -153,7 +164,8 @@ def run_detect(args: argparse.Namespace) -> int:
         "threshold": args.threshold, "images": done,
         "skipped": [{"file": name, "error": error} for name, error in skipped],
     })
-    print(f"{len(done)} image(s) in {elapsed:.1f} s; pictures and detections.json in {args.out}")
+    written = "pictures and detections.json" if args.pictures else "detections.json"
+    print(f"{len(done)} image(s) in {elapsed:.1f} s; {written} in {args.out}")
     if skipped:
         print(f"{len(skipped)} input(s) skipped:", file=sys.stderr)
         for name, error in skipped:
@@ -166,4 +178,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "detect":
         return run_detect(args)
+    if args.command == "evaluate":
+        return evaluate_cli.run(args)
     return 2  # argparse already rejected anything else

@@ -16,7 +16,7 @@ import torch
 
 from ..models.spec import InputSpec
 
-__all__ = ["preprocess_for_detection", "to_tensor_chw"]
+__all__ = ["preprocess_for_detection", "resize_uint8", "to_tensor_chw"]
 
 
 def to_tensor_chw(img: np.ndarray) -> torch.Tensor:
@@ -206,3 +206,17 @@ def _resize_like_cv2(batch: torch.Tensor, size: int) -> torch.Tensor:
     b1 = b1.to(torch.int32)[:, None]
     total = ((rows.index_select(-2, y0) * b0) >> 16).add_((rows.index_select(-2, y1) * b1) >> 16)
     return ((total + 2) >> 2).clamp_(0, 255).to(torch.uint8)
+
+
+def resize_uint8(image: torch.Tensor, input_spec: InputSpec) -> torch.Tensor:
+    """A 3 x H x W (or N x 3 x H x W) uint8 CPU image resized to the spec's S x S as uint8, exactly the pixels
+    :func:`preprocess_for_detection` would normalise: both rules give whole grey levels on the CPU, so this is
+    lossless and lets data-loader workers resize (in parallel) and ship 300 x 300 bytes instead of photos."""
+    if not isinstance(image, torch.Tensor) or image.dtype != torch.uint8 or image.ndim not in (3, 4) \
+            or image.shape[-3] != 3 or image.device.type != "cpu":
+        got = f"a {image.dtype} tensor of shape {tuple(image.shape)} on {image.device}" \
+            if isinstance(image, torch.Tensor) else type(image).__name__
+        raise ValueError(f"image: expected a 3 x H x W uint8 CPU tensor, got {got}")
+    batch = image if image.ndim == 4 else image[None]
+    resized = _resize(batch.contiguous(), input_spec.size, input_spec.resize).round_().to(torch.uint8)
+    return resized if image.ndim == 4 else resized[0]

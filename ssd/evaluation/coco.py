@@ -1,0 +1,631 @@
+"""COCO-style evaluation of a detector: its published protocol, batched, on one process or many (torchrun).
+
+The protocol is the model's own (``model.spec``): for NVIDIA's SSD300 that of DeepLearningExamples, which gives the
+published 0.25 mAP on val2017: every image with at least one annotation, resized whole to 300 x 300 (PIL bilinear),
+ImageNet mean/std; ``spec.postprocess`` (score > 0.05, 200 candidates per class, NMS 0.5, 200 per image); boxes
+scaled by the image's width and height from the annotation file, *not* clipped, written as COCO ``[x, y, w, h]``;
+pycocotools ``COCOeval(iouType='bbox')``.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import math
+import os
+import pathlib
+import re
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from .. import distributed
+from ..io.images import load_uint8
+from ..models.spec import ClassSpec, DetectorSpec, InputSpec, check_int
+from ..postprocess import postprocess, split_detections
+
+__all__ = [
+    "STAT_NAMES",
+    "CocoBatch",
+    "CocoImages",
+    "CocoSample",
+    "EvalResult",
+    "category_map",
+    "collate_samples",
+    "evaluate",
+    "load_annotations",
+    "per_class_table",
+]
+
+# COCOeval.stats, in its order.
+STAT_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+_EXAMPLES = 5  # how many offending names an error message lists before "... and N more"
+
+
+def _some(items: Sequence[Any]) -> str:
+    shown = ", ".join(str(i) for i in items[:_EXAMPLES])
+    return shown + (f" ... and {len(items) - _EXAMPLES} more" if len(items) > _EXAMPLES else "")
+
+
+def _quiet() -> contextlib.AbstractContextManager:
+    """pycocotools prints its progress ("loading annotations into memory..."); the caller decides what to print."""
+    return contextlib.redirect_stdout(io.StringIO())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Annotations
+
+
+def _check_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _validate(data: Any, name: str) -> dict:
+    """The annotation dict, checked for what evaluation reads; missing ``area``/``iscrowd`` are filled in."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{name}: expected a COCO annotation object with 'images', 'annotations' and 'categories', "
+                         f"got a JSON {type(data).__name__}")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            got = "nothing" if key not in data else f"a {type(data[key]).__name__}"
+            raise ValueError(f"{name}: expected a list under {key!r}, got {got}")
+    if not data["images"]:
+        raise ValueError(f"{name}: expected at least one image, got an empty 'images' list")
+    if not data["annotations"]:
+        raise ValueError(f"{name}: expected at least one annotation, got an empty 'annotations' list (an empty "
+                         "annotation set has nothing to evaluate)")
+    if not data["categories"]:
+        raise ValueError(f"{name}: expected at least one category, got an empty 'categories' list")
+    image_ids = set()
+    for i, image in enumerate(data["images"]):
+        if not isinstance(image, dict) or not isinstance(image.get("id"), int) or isinstance(image.get("id"), bool) \
+                or not isinstance(image.get("file_name"), str) or not image["file_name"]:
+            raise ValueError(f"{name}: expected images[{i}] to have an integer 'id' and a 'file_name', got {image!r}")
+        for key in ("width", "height"):
+            if key in image and not (isinstance(image[key], int) and image[key] > 0):
+                raise ValueError(f"{name}: expected images[{i}].{key} to be a positive integer, got {image[key]!r}")
+        if image["id"] in image_ids:
+            raise ValueError(f"{name}: expected distinct image ids, got id {image['id']} twice")
+        image_ids.add(image["id"])
+    category_ids = set()
+    for i, category in enumerate(data["categories"]):
+        if not isinstance(category, dict) or not isinstance(category.get("id"), int) \
+                or not isinstance(category.get("name"), str):
+            raise ValueError(f"{name}: expected categories[{i}] to have an integer 'id' and a 'name', "
+                             f"got {category!r}")
+        if category["id"] in category_ids:
+            raise ValueError(f"{name}: expected distinct category ids, got id {category['id']} twice")
+        category_ids.add(category["id"])
+    annotations = []
+    for i, ann in enumerate(data["annotations"]):
+        bbox = ann.get("bbox") if isinstance(ann, dict) else None
+        if not isinstance(ann, dict) or not isinstance(bbox, list) or len(bbox) != 4 \
+                or not all(_check_number(v) for v in bbox):
+            raise ValueError(f"{name}: expected annotations[{i}] to have a 'bbox' of 4 numbers, got {ann!r}")
+        if ann.get("image_id") not in image_ids:
+            raise ValueError(f"{name}: expected annotations[{i}].image_id to be one of the images' ids, "
+                             f"got {ann.get('image_id')!r}")
+        if ann.get("category_id") not in category_ids:
+            raise ValueError(f"{name}: expected annotations[{i}].category_id to be one of the categories' ids, "
+                             f"got {ann.get('category_id')!r}")
+        # COCOeval reads area (for the small/medium/large ranges), iscrowd and id; hand-made sets often lack
+        # them, and the box area is what COCO itself would use for a box-only truth.
+        filled = {"area": float(bbox[2]) * float(bbox[3]), "iscrowd": 0, "id": i + 1, **ann}
+        annotations.append(filled)
+    if len({a["id"] for a in annotations}) != len(annotations):
+        raise ValueError(f"{name}: expected distinct annotation ids, got duplicates")
+    return {**data, "annotations": annotations}
+
+
+def load_annotations(annotations: str | os.PathLike | Mapping[str, Any]) -> Any:
+    """A validated ``pycocotools.coco.COCO`` from an annotation file (or an already-parsed dict).
+
+    Raises:
+        FileNotFoundError / IsADirectoryError: the path does not exist / is a folder.
+        ValueError: not JSON, or not a COCO detection set with at least one image, annotation and category
+            (each message names the file and what was wrong).
+    """
+    from pycocotools.coco import COCO
+
+    if isinstance(annotations, Mapping):
+        name, data = "annotations", copy.deepcopy(dict(annotations))
+    elif isinstance(annotations, (str, os.PathLike)):
+        path = pathlib.Path(annotations)
+        name = f"annotations {str(path)!r}"
+        if path.is_dir():
+            raise IsADirectoryError(f"{name}: expected a COCO JSON file, got a directory")
+        if not path.exists():
+            raise FileNotFoundError(f"{name}: expected a COCO JSON file, got a path that does not exist")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{name}: expected a COCO JSON file, got bytes that are not UTF-8 text ({exc})") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{name}: expected a COCO JSON file, got invalid JSON ({exc})") from None
+    else:
+        raise TypeError(f"annotations: expected a path to a COCO JSON file or a dict, got {type(annotations).__name__}")
+    coco = COCO()
+    coco.dataset = _validate(data, name)
+    with _quiet():
+        coco.createIndex()
+    coco.source = name  # for messages
+    coco.source_path = None if isinstance(annotations, Mapping) else str(annotations)
+    return coco
+
+
+def _as_coco(annotations: Any) -> Any:
+    """A ``COCO`` object as given (pycocotools' own, or from :func:`load_annotations`), else loaded and checked."""
+    if hasattr(annotations, "imgToAnns") and hasattr(annotations, "dataset"):
+        if not hasattr(annotations, "source"):
+            annotations.source, annotations.source_path = "annotations", None
+        return annotations
+    return load_annotations(annotations)
+
+
+_PLACEHOLDER = re.compile(r"^class_\d+$")
+
+
+def _normalise(name: str) -> str:
+    return re.sub(r"[\s_-]+", " ", name.strip().lower())
+
+
+def category_map(classes: ClassSpec, categories: Sequence[Mapping[str, Any]], source: str = "annotations"
+                 ) -> dict[int, int]:
+    """Model label (1..K) -> the annotation file's category id, for every category of the file.
+
+    COCO models are matched by id (``classes.category_ids``): the published ids are what COCO files use, and a
+    name that differs in spelling (``tv`` / ``tvmonitor``) then only warns. When some file id is not one of the
+    model's, or the ids agree but the names tell another story (a file numbering its own categories 1..n), the
+    categories are matched by name (case, spaces, ``_`` and ``-`` ignored). A category that neither matches is an
+    error: the model cannot be scored on a class it does not predict. Model classes absent from the file are left
+    out (their detections are not scored, as COCOeval would ignore them anyway).
+    """
+    by_id = {cid: label for label, cid in enumerate(classes.category_ids, start=1)}
+    by_name: dict[str, int] = {}
+    for label, name in enumerate(classes.names, start=1):
+        by_name.setdefault(_normalise(name), label)
+    placeholders = all(_PLACEHOLDER.match(n) for n in classes.names)
+    file_cats = [(int(c["id"]), str(c["name"])) for c in categories]
+
+    ids_known = all(cid in by_id for cid, _ in file_cats)
+    differing = [(cid, name) for cid, name in file_cats
+                 if cid in by_id and _normalise(name) != _normalise(classes.names[by_id[cid] - 1])]
+    names_known = all(_normalise(name) in by_name for _, name in file_cats)
+    if ids_known and (placeholders or not differing or not names_known):
+        if differing and not placeholders:
+            warnings.warn(f"{source}: matching categories to the model's by id, although "
+                          f"{len(differing)} name(s) differ: " + _some(
+                              [f"{cid} {name!r} vs {classes.names[by_id[cid] - 1]!r}" for cid, name in differing]),
+                          UserWarning, stacklevel=3)
+        return {by_id[cid]: cid for cid, _ in file_cats}
+    if names_known:
+        mapping: dict[int, int] = {}
+        for cid, name in file_cats:
+            label = by_name[_normalise(name)]
+            if label in mapping:
+                raise ValueError(f"{source}: expected one category per class name, got {name!r} for ids "
+                                 f"{mapping[label]} and {cid}")
+            mapping[label] = cid
+        return mapping
+    unknown = [f"{cid} {name!r}" for cid, name in file_cats if cid not in by_id and _normalise(name) not in by_name]
+    if not unknown:  # every category matches one way or the other, but not all the same way
+        unknown = [f"{cid} {name!r}" for cid, name in file_cats if _normalise(name) not in by_name]
+    raise ValueError(f"{source}: expected categories the model knows (by id or by name), got {len(unknown)} "
+                     f"unknown: {_some(unknown)}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Images
+
+
+class CocoSample(NamedTuple):
+    """One image of the set, as a data-loader worker delivers it."""
+
+    index: int  # position in the dataset
+    image_id: int
+    file: str
+    height: int  # from the annotation file when it says, else the decoded image's
+    width: int
+    pixels: torch.Tensor | None  # 3 x H x W uint8 (3 x S x S when the dataset resizes), None on error
+    error: Exception | None
+
+
+class CocoBatch(NamedTuple):
+    """Samples collated: the images that loaded, stacked (pinned by the DataLoader for CUDA), and the failures."""
+
+    samples: list[CocoSample]  # the good ones, pixels dropped (they are in ``pixels``)
+    pixels: torch.Tensor | None  # N x 3 x S x S uint8, or None when nothing loaded
+    failed: list[CocoSample]
+
+
+def collate_samples(samples: list[CocoSample]) -> CocoBatch | list[CocoSample]:
+    """The DataLoader's ``collate_fn``: stacks same-size images (a resizing dataset's), passes others as a list."""
+    good = [s for s in samples if s.error is None]
+    failed = [s for s in samples if s.error is not None]
+    shapes = {tuple(s.pixels.shape) for s in good}
+    if len(shapes) > 1:
+        return samples
+    pixels = torch.stack([s.pixels for s in good]) if good else None
+    return CocoBatch([s._replace(pixels=None) for s in good], pixels, failed)
+
+
+class CocoImages(Dataset):
+    """The images of a COCO annotation set, in ascending id order, decoded as uint8 RGB.
+
+    Args:
+        images_dir: the folder the annotation file's ``file_name`` entries are relative to.
+        annotations: a COCO JSON path, a parsed dict or a ``COCO`` object (see :func:`load_annotations`).
+        input_spec: when given (``model.spec.input``), images are also resized to its S x S as uint8, with the
+            filter of the published protocol (PIL's bilinear for NVIDIA's model), in the data-loader workers.
+        include_empty: keep images without annotations (NVIDIA's protocol skips them, so by default they are).
+        skip_errors: record images missing on disk instead of raising (their samples carry the error).
+
+    ``dataset[i]`` is a :class:`CocoSample`; decoding errors (corrupt files, a size differing from the
+    annotation's) are returned in ``sample.error``, never raised by a worker, so the caller decides.
+
+    Raises:
+        FileNotFoundError: ``images_dir`` is missing, or (unless ``skip_errors``) some listed images are.
+    """
+
+    def __init__(self, images_dir: str | os.PathLike, annotations: Any, *, input_spec: InputSpec | None = None,
+                 include_empty: bool = False, skip_errors: bool = False) -> None:
+        self.coco = _as_coco(annotations)
+        self.images_dir = pathlib.Path(images_dir)
+        if not self.images_dir.is_dir():
+            what = "a file" if self.images_dir.exists() else "a path that does not exist"
+            raise FileNotFoundError(f"images {str(self.images_dir)!r}: expected a folder of images, got {what}")
+        if input_spec is not None and not isinstance(input_spec, InputSpec):
+            raise TypeError(f"input_spec: expected an InputSpec (model.spec.input), got {type(input_spec).__name__}")
+        self.input_spec = input_spec
+        ids = sorted(self.coco.imgs)
+        if not include_empty:
+            ids = [i for i in ids if self.coco.imgToAnns.get(i)]
+        self.image_ids: list[int] = ids
+        self.missing: list[str] = [self.coco.imgs[i]["file_name"] for i in ids if not self.path(i).is_file()]
+        if self.missing and not skip_errors:
+            raise FileNotFoundError(
+                f"images {str(self.images_dir)!r}: expected every image the annotations list, got "
+                f"{len(self.missing)} of {len(ids)} missing: {_some(self.missing)}")
+
+    def path(self, image_id: int) -> pathlib.Path:
+        return self.images_dir / self.coco.imgs[image_id]["file_name"]
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, index: int) -> CocoSample:
+        image_id = self.image_ids[index]
+        info = self.coco.imgs[image_id]
+        path = self.path(image_id)
+        height, width = info.get("height"), info.get("width")
+        try:
+            pixels, _ = load_uint8(path)
+            if (height, width) != (None, None) and pixels.shape[:2] != (height, width):
+                raise ValueError(f"{path}: expected a {width} x {height} image as the annotations say, got "
+                                 f"{pixels.shape[1]} x {pixels.shape[0]}")
+        except (OSError, ValueError, TypeError) as exc:
+            return CocoSample(index, image_id, str(path), height or 0, width or 0, None, exc)
+        height, width = pixels.shape[:2]
+        if self.input_spec is not None:
+            pixels = _resized(pixels, self.input_spec)
+        tensor = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+        return CocoSample(index, image_id, str(path), height, width, tensor, None)
+
+
+def _resized(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """H x W x 3 uint8 to the spec's S x S x 3 uint8, with the resize its published accuracy was measured with."""
+    if spec.resize == "antialias":
+        # NVIDIA's protocol is torchvision's Resize on a PIL image, i.e. PIL's own bilinear filter. torch's
+        # antialiased kernel differs by one grey level on ~0.1% of pixels: harmless for pictures, but this path
+        # exists to reproduce published numbers, and with PIL's filter the scores match NVIDIA's exactly.
+        from PIL import Image
+
+        if pixels.shape[:2] == (spec.size, spec.size):
+            return pixels
+        return np.array(Image.fromarray(pixels).resize((spec.size, spec.size), Image.BILINEAR))
+    from ..inference.preprocess import resize_uint8
+
+    return resize_uint8(torch.from_numpy(pixels).permute(2, 0, 1), spec).permute(1, 2, 0).numpy()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@dataclass
+class EvalResult:
+    """What :func:`evaluate` measured. ``stats`` are COCOeval's 12 numbers in its order (:data:`STAT_NAMES`);
+    ``per_class_ap`` is AP@[.5:.95] per category name (categories with ground truth only); ``detections`` the COCO
+    results list (on rank 0 of a distributed run; empty on the others)."""
+
+    stats: list[float]
+    per_class_ap: dict[str, float]
+    images: int
+    seconds: float
+    images_per_second: float
+    detections: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    summary: str = ""
+
+    @property
+    def ap(self) -> float:
+        return self.stats[0]
+
+    def metrics(self) -> dict[str, float]:
+        return dict(zip(STAT_NAMES, self.stats))
+
+
+def _spec_of(model: torch.nn.Module) -> DetectorSpec:
+    spec = getattr(model, "spec", None)
+    if not isinstance(spec, DetectorSpec):
+        raise TypeError(f"model: expected a detector of this library (with a .spec), got {type(model).__name__}")
+    return spec
+
+
+def _placed(model: torch.nn.Module, device: torch.device | str | None) -> torch.nn.Module:
+    """The model on ``device`` in eval mode, copied rather than changed when it is elsewhere or training."""
+    from ..inference.plan import _first_conv_weight
+
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"device: expected cpu, cuda or cuda:N, got {device!r} ({exc})") from None
+        current = _first_conv_weight(model).device
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if current != device:
+            # Moving the caller's model would change it under them; the copy costs one model's memory.
+            return copy.deepcopy(model).to(device).eval()
+    return copy.deepcopy(model).eval() if model.training else model
+
+
+def _rows(decoded: list, samples: Sequence[CocoSample], label_to_cat: np.ndarray) -> np.ndarray:
+    """COCO result rows ``[image_id, x, y, w, h, score, category_id]`` (float64), by image then score."""
+    out = []
+    for (boxes, labels, scores), sample in zip(decoded, samples):
+        cats = label_to_cat[labels]
+        keep = cats >= 0  # model classes the annotation file does not have are not scored
+        boxes, scores, cats = boxes[keep], scores[keep], cats[keep]
+        # NVIDIA's arithmetic, in float32: left * width, top * height, (right - left) * width, ...
+        width, height = np.float32(sample.width), np.float32(sample.height)
+        rows = np.empty((boxes.shape[0], 7), dtype=np.float64)
+        rows[:, 0] = sample.image_id
+        rows[:, 1] = boxes[:, 0] * width
+        rows[:, 2] = boxes[:, 1] * height
+        rows[:, 3] = (boxes[:, 2] - boxes[:, 0]) * width
+        rows[:, 4] = (boxes[:, 3] - boxes[:, 1]) * height
+        rows[:, 5] = scores
+        rows[:, 6] = cats
+        out.append(rows)
+    return np.concatenate(out) if out else np.empty((0, 7))
+
+
+def _infer(model: torch.nn.Module, spec: DetectorSpec, loader: DataLoader, plan: Any, label_to_cat: np.ndarray,
+           skip_errors: bool, bar: Any) -> tuple[list[np.ndarray], list[int], list[tuple[str, str]]]:
+    from ..inference.preprocess import preprocess_for_detection
+
+    rows, done, skipped = [], [], []
+    non_blocking = plan.device.type == "cuda"
+    started = time.perf_counter()
+    for batch in loader:  # CocoBatch: the dataset resizes, so every image has the same size
+        for sample in batch.failed:
+            if not skip_errors:
+                raise sample.error
+            skipped.append((sample.file, str(sample.error)))
+        if batch.samples:
+            # Pinned by the DataLoader on CUDA, so this copy overlaps with the work still queued on the device.
+            images = batch.pixels.to(plan.device, non_blocking=non_blocking)
+            inputs = preprocess_for_detection(images, device=plan.device, dtype=plan.input_dtype,
+                                              memory_format=plan.memory_format, input_spec=spec.input)
+            with torch.inference_mode(), plan.autocast():
+                predictions = model(inputs)
+            decoded = split_detections(postprocess(predictions, spec, spec.postprocess))
+            rows.append(_rows(decoded, batch.samples, label_to_cat))
+            done += [s.image_id for s in batch.samples]
+        bar.update(len(batch.samples) + len(batch.failed))
+        # tqdm shows s/image below one image a second; the postfix always says images/s.
+        bar.set_postfix_str(f"{bar.n / max(time.perf_counter() - started, 1e-9):.2f} images/s", refresh=False)
+    return rows, done, skipped
+
+
+def _coco_eval(coco: Any, rows: np.ndarray, image_ids: list[int]) -> tuple[list[float], dict[str, float], str]:
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with _quiet():
+        if rows.shape[0]:
+            detections = coco.loadRes(rows)
+        else:  # loadRes cannot take an empty list; an empty result set scores 0 everywhere
+            detections = COCO()
+            detections.dataset = {"images": list(coco.dataset["images"]), "categories": coco.dataset["categories"],
+                                  "annotations": []}
+            detections.createIndex()
+        evaluator = COCOeval(coco, detections, iouType="bbox")
+        # Only the images that ran: identical to all images when none was skipped (images without truths add
+        # nothing), and an honest score of the rest when some were.
+        evaluator.params.imgIds = sorted(image_ids)
+        evaluator.evaluate()
+        evaluator.accumulate()
+    summary = io.StringIO()
+    with contextlib.redirect_stdout(summary):
+        evaluator.summarize()
+    precision = evaluator.eval["precision"]  # T x R x K x A x M; area 'all' is 0, maxDets 100 is last
+    per_class = {}
+    for k, cat_id in enumerate(evaluator.params.catIds):
+        p = precision[:, :, k, 0, -1]
+        if (p > -1).any():
+            per_class[coco.cats[cat_id]["name"]] = float(p[p > -1].mean())
+    return [float(s) for s in evaluator.stats], per_class, summary.getvalue()
+
+
+def _write_json(path: pathlib.Path, payload: Any, indent: int | None = 2) -> None:
+    # Beside its final name, then renamed: a crash or a concurrent reader never sees half a file.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as out:
+            json.dump(payload, out, indent=indent, allow_nan=False)
+        os.replace(tmp, path)
+    finally:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+
+
+def per_class_table(per_class_ap: Mapping[str, float]) -> str:
+    """The per-class AP as an aligned two-column text table, in the annotation file's category order."""
+    if not per_class_ap:
+        return "(no category has ground truth)"
+    width = max(len("category"), *(len(n) for n in per_class_ap))
+    lines = [f"{'category':<{width}}  AP", f"{'-' * width}  -----"]
+    lines += [f"{name:<{width}}  {ap:.3f}" for name, ap in per_class_ap.items()]
+    return "\n".join(lines)
+
+
+def evaluate(
+    model: torch.nn.Module,
+    images_dir: str | os.PathLike,
+    annotations: str | os.PathLike | Mapping[str, Any],
+    *,
+    batch_size: int = 8,
+    workers: int = 0,
+    device: torch.device | str | None = None,
+    precision: str | None = None,
+    out_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    verbose: bool | None = None,
+    skip_errors: bool = False,
+) -> EvalResult:
+    """COCO bbox evaluation of ``model`` on ``annotations`` (a COCO JSON file) with images from ``images_dir``.
+
+    Args:
+        model: a detector of this library; its spec gives the preprocessing and the evaluation recipe
+            (``spec.postprocess``). It is not modified (a copy runs when it must move or is in training mode).
+        batch_size: images per forward pass. workers: DataLoader processes decoding and resizing (0: in this one).
+        device: where to run (default: the model's). precision: None (the weights' dtype), 'fp32', 'bf16' or 'fp16'.
+        out_dir: when given, ``metrics.json`` and ``detections.json`` (the COCO results list) are written there.
+        progress: a progress bar with images/s. verbose: print COCO's 12-line summary, the per-class AP table and
+            the speed (default: same as ``progress``).
+        skip_errors: images missing or unreadable are counted, reported and left out of the score instead of
+            raising.
+
+    Under ``torchrun`` (a process group of several processes), every rank must call this with the same arguments:
+    each evaluates the images ``rank::world`` of the id-sorted list, rank 0 gathers the detections, scores them and
+    writes the outputs; every rank returns the scores (the detections list only on rank 0). An error on any rank
+    is raised on all of them, so none waits for the others. Category ids: see :func:`category_map`.
+
+    Raises:
+        FileNotFoundError, ValueError, TypeError: bad arguments, annotation file, images (messages name them).
+    """
+    spec = _spec_of(model)
+    batch_size = check_int("batch_size", batch_size, 1)
+    workers = check_int("workers", workers, 0)
+    verbose = progress if verbose is None else verbose
+    coco = _as_coco(annotations)
+    mapping = category_map(spec.classes, coco.dataset["categories"], coco.source)
+    label_to_cat = np.full(spec.num_classes, -1, dtype=np.int64)
+    for label, cat_id in mapping.items():
+        label_to_cat[label] = cat_id
+    dataset = CocoImages(images_dir, coco, input_spec=spec.input, skip_errors=skip_errors)
+
+    from ..inference.plan import plan_for
+
+    model = _placed(model, device)
+    plan = plan_for(model, precision, stacklevel=3)
+    rank, world, main = distributed.rank(), distributed.world_size(), distributed.is_main()
+    mine = distributed.shard(range(len(dataset)), rank, world)
+    loader = DataLoader(Subset(dataset, mine), batch_size=batch_size, num_workers=workers,
+                        collate_fn=collate_samples, pin_memory=plan.device.type == "cuda")
+
+    from tqdm.auto import tqdm
+
+    started = time.perf_counter()
+    outcome: tuple | BaseException
+    with tqdm(total=len(mine), unit="image", disable=not (progress and main), file=sys.stderr,
+              desc="evaluate" if world == 1 else f"evaluate (rank 0 of {world})") as bar:
+        try:
+            rows, done, skipped = _infer(model, spec, loader, plan, label_to_cat, skip_errors, bar)
+            outcome = (np.concatenate(rows) if rows else np.empty((0, 7)), done, skipped)
+        except Exception as exc:
+            if world == 1:
+                raise
+            # Every rank must reach the gather, or the others would wait there for the timeout: the error
+            # travels with the results and is raised everywhere.
+            outcome = exc
+    gathered = distributed.gather_to_main(outcome)
+    seconds = time.perf_counter() - started
+
+    result: EvalResult | BaseException | None = None
+    if main:
+        errors = [o for o in gathered if isinstance(o, BaseException)]
+        if errors:
+            result = errors[0]
+        else:
+            rows = np.concatenate([o[0] for o in gathered])
+            done = [i for o in gathered for i in o[1]]
+            skipped = [s for o in gathered for s in o[2]]
+            # Stable by image id: each image's rows stay by descending score, as in a single process.
+            rows = rows[np.argsort(rows[:, 0], kind="stable")]
+            try:
+                result = _finish(model, spec, coco, rows, done, skipped, seconds, out_dir, verbose)
+            except Exception as exc:
+                result = exc
+    shared = distributed.broadcast_from_main(result if not isinstance(result, EvalResult) else
+                                             _replace_detections(result, []))
+    if isinstance(shared, BaseException):
+        raise shared
+    return result if main else shared
+
+
+def _replace_detections(result: EvalResult, detections: list) -> EvalResult:
+    clone = copy.copy(result)
+    clone.detections = detections
+    return clone
+
+
+def _finish(model: torch.nn.Module, spec: DetectorSpec, coco: Any, rows: np.ndarray, done: list[int],
+            skipped: list[tuple[str, str]], seconds: float, out_dir: str | os.PathLike | None,
+            verbose: bool) -> EvalResult:
+    if not done:
+        raise ValueError(f"{coco.source}: expected at least one image to evaluate, got none that could be read "
+                         f"({len(skipped)} skipped)")
+    stats, per_class, summary = _coco_eval(coco, rows, done)
+    detections = [{"image_id": int(r[0]), "category_id": int(r[6]), "bbox": [float(v) for v in r[1:5]],
+                   "score": float(r[5])} for r in rows]
+    result = EvalResult(stats, per_class, len(done), seconds, len(done) / seconds if seconds > 0 else 0.0,
+                        detections, skipped, summary)
+    if out_dir is not None:
+        out = pathlib.Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "detections.json", detections, indent=None)
+        _write_json(out / "metrics.json", {
+            "model": spec.name,
+            "checkpoint": getattr(model, "checkpoint_source", None),
+            "annotations": coco.source_path,
+            "images": result.images,
+            "seconds": round(seconds, 3),
+            "images_per_second": round(result.images_per_second, 3),
+            "world_size": distributed.world_size(),
+            "stats": stats,
+            "stat_names": list(STAT_NAMES),
+            "per_class_ap": per_class,
+            "detections": len(detections),
+            "skipped": [{"file": f, "error": e} for f, e in skipped],
+        })
+    if verbose:
+        print(summary.rstrip())
+        print(per_class_table(per_class))
+        print(f"{result.images} image(s) in {seconds:.1f} s: {result.images_per_second:.1f} images/s"
+              + (f" on {distributed.world_size()} processes" if distributed.world_size() > 1 else ""))
+        if skipped:
+            print(f"{len(skipped)} image(s) skipped:", file=sys.stderr)
+            for name, error in skipped:
+                print(f"  {name}: {error}", file=sys.stderr)
+    return result
