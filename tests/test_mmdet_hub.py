@@ -61,3 +61,18 @@ def test_an_nvidia_file_is_refused_naming_it(tmp_path):
     with pytest.raises(InvalidCheckpointError, match="nvidia.pt") as info:
         build_mmdet("ssd300_vgg16", checkpoint=str(path))
     assert "ssd300_vgg16" in str(info.value)
+
+
+def test_evaluate_and_the_command_line_accept_mmdetection_models(ssdlite_file, tmp_path):
+    from ssd.cli import main
+    from ssd.evaluation import evaluate
+
+    from helpers import GOLDEN
+
+    model = build_mmdet("ssdlite320_mobilenet_v2", checkpoint=str(ssdlite_file))
+    result = evaluate(model, GOLDEN / "minicoco" / "images", GOLDEN / "minicoco" / "instances.json", progress=False)
+    assert len(result.stats) == 12 and result.images == 6
+    code = main(["evaluate", "--model", "ssdlite320_mobilenet_v2", "--checkpoint", str(ssdlite_file),
+                 "--images", str(GOLDEN / "minicoco" / "images"), "--annotations",
+                 str(GOLDEN / "minicoco" / "instances.json"), "--out", str(tmp_path / "eval")])
+    assert code == 0 and (tmp_path / "eval" / "metrics.json").is_file()

@@ -17,9 +17,10 @@ detections.json (the COCO results list) to --out. Under torchrun every process t
 
 def _builders() -> dict[str, Callable[..., Any]]:
     """Model name -> builder(checkpoint) for the networks the command can load."""
-    from ..zoo import build_ssd300
+    from ..zoo import MMDET_MODELS, build_model
 
-    return {"nvidia_ssd": lambda checkpoint: build_ssd300(checkpoint=checkpoint)}
+    return {name: (lambda checkpoint, name=name: build_model(name, checkpoint=checkpoint))
+            for name in ("nvidia_ssd", *MMDET_MODELS)}
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
