@@ -205,7 +205,7 @@ def detect(
     found = detect_iter(model, items, threshold=threshold, iou_threshold=iou_threshold,
                         max_detections=max_detections, batch_size=batch_size, precision=precision,
                         keep_images=keep_images, classes=classes, times=times)
-    results = [result for _, result in found]  # consumed here, so warnings from detect_iter point at the caller
+    results = [result for _, result in found]
     return DetectionBatch(results, times)
 
 
