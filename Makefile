@@ -2,12 +2,16 @@
 #   make demo   set up .venv from requirements.txt, then detect objects in the sample photos (./ssd-out)
 #   make test   set up .venv with requirements-dev.txt too, then lint and run the whole test suite
 # Both are idempotent: the environment is rebuilt only when a requirements file changes.
+#   make test-floor   the suite on the oldest versions requirements.txt admits (requirements-floor.txt, .venv-floor)
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# The floor pins are wheels for Python 3.11 (numpy 1.24 has none for 3.12 and later).
+FLOOR_PYTHON ?= python3.11
+FLOOR := .venv-floor
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-floor bench clean
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,8 +30,18 @@ test: $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# One resolve: the exact floors, plus the test tools (whose -r requirements.txt the floors satisfy).
+$(FLOOR)/.installed: requirements-floor.txt requirements-dev.txt requirements.txt
+	test -x $(FLOOR)/bin/python || $(FLOOR_PYTHON) -m venv $(FLOOR)
+	$(FLOOR)/bin/python -m pip install --quiet --upgrade pip
+	$(FLOOR)/bin/python -m pip install --quiet -r requirements-floor.txt -r requirements-dev.txt
+	touch $@
+
+test-floor: $(FLOOR)/.installed
+	$(FLOOR)/bin/python -m pytest $(PYTEST_ARGS)
+
 bench: $(VENV)/.dev
 	$(BIN)/python -m benchmarks $(ARGS)
 
 clean:
-	rm -rf $(VENV) ssd-out .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(FLOOR) ssd-out build dist *.egg-info .pytest_cache .ruff_cache

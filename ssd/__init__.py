@@ -5,8 +5,10 @@ Layout: ``ssd.models`` (networks and their specs), ``ssd.anchors``, ``ssd.box_co
 ``ssd.weights`` (checkpoints), ``ssd.io`` (images, HTTP), ``ssd.inference`` (``detect``), ``ssd.compat`` (NVIDIA's
 notebook transforms), ``ssd.data`` (class vocabularies), ``ssd.zoo`` (model builders), ``ssd.cli``.
 """
-from .inference.detections import Detections
-from .models import SSD300, DetectorSpec
-from .zoo import build_ssd300
+__version__ = "0.2.0"  # read by pyproject.toml (setuptools' attr:), so the package and `ssd --version` agree
 
-__all__ = ["SSD300", "Detections", "DetectorSpec", "build_ssd300"]
+from .inference.detections import DetectionBatch, Detections  # noqa: E402
+from .models import SSD300, DetectorSpec  # noqa: E402
+from .zoo import build_ssd300  # noqa: E402
+
+__all__ = ["SSD300", "DetectionBatch", "Detections", "DetectorSpec", "build_ssd300"]

@@ -70,7 +70,15 @@ def test_folder_with_a_corrupt_file_reports_skips_and_fails(tmp_path, checkpoint
     assert sorted(os.path.basename(i["file"]) for i in report["images"]) == ["camera.png", "coffee.jpg"]
     assert [os.path.basename(s["file"]) for s in report["skipped"]] == ["broken.jpg"]
     assert "broken.jpg" in report["skipped"][0]["error"]
-    assert sorted(p.name for p in out.iterdir()) == ["camera.png", "coffee.png", "detections.json"]
+    # Pictures mirror the input folder and keep their input's format; everything is readable by others.
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert written == ["coffee.jpg", "detections.json", "nested/camera.png"]
+    assert sorted(i["picture"] for i in report["images"]) == ["coffee.jpg", "nested/camera.png"]
+    assert Image.open(out / "coffee.jpg").format == "JPEG" and Image.open(out / "nested/camera.png").format == "PNG"
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for name in written:
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
     err = capsys.readouterr().err
     assert "skipped" in err and "broken.jpg" in err
 

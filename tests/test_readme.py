@@ -67,7 +67,7 @@ def test_command_line_block_runs(workdir):
         assert done.returncode == 0, f"{command}\n{done.stderr}"
     assert (folder / "ssd-out" / "detections.json").is_file()
     assert sorted(p.name for p in (folder / "results").iterdir()) == ["astronaut.png", "detections.json",
-                                                                      "street.png"]
+                                                                      "street.jpg"]
 
 
 def test_quick_start_is_two_commands_and_ci_runs_the_test_one():

@@ -194,7 +194,8 @@ def _modes(tmp_path: pathlib.Path) -> dict[str, pathlib.Path]:
 def test_every_mode_gives_a_valid_input(tmp_path):
     for mode, path in _modes(tmp_path).items():
         with Image.open(path) as im:
-            assert im.mode == mode.split("+")[0]
+            # Pillow 10.1 (the floor) opens 16-bit PNGs as 32-bit "I", Pillow 13 as "I;16"
+            assert im.mode == mode.split("+")[0] or (mode == "I;16" and im.mode == "I")
         out = prepare_input(path)
         assert out.shape == (300, 300, 3) and out.dtype == np.float64, mode
         assert out.min() >= -1.0 and out.max() <= 1.0, mode
@@ -280,14 +281,19 @@ def test_preprocess_matches_torchvision_and_pil():
         img = getattr(skimage.data, name)()
         ours = preprocess_for_detection([to_tensor_chw(img)])[0]
         # The uint8 image is resized as uint8, exactly as torchvision's transforms resize it.
-        tv = tvf.normalize(tvf.resize(to_tensor_chw(img), [300, 300], antialias=True).float() / 255,
-                           list(IMAGENET_MEAN), list(IMAGENET_STD))
-        torch.testing.assert_close(ours, tv, atol=1e-5, rtol=0)
+        resized = tvf.resize(to_tensor_chw(img), [300, 300], antialias=True)
+        tv = tvf.normalize(resized.float() / 255, list(IMAGENET_MEAN), list(IMAGENET_STD))
         # NVIDIA evaluated with PIL's bilinear resize; ours reproduces it but for one grey level on a few pixels.
         pil = torch.from_numpy(np.array(Image.fromarray(img).resize((300, 300), Image.BILINEAR))).permute(2, 0, 1)
         levels = (ours * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) * 255
         diff = (levels - pil.float()).abs()
         assert diff.max() <= 1.001 and (diff > 0.5).float().mean() < 0.01
+        # torchvision 0.29 resizes uint8 as ours does, exactly; torchvision 0.20 (the floor) rounds one grey level
+        # differently on ~13% of the pixels (it is the one that strays from PIL; ours is the same under both).
+        if ((resized.float() - pil.float()).abs() > 0.5).float().mean() < 0.01:
+            torch.testing.assert_close(ours, tv, atol=1e-5, rtol=0)
+        else:
+            torch.testing.assert_close(ours, tv, atol=1.001 / 255 / min(IMAGENET_STD), rtol=0)
 
 
 def test_preprocess_rejects_bad_images():

@@ -1,5 +1,5 @@
 """Inference pipelines built on the networks: preprocessing, ``detect``, the ``Detections`` result, drawing."""
 from .detect import detect, detect_iter
-from .detections import Detections
+from .detections import DetectionBatch, Detections, StageTimes
 
-__all__ = ["Detections", "detect", "detect_iter"]
+__all__ = ["DetectionBatch", "Detections", "StageTimes", "detect", "detect_iter"]

@@ -2,17 +2,18 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from ..io.images import ImageSource, load_uint8
-from ..models.spec import DetectorSpec, PostProcessSpec, check_int
+from ..models.spec import MAX_DETECTIONS_LIMIT, DetectorSpec, PostProcessSpec, check_int
 from ..postprocess import postprocess, split_detections
 from .batching import prefetched_batches
-from .detections import Detections
+from .detections import DetectionBatch, Detections, StageTimes
 from .plan import InferencePlan, plan_for
 from .preprocess import preprocess_for_detection
 
@@ -27,6 +28,43 @@ def _spec_of(model: torch.nn.Module) -> DetectorSpec:
     if not isinstance(spec, DetectorSpec):
         raise TypeError(f"model: expected a detector of this library (with a .spec), got {type(model).__name__}")
     return spec
+
+
+def resolve_classes(classes: Any, spec: DetectorSpec) -> np.ndarray | None:
+    """The labels (1..K) that ``classes`` names: class names or label ids, mixed; None for all classes."""
+    if classes is None:
+        return None
+    names = spec.classes.names
+    if isinstance(classes, (str, int, np.integer)):
+        classes = [classes]
+    if not isinstance(classes, Sequence | set | frozenset | np.ndarray):
+        raise TypeError(f"classes: expected class names or labels (a list), got {type(classes).__name__}")
+    wanted = set()
+    for item in classes:
+        if isinstance(item, str):
+            if item not in names:
+                raise ValueError(f"classes: expected names of this model's classes ({', '.join(names)}), "
+                                 f"got {item!r}")
+            wanted.add(names.index(item) + 1)
+        elif isinstance(item, (int, np.integer)) and not isinstance(item, bool):
+            if not 1 <= item <= len(names):
+                raise ValueError(f"classes: expected labels 1..{len(names)} (label 0 is background), got {item}")
+            wanted.add(int(item))
+        else:
+            raise TypeError(f"classes: expected class names (str) or labels (int), got {type(item).__name__}")
+    if not wanted:
+        raise ValueError("classes: expected at least one class name or label, got none")
+    return np.array(sorted(wanted), dtype=np.int64)
+
+
+def _uncapped(recipe: PostProcessSpec, spec: DetectorSpec) -> PostProcessSpec:
+    """The recipe with room for every detection NMS can keep, so that the class filter picks the best of the wanted
+    classes rather than the wanted ones among the overall best."""
+    if recipe.candidates_per_class is not None:
+        bound = recipe.candidates_per_class * (spec.num_classes - 1)
+    else:
+        bound = recipe.candidates_per_level * len(spec.anchors.level_sizes)
+    return recipe.updated(max_detections=max(recipe.max_detections, min(bound, MAX_DETECTIONS_LIMIT)))
 
 
 def _load(item: ImageSource) -> tuple[np.ndarray, str] | Exception:
@@ -47,16 +85,22 @@ def detect_iter(
     precision: str | None = None,
     keep_images: bool = True,
     skip_errors: bool = False,
+    classes: Any = None,
+    times: StageTimes | None = None,
 ) -> Iterator[tuple[int, Detections | Exception]]:
     """Detect objects in ``images``, yielding ``(index, Detections)`` in input order as batches finish.
 
     Images load in a thread pool one batch ahead of the network; ``images`` may be any iterable, consumed lazily.
     With ``skip_errors`` an unreadable image yields ``(index, exception)`` and the rest go on; otherwise the
     exception propagates. The model is never modified: a model in training mode runs as an evaluation-mode copy.
+    ``classes`` keeps only those classes (see :func:`detect`); ``times``, when given, accumulates the seconds
+    spent per stage.
     """
     spec = _spec_of(model)
     recipe = spec.detect_postprocess.updated(_ARGUMENT_NAMES, score_threshold=threshold, iou_threshold=iou_threshold,
                                              max_detections=max_detections)
+    wanted = resolve_classes(classes, spec)
+    times = times if times is not None else StageTimes()
     batch_size = check_int("batch_size", batch_size, 1)
     plan = plan_for(model, precision, stacklevel=4)
     if model.training:
@@ -72,24 +116,48 @@ def detect_iter(
             else:
                 good.append((index, *result))
         if good:
-            yield from _detect_batch(model, spec, good, plan, recipe, keep_images)
+            # Built before yielding, so that a consumer's time between two yields is never counted.
+            yield from _detect_batch(model, spec, good, plan, recipe, keep_images, wanted, times)
+
+
+def _sync(device: torch.device) -> None:
+    # CUDA runs asynchronously: without this the forward pass's time would be billed to postprocess.
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _detect_batch(model: torch.nn.Module, spec: DetectorSpec, good: list, plan: InferencePlan,
-                  recipe: PostProcessSpec, keep_images: bool) -> Iterator[tuple[int, Detections]]:
+                  recipe: PostProcessSpec, keep_images: bool, wanted: np.ndarray | None,
+                  times: StageTimes) -> list[tuple[int, Detections]]:
+    started = time.perf_counter()
     tensors = [torch.from_numpy(pixels).permute(2, 0, 1) for _, pixels, _ in good]
     batch = preprocess_for_detection(tensors, device=plan.device, dtype=plan.input_dtype,
                                      memory_format=plan.memory_format, input_spec=spec.input)
+    _sync(batch.device)
+    preprocessed = time.perf_counter()
     with torch.inference_mode(), plan.autocast():
         predictions = model(batch)
-    decoded = postprocess(predictions, spec, recipe)
+    _sync(batch.device)
+    inferred = time.perf_counter()
+    decoded = postprocess(predictions, spec, recipe if wanted is None else _uncapped(recipe, spec))
     classes = spec.classes
+    results = []
     for (index, pixels, source), (boxes, labels, scores) in zip(good, split_detections(decoded)):
+        if wanted is not None:
+            # Rows stay in descending score order, so the first max_detections kept are the best of those wanted.
+            keep = np.flatnonzero(np.isin(labels, wanted))[: recipe.max_detections]
+            boxes, labels, scores = boxes[keep], labels[keep], scores[keep]
         height, width = pixels.shape[:2]
         scale = np.array([width, height, width, height], dtype=np.float32)
         pixel_boxes = np.clip(boxes * scale, 0, scale).astype(np.float32)
-        yield index, Detections(pixel_boxes, scores, labels, (height, width), source,
-                                pixels if keep_images else None, classes.names, classes.category_ids)
+        results.append((index, Detections(pixel_boxes, scores, labels, (height, width), source,
+                                          pixels if keep_images else None, classes.names, classes.category_ids)))
+    finished = time.perf_counter()
+    times.preprocess += preprocessed - started
+    times.inference += inferred - preprocessed
+    times.postprocess += finished - inferred
+    times.images += len(good)
+    return results
 
 
 def detect(
@@ -101,7 +169,8 @@ def detect(
     batch_size: int = 8,
     precision: str | None = None,
     keep_images: bool = True,
-) -> list[Detections]:
+    classes: Any = None,
+) -> DetectionBatch:
     """Detect objects in original image coordinates.
 
     Args:
@@ -118,21 +187,26 @@ def detect(
             and on recent GPUs); 'fp16' (autocast on CUDA).
         keep_images: keep each decoded image in its ``Detections`` for ``plot``/``save`` (uint8, H x W x 3);
             False keeps memory bounded by the batch for long lists.
+        classes: keep only these classes: names (``["person", "dog"]``) or labels 1..K (``model.names`` lists
+            them), or one of either; ``max_detections`` then counts only those. None keeps all.
 
     Returns:
-        One ``Detections`` per image (a list, also for a single image): ``boxes`` N x 4 (x1, y1, x2, y2
-        pixels), ``scores``, ``labels`` (1..K), ``names``, ``image_size``; ``plot()``, ``save(path)``,
-        ``to_dict()``, ``to_json()``.
+        A :class:`DetectionBatch`: a list with one ``Detections`` per image (also for a single image):
+        ``boxes`` N x 4 (x1, y1, x2, y2 pixels), ``scores``, ``labels`` (1..K), ``names``, ``image_size``;
+        ``plot()``, ``save(path)``, ``to_dict()``, ``to_json()``. The list adds ``times`` (ms per image per
+        stage), ``print()``, ``show()``, ``save(folder)``, ``crop(folder)``, ``pandas()`` and ``to_coco()``.
 
     The whole image is resized to the model's input size and normalised as its spec says (for NVIDIA's model:
     300 x 300, PIL-style antialiased bilinear, ImageNet mean and std: the protocol of its published accuracy).
     """
     single = not isinstance(images, (list, tuple)) and not _is_iterable_of_images(images)
     items = [images] if single else images
+    times = StageTimes()
     found = detect_iter(model, items, threshold=threshold, iou_threshold=iou_threshold,
                         max_detections=max_detections, batch_size=batch_size, precision=precision,
-                        keep_images=keep_images)
-    return [result for _, result in found]
+                        keep_images=keep_images, classes=classes, times=times)
+    results = [result for _, result in found]
+    return DetectionBatch(results, times)
 
 
 def _is_iterable_of_images(images: Any) -> bool:

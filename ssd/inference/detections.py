@@ -1,18 +1,25 @@
-"""The result type of ``detect``: what the model found in one image, in that image's pixels."""
+"""The result types of ``detect``: what the model found in one image (``Detections``, in that image's pixels), and
+the list of them with timings and batch-wide exports (``DetectionBatch``)."""
 from __future__ import annotations
 
 import json
 import os
 import pathlib
+import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..data.coco import COCO_CATEGORY_IDS, COCO_NAMES
-from .drawing import draw_boxes, save_figure_of
+from ..io.files import UniqueNames
+from .drawing import draw_boxes, render, save_picture
 
-__all__ = ["Detections"]
+if TYPE_CHECKING:
+    import pandas
+    from PIL import Image
+
+__all__ = ["DetectionBatch", "Detections", "StageTimes"]
 
 
 @dataclass(eq=False)
@@ -89,7 +96,169 @@ class Detections:
             _, ax = plt.subplots(figsize=(8, 8 * height / max(width, 1)))
         return draw_boxes(ax, self._picture(), self.boxes, self.labels.tolist(), self.captions())
 
+    def render(self) -> Image.Image:
+        """The annotated picture, as a PIL image at the image's resolution."""
+        return render(self._picture(), self.boxes, self.labels.tolist(), self.captions())
+
     def save(self, path: str | os.PathLike) -> pathlib.Path:
-        """Write the annotated picture (format from the suffix, e.g. .png or .jpg) at the image's resolution;
-        returns the path written."""
-        return save_figure_of(self._picture(), self.boxes, self.labels.tolist(), self.captions(), path)
+        """Write the annotated picture at the image's resolution, atomically; returns the path actually written.
+
+        The suffix picks the format: .jpg/.jpeg JPEG (quality 90), .png PNG, others Pillow writes (.bmp, .webp...)
+        as such; without a suffix, or with one Pillow cannot write, PNG with ``.png`` appended.
+        """
+        return save_picture(self.render(), path)
+
+
+@dataclass
+class StageTimes:
+    """Seconds spent in each stage of ``detect`` over ``images`` images (whole batches, summed).
+
+    preprocess: tensors to the network input (resize, normalize, to the device); inference: the forward pass (on
+    CUDA, synchronized, so it is the GPU's time); postprocess: decoding, NMS and building the results. Loading and
+    decoding image files runs in background threads, overlapped with these, and is not counted.
+    """
+
+    preprocess: float = 0.0
+    inference: float = 0.0
+    postprocess: float = 0.0
+    images: int = 0
+
+    def per_image_ms(self) -> dict[str, float]:
+        n = max(self.images, 1)
+        return {stage: 1000.0 * getattr(self, stage) / n for stage in ("preprocess", "inference", "postprocess")}
+
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_KEPT_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def picture_name(source: str, fallback: str) -> pathlib.PurePosixPath:
+    """A file name for the picture of ``source``: its own name when it is a path or URL, keeping a JPEG or PNG
+    suffix (other formats become .png); ``fallback`` (without suffix) for arrays, bytes and other nameless inputs."""
+    if not source or source.startswith("<"):  # describe_source's '<numpy array ...>' and the like
+        return pathlib.PurePosixPath(f"{fallback}.png")
+    if _URL.match(source):
+        source = source.split("?", 1)[0].split("#", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+    name = pathlib.PurePath(source).name
+    stem, suffix = pathlib.PurePath(name).stem, pathlib.PurePath(name).suffix
+    if not stem or stem in (".", ".."):
+        stem = fallback
+    return pathlib.PurePosixPath(stem + (suffix if suffix.lower() in _KEPT_SUFFIXES else ".png"))
+
+
+def _folder_name(name: str) -> str:
+    # Class names become folder names: no separators, nothing hidden, nothing empty.
+    cleaned = re.sub(r"[\\/\0]", "_", name).strip().lstrip(".")
+    return cleaned or "unnamed"
+
+
+class DetectionBatch(list):
+    """What ``detect`` returns: a list of :class:`Detections`, one per image in input order, plus timings.
+
+    Being a list, it indexes, unpacks and iterates as before; on top of that: ``times`` (milliseconds per image
+    for preprocess, inference and postprocess), ``print()``, ``show()``, ``save(folder)``, ``crop(folder)``,
+    ``pandas()`` and ``to_coco()``.
+    """
+
+    def __init__(self, items: Any = (), stage_times: StageTimes | None = None) -> None:
+        super().__init__(items)
+        self.stage_times = stage_times if stage_times is not None else StageTimes(images=len(self))
+
+    @property
+    def times(self) -> dict[str, float]:
+        """Milliseconds per image: ``{'preprocess': ..., 'inference': ..., 'postprocess': ...}``."""
+        return self.stage_times.per_image_ms()
+
+    def __str__(self) -> str:
+        lines = [repr(found) for found in self]
+        speed = ", ".join(f"{ms:.1f} ms {stage}" for stage, ms in self.times.items())
+        lines.append(f"Speed: {speed} per image ({len(self)} image{'s' if len(self) != 1 else ''})")
+        return "\n".join(lines)
+
+    def print(self) -> None:
+        """Print one line per image and the timings."""
+        print(str(self))
+
+    def show(self) -> None:
+        """Show each annotated image with matplotlib (inline in notebooks)."""
+        from matplotlib import pyplot as plt
+
+        for found in self:
+            found.plot()
+            plt.show()
+
+    def _names(self) -> list[pathlib.PurePosixPath]:
+        unique = UniqueNames()
+        return [unique.claim(picture_name(found.source, f"image{i}")) for i, found in enumerate(self)]
+
+    def save(self, folder: str | os.PathLike[str]) -> list[pathlib.Path]:
+        """Write one annotated picture per image into ``folder`` (created if needed), named after its input and in
+        its format (JPEG stays JPEG, PNG stays PNG, the rest becomes PNG; nameless inputs are ``image<i>.png``);
+        returns the paths written, in input order."""
+        folder = pathlib.Path(folder)
+        return [found.save(folder / name) for found, name in zip(self, self._names())]
+
+    def crop(self, folder: str | os.PathLike[str]) -> list[pathlib.Path]:
+        """Write each detected object's pixels as its own picture, in one subfolder per class name
+        (``folder/person/astronaut-0.png``: image name, then the object's rank in its image); returns the paths."""
+        from PIL import Image
+
+        folder = pathlib.Path(folder)
+        unique = UniqueNames()
+        written = []
+        for found, name in zip(self, self._names()):
+            pixels = found._picture()
+            height, width = pixels.shape[:2]
+            for rank, (box, class_name) in enumerate(zip(found.boxes, found.names)):
+                if not np.isfinite(box).all():
+                    continue
+                # Whole pixels covering the box, at least one, inside the image.
+                x1 = min(max(int(np.floor(min(box[0], box[2]))), 0), width - 1)
+                y1 = min(max(int(np.floor(min(box[1], box[3]))), 0), height - 1)
+                x2 = max(min(int(np.ceil(max(box[0], box[2]))), width), x1 + 1)
+                y2 = max(min(int(np.ceil(max(box[1], box[3]))), height), y1 + 1)
+                relative = unique.claim(pathlib.PurePosixPath(_folder_name(class_name),
+                                                              f"{name.stem}-{rank}{name.suffix}"))
+                written.append(save_picture(Image.fromarray(np.ascontiguousarray(pixels[y1:y2, x1:x2])),
+                                            folder / relative))
+        return written
+
+    def pandas(self) -> pandas.DataFrame:
+        """One row per detection: image (its index), source, xmin, ymin, xmax, ymax (pixels), confidence, class
+        (the model's label), name, category_id. Needs pandas (``pip install pandas``)."""
+        try:
+            import pandas
+        except ImportError as exc:
+            raise ImportError("DetectionBatch.pandas: expected pandas to be installed, got none "
+                              "(pip install pandas)") from exc
+        columns = ("image", "source", "xmin", "ymin", "xmax", "ymax", "confidence", "class", "name", "category_id")
+        rows = [
+            (i, found.source, *box, score, label, name, category)
+            for i, found in enumerate(self)
+            for box, score, label, name, category in zip(found.boxes.tolist(), found.scores.tolist(),
+                                                          found.labels.tolist(), found.names, found.category_ids)
+        ]
+        frame = pandas.DataFrame(rows, columns=list(columns))
+        # An empty frame would otherwise have object columns; keep the types of a full one.
+        return frame.astype({"image": "int64", "xmin": "float32", "ymin": "float32", "xmax": "float32",
+                             "ymax": "float32", "confidence": "float32", "class": "int64", "category_id": "int64"})
+
+    def to_coco(self, image_ids: Any = None) -> list[dict[str, Any]]:
+        """Detections as a flat COCO results list: ``{'image_id', 'category_id', 'bbox': [x, y, w, h], 'score'}``.
+
+        ``image_ids``: one id per image (e.g. the COCO image ids of the inputs); by default the image's index.
+        """
+        if image_ids is None:
+            ids = list(range(len(self)))
+        else:
+            ids = list(image_ids)
+            if len(ids) != len(self):
+                raise ValueError(f"image_ids: expected {len(self)} ids (one per image), got {len(ids)}")
+        results = []
+        for image_id, found in zip(ids, self):
+            for (x1, y1, x2, y2), score, category in zip(found.boxes.tolist(), found.scores.tolist(),
+                                                          found.category_ids):
+                results.append({"image_id": image_id, "category_id": category,
+                                "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
+                                "score": round(score, 5)})
+        return results

@@ -15,7 +15,7 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import IO, Any
 
 __all__ = ["PART_PATTERN", "JsonlWriter", "merge_parts", "part_path", "read_records", "run_streaming_detect"]
@@ -98,33 +98,35 @@ def merge_parts(out_dir: pathlib.Path, order: Sequence[str], extra: Iterable[dic
     return merged
 
 
-def run_streaming_detect(args: argparse.Namespace, model: Any, jobs: list[tuple[str, Any]],
-                         problems: list[tuple[str, str]]) -> int:
+def run_streaming_detect(args: argparse.Namespace, model: Any, jobs: Sequence[tuple[str, Any, pathlib.PurePath]],
+                         problems: list[tuple[str, str]], summary: Callable[[list, Any], str]) -> int:
     """``detect`` writing JSON Lines, on this process's share of ``jobs`` when ``torchrun`` started several.
 
     ``args`` is ``detect``'s parsed command line (``out``, ``threshold``, ``batch_size``, ``precision``,
-    ``pictures``, ``resume``). Returns 0, or 1 when some input failed (rank 0 reports; the others return 0).
+    ``pictures``, ``resume``); ``jobs`` holds (name, source, picture path relative to ``out``); ``summary`` words
+    one image's detections for the log. Returns 0, or 1 when some input failed (rank 0 reports; the others 0).
     """
     from .. import distributed
-    from ..cli import _picture_name, summary
     from .detect import detect_iter
     from .plan import _first_conv_weight
 
     distributed.init_from_env(_first_conv_weight(model).device)
     try:
-        return _stream(args, model, jobs, problems, distributed, detect_iter, _picture_name, summary)
+        return _stream(args, model, jobs, problems, distributed, detect_iter, summary)
     finally:
         distributed.cleanup()
 
 
-def _stream(args: argparse.Namespace, model: Any, jobs: list[tuple[str, Any]], problems: list[tuple[str, str]],
-            distributed: Any, detect_iter: Any, picture_name: Any, summary: Any) -> int:
+def _stream(args: argparse.Namespace, model: Any, jobs: Sequence[tuple[str, Any, pathlib.PurePath]],
+            problems: list[tuple[str, str]], distributed: Any, detect_iter: Any, summary: Any) -> int:
+    from ..io.files import UniqueNames
+
     rank, world, main = distributed.rank(), distributed.world_size(), distributed.is_main()
     out: pathlib.Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     # Names for every input, decided alike on every rank, so two ranks never write the same picture.
-    used: set[str] = set()
-    pictures = [picture_name(name, used) for name, _ in jobs] if args.pictures else [None] * len(jobs)
+    unique = UniqueNames()
+    pictures = ([unique.claim(job[2]).as_posix() for job in jobs] if args.pictures else [None] * len(jobs))
     mine_path = part_path(out, rank)
     if not args.resume and main:
         for path in _parts(out):  # a fresh run: earlier parts would be merged with this run's otherwise
@@ -169,7 +171,7 @@ def _stream(args: argparse.Namespace, model: Any, jobs: list[tuple[str, Any]], p
     distributed.barrier()  # every part is complete before rank 0 reads them
     if not main:
         return 0
-    merged = merge_parts(out, [name for name, _ in jobs], [{"file": n, "error": e} for n, e in problems])
+    merged = merge_parts(out, [job[0] for job in jobs], [{"file": n, "error": e} for n, e in problems])
     failed = [r for r in merged if "error" in r]
     processes = f" on {world} processes" if world > 1 else ""
     print(f"{len(merged) - len(failed)} image(s) in {MERGED_NAME} in {out}; this run: {len(mine)} image(s) on "

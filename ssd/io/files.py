@@ -1,0 +1,78 @@
+"""Writing result files: atomically (never half a file under the final name) and readable by others."""
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import tempfile
+import threading
+from collections.abc import Iterator
+from typing import IO
+
+__all__ = ["UniqueNames", "atomic_open", "file_mode"]
+
+_umask: int | None = None
+_umask_lock = threading.Lock()
+
+
+def _current_umask() -> int:
+    global _umask
+    with _umask_lock:
+        if _umask is None:
+            # Linux shows the umask in /proc; elsewhere os.umask is the only way to read it, and it has to set it
+            # to read it, so that briefly changes it for every thread: done once per process, under a lock.
+            try:
+                with open("/proc/self/status") as status:
+                    line = next(x for x in status if x.startswith("Umask:"))
+                _umask = int(line.split()[1], 8)
+            except (OSError, StopIteration, ValueError, IndexError):
+                _umask = os.umask(0o022)
+                os.umask(_umask)
+        return _umask
+
+
+def file_mode() -> int:
+    """The mode ``open()`` would give a new file (0o666 less the umask): 0o644 under the usual umask 022."""
+    return 0o666 & ~_current_umask()
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO]:
+    """Open a temporary file beside ``path`` for writing; on success it is renamed to ``path``.
+
+    ``mkstemp`` creates the file 0600 (private), which would leave results unreadable to other users, so it gets the
+    mode a plain ``open()`` would have given it. On any error the temporary file is removed and ``path`` is left as
+    it was.
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"mode: expected 'w' or 'wb', got {mode!r}")
+    path = pathlib.Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as out:
+            yield out
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, path)
+    finally:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+
+
+class UniqueNames:
+    """Hands out relative output paths, adding ``-2``, ``-3``... to the stem when a path is already taken.
+
+    Comparison ignores case, so that two results never overwrite each other on case-insensitive file systems
+    (macOS, Windows) either. Thread-safe.
+    """
+
+    def __init__(self) -> None:
+        self._taken: set[str] = set()
+        self._lock = threading.Lock()
+
+    def claim(self, relative: pathlib.PurePath) -> pathlib.PurePath:
+        with self._lock:
+            candidate, n = relative, 1
+            while candidate.as_posix().casefold() in self._taken:
+                n += 1
+                candidate = relative.with_name(f"{relative.stem}-{n}{relative.suffix}")
+            self._taken.add(candidate.as_posix().casefold())
+            return candidate
