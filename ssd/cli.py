@@ -13,6 +13,7 @@ from typing import Any
 
 from .inference.detect import detect_iter
 from .io.images import IMAGE_EXTENSIONS, is_image_file
+from .training import cli as training_cli
 from .weights.checkpoints import CheckpointUnavailableError, InvalidCheckpointError
 from .zoo import build_ssd300
 
@@ -34,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     run.add_argument("--checkpoint", default=None,
                      help="checkpoint file or URL (default: SSD_CHECKPOINT, else NVIDIA's published weights)")
+    training_cli.add_parser(commands)
     return parser
 
 
@@ -166,4 +168,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "detect":
         return run_detect(args)
+    if args.command in training_cli.COMMANDS:
+        return training_cli.run(args)
     return 2  # argparse already rejected anything else

@@ -75,7 +75,8 @@ class TrainConfig:
         images: folder its ``file_name`` entries are relative to.
         out_dir: where ``last.pt`` and ``metrics.jsonl`` go (created).
         epochs: total epochs (a resumed run continues up to this).
-        batch_size: images per iteration.
+        batch_size: images per iteration and process, at least 2 (BatchNorm on the 1 x 1 feature map); epochs
+            use full batches only (the last partial one is dropped) unless the data is smaller than one batch.
         lr: base learning rate; None for ``2.6e-3 * batch_size / 32``.
         momentum, weight_decay: SGD's.
         warmup_iters: linear warmup length in iterations (from a rate of 0).
@@ -96,7 +97,8 @@ class TrainConfig:
             every other tensor must fit.
         init_source: how to name ``init_checkpoint`` in the log when it is a state dict.
         max_iters_per_epoch: cut epochs short (smoke tests); None for full epochs.
-        skip_bad_images: skip unreadable images (counted in the metrics) instead of stopping.
+        skip_bad_images: skip unreadable images (counted in the metrics) instead of stopping; a batch left
+            with one readable image is skipped whole (BatchNorm needs two).
         log_every: write an ``iteration`` line to the metrics every this many iterations.
         validate: called after every epoch on rank 0 with the (unwrapped, eval-mode) model; returns a mapping
             with ``mAP`` and optionally ``stats`` (COCOeval's 12 numbers). An improved mAP writes ``best.pt``.
@@ -165,7 +167,10 @@ def _check_config(config: TrainConfig | Mapping[str, Any]) -> TrainConfig:
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config: expected a TrainConfig or a mapping, got {type(config).__name__}")
     _check_int("epochs", config.epochs, 1)
-    _check_int("batch_size", config.batch_size, 1)
+    if isinstance(config.batch_size, int) and not isinstance(config.batch_size, bool) and config.batch_size == 1:
+        raise ValueError("batch_size: expected an int >= 2 (BatchNorm on SSD's 1 x 1 feature map needs two images "
+                         "per process in training), got 1")
+    _check_int("batch_size", config.batch_size, 2)
     _check_int("warmup_iters", config.warmup_iters, 0)
     _check_int("num_workers", config.num_workers, 0)
     _check_int("seed", config.seed, 0)
@@ -404,9 +409,15 @@ def train(config: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
         sampler = torch.utils.data.distributed.DistributedSampler(
             dataset, num_replicas=world, rank=rank, shuffle=True, seed=config.seed
         )
+    images_per_rank = len(sampler) if sampler is not None else len(dataset)
+    if images_per_rank < 2:
+        raise ValueError(f"annotations: expected at least 2 images per process (BatchNorm needs two per batch), "
+                         f"got {images_per_rank}")
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=config.batch_size,
+        # Full batches only (unless the data is smaller than one): a last batch of one image breaks BatchNorm.
+        drop_last=images_per_rank >= config.batch_size,
         shuffle=sampler is None,
         sampler=sampler,
         num_workers=config.num_workers,
@@ -418,7 +429,6 @@ def train(config: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
     iters_per_epoch = len(loader)
     if config.max_iters_per_epoch is not None:
         iters_per_epoch = min(iters_per_epoch, config.max_iters_per_epoch)
-    images_per_rank = len(sampler) if sampler is not None else len(dataset)
 
     # The dataset's names and category ids travel with the model, so detect and evaluate speak them.
     model = SSD300(nvidia_spec(class_names=tuple(dataset.class_names), category_ids=tuple(dataset.category_ids)))
@@ -508,11 +518,12 @@ def train(config: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
                 break
             # Unreadable images (skip_bad_images) are dropped by the collate, in the workers: count them here.
             expected = min(config.batch_size, images_per_rank - step * config.batch_size)
-            if batch is None:
-                # Under DDP every rank must still take part in the step; an empty batch cannot, so stop loudly.
+            if batch is None or len(batch[3]) < 2:
+                # Under DDP every rank must still take part in the step, so a batch cannot be skipped there.
                 if world > 1:
-                    raise RuntimeError(f"epoch {epoch}, step {step}: every image of rank {rank}'s batch was "
-                                       "unreadable; distributed training cannot skip a whole batch")
+                    raise RuntimeError(f"epoch {epoch}, step {step}: fewer than 2 images of rank {rank}'s batch "
+                                       "were readable; distributed training cannot skip a batch")
+                # A lone image cannot be trained on either (BatchNorm): it is counted with the skipped ones.
                 skipped += expected
                 continue
             images, gloc, glabels, targets = batch
