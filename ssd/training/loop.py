@@ -467,6 +467,14 @@ def train(config: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
+        # The saved rate was computed with the saved run's milestones, which follow its epoch count; a resumed run
+        # with more epochs has other milestones, so the rate of the next iteration is recomputed from this run's
+        # base rate and schedule at the saved iteration.
+        scheduler.base_lrs = [base_lr for _ in optimizer.param_groups]
+        for group in optimizer.param_groups:
+            group["initial_lr"] = base_lr
+            group["lr"] = base_lr * lr_factor(scheduler.last_epoch, iters_per_epoch, config.warmup_iters,
+                                              milestones, config.gamma)
         start_epoch, iteration, resumed_from = state["epoch"] + 1, state["iteration"], state["epoch"]
         best_map = state.get("best_map")
         # Resuming re-seeds from the epoch so a resumed run does not replay the first epochs' order and crops.
