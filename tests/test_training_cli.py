@@ -251,3 +251,18 @@ def test_trained_checkpoint_loads_with_the_dataset_classes(first_run, shapes, mo
     found = model.detect(sorted(images.iterdir())[0], threshold=0.01)[0]
     assert found.names and set(found.names) <= set(NAMES)
     assert {d["category_id"] for d in found.to_dict()["detections"]} <= set(IDS)
+
+
+@pytest.mark.timeout(600)
+def test_docs_python_loop_runs(golden_checkpoint, tmp_path, monkeypatch, capsys):
+    text = (REPO / "docs" / "training.md").read_text()
+    snippet = text.split("<!-- training-loop-snippet -->\n```python\n", 1)[1].split("```", 1)[0]
+    # The same code at tiny sizes: 2 small images, one batch, one epoch.
+    for big, tiny in (("num_images=64, image_size=300", "num_images=2, image_size=96"),
+                      ("batch_size=8,", "batch_size=2,"), ("range(10)", "range(1)")):
+        assert big in snippet
+        snippet = snippet.replace(big, tiny)
+    monkeypatch.setenv("SSD_CHECKPOINT", str(golden_checkpoint))
+    monkeypatch.chdir(tmp_path)
+    exec(compile(snippet, "docs/training.md", "exec"), {})
+    assert "epoch 0: loss" in capsys.readouterr().out
