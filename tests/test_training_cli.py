@@ -266,3 +266,28 @@ def test_docs_python_loop_runs(golden_checkpoint, tmp_path, monkeypatch, capsys)
     monkeypatch.chdir(tmp_path)
     exec(compile(snippet, "docs/training.md", "exec"), {})
     assert "epoch 0: loss" in capsys.readouterr().out
+
+
+def test_distributed_helpers_in_one_process(monkeypatch):
+    from ssd import distributed
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    assert distributed.init_from_env("cpu") == (0, 1, torch.device("cpu"))
+    assert distributed.is_main() and distributed.world_size() == 1 and distributed.all_ok(False) is False
+    distributed.barrier()
+    distributed.cleanup()
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match="WORLD_SIZE: expected an integer in the environment, got 'two'"):
+        distributed.init_from_env("cpu")
+
+
+def test_class_metadata_only_from_our_checkpoints(golden_checkpoint, tmp_path):
+    assert read_checkpoint_classes(golden_checkpoint) is None  # NVIDIA-style: no names of ours
+    bare = tmp_path / "bare.pt"
+    torch.save({"conf.0.bias": torch.zeros(2)}, bare)
+    assert read_checkpoint_classes(bare) is None
+    assert read_checkpoint_classes(tmp_path / "missing.pt") is None
+    tagged = tmp_path / "tagged.pt"
+    torch.save({"model": {}, "class_names": ["a", "b"], "category_ids": [3, 9]}, tagged)
+    assert read_checkpoint_classes(tagged) == (("a", "b"), (3, 9))

@@ -490,7 +490,7 @@ def train(config: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
             network, device_ids=[device.index] if device.type == "cuda" else None
         )
 
-    if main:
+    if main and start_epoch < config.epochs:  # a finished run resumed with the same epochs adds nothing
         out_dir.mkdir(parents=True, exist_ok=True)
         if resume_from is None:
             # A fresh run's metrics and best model must not mix with an earlier run's.
