@@ -56,12 +56,12 @@ def init_from_env(device: str | torch.device | None = None) -> tuple[int, int, t
         device = torch.device(device)
     except (RuntimeError, TypeError):
         raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: expected an available device, got {str(device)!r} (CUDA is not available)")
     world = _env_int("WORLD_SIZE", 1)
     if world <= 1:
         return 0, 1, device
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device: {str(device)!r} was asked for, but CUDA is not available")
         # One GPU per process: an explicit index would put every rank on the same GPU.
         device = torch.device("cuda", _env_int("LOCAL_RANK", 0))
         torch.cuda.set_device(device)

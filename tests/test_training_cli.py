@@ -19,6 +19,8 @@ import torch
 from ssd.cli import main
 from ssd.data.synthetic import make_shapes_dataset
 from ssd.models import SSD300
+from ssd.models.ssd300_resnet50 import nvidia_spec
+from ssd.training import loop
 from ssd.training.loop import TrainConfig, lr_factor, train
 from ssd.weights import checkpoints
 from ssd.weights.checkpoints import CheckpointUnavailableError
@@ -138,6 +140,7 @@ def test_default_checkpoint_offline_is_a_one_line_error(shapes, tmp_path, hub_di
         (["--resume", "x", "--force"], "--resume/--force: expected one of them, got both"),
         (["--checkpoint", "missing.pt"], "--checkpoint: expected a checkpoint file"),
         (["--lr", "-1"], "--lr: expected a positive number"),
+        (["--precision", "fp16", "--device", "cpu"], "--precision: fp16 needs a CUDA device"),
     ],
 )
 def test_bad_arguments_exit_2(shapes, tmp_path, capsys, extra, message):
@@ -241,7 +244,7 @@ def test_hub_fine_tuning_start_keeps_everything_but_the_heads(golden_checkpoint,
         build_ssd300(class_names="cat")
 
 
-def test_trained_checkpoint_loads_with_the_dataset_classes(first_run, shapes, monkeypatch):
+def test_trained_checkpoint_loads_with_the_dataset_classes(first_run, shapes, monkeypatch, tmp_path):
     monkeypatch.delenv("SSD_CHECKPOINT", raising=False)
     last = first_run / "last.pt"
     assert read_checkpoint_classes(last) == (tuple(NAMES), tuple(IDS))
@@ -251,6 +254,23 @@ def test_trained_checkpoint_loads_with_the_dataset_classes(first_run, shapes, mo
     found = model.detect(sorted(images.iterdir())[0], threshold=0.01)[0]
     assert found.names and set(found.names) <= set(NAMES)
     assert {d["category_id"] for d in found.to_dict()["detections"]} <= set(IDS)
+    # The detect command takes it too.
+    image = str(sorted(images.iterdir())[0])
+    assert main(["detect", image, "--checkpoint", str(last), "--threshold", "0.01", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "detections.json").read_text())
+    assert {(d["name"], d["category_id"]) for d in report["images"][0]["detections"]} <= set(zip(NAMES, IDS))
+
+
+def test_starting_from_a_trained_checkpoint_keeps_heads_only_for_the_same_classes(first_run):
+    same = SSD300(nvidia_spec(class_names=tuple(NAMES), category_ids=tuple(IDS)))
+    kept = loop._initialise_from(same, first_run / "last.pt", None)
+    assert kept["skipped"] == 0 and kept["loaded"] == len(same.state_dict())
+    trained = torch.load(first_run / "last.pt", map_location="cpu", weights_only=True)["model"]
+    assert torch.equal(same.state_dict()["conf.0.weight"], trained["conf.0.weight"])
+    # Three classes again, but other ones: the heads start afresh.
+    other = SSD300(nvidia_spec(class_names=("cat", "dog", "cow")))
+    assert loop._initialise_from(other, first_run / "last.pt", None)["skipped"] == 12
+    assert not torch.equal(other.state_dict()["conf.0.weight"], trained["conf.0.weight"])
 
 
 @pytest.mark.timeout(600)

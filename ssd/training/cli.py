@@ -214,6 +214,8 @@ def _run_train(args: argparse.Namespace) -> int:
         problem = None
         try:
             _check_train_args(args)
+            if args.precision == "fp16" and device.type != "cuda":
+                raise _UsageError(f"--precision: fp16 needs a CUDA device, got {device.type!r}; use bf16 or fp32")
             if args.sync_bn and world > 1 and device.type != "cuda":
                 raise _UsageError(f"--sync-bn: expected CUDA devices, got {device.type!r}")
             if rank == 0:
