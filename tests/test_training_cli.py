@@ -192,6 +192,32 @@ def test_train_command_validates_with_the_evaluator(shapes, tmp_path):
     assert (tmp_path / "out" / "best.pt").exists() or line["mAP"] is None
 
 
+@pytest.mark.timeout(600)
+def test_train_command_validation_wiring_with_a_stand_in_evaluator(shapes, tmp_path, monkeypatch):
+    """The command's use of ssd.evaluation.evaluate, with a stand-in until the real package is merged."""
+    import types
+
+    calls = []
+
+    def evaluate(model, images_dir, annotations, **kwargs):
+        calls.append((model.training, images_dir, annotations, kwargs))
+        return types.SimpleNamespace(stats=[0.5, 0.75] + [0.1] * 10, per_class_ap={})
+
+    stand_in = types.ModuleType("ssd.evaluation")
+    stand_in.evaluate = evaluate
+    monkeypatch.setitem(sys.modules, "ssd.evaluation", stand_in)
+    annotations, images = shapes
+    out = tmp_path / "out"
+    args = _train_args(shapes, out, "--checkpoint", "none", "--epochs", "1", "--max-iterations-per-epoch", "1",
+                       "--val-images", str(images), "--val-annotations", str(annotations))
+    assert main(args) == 0
+    assert len(calls) == 1 and calls[0][0] is False and calls[0][1:3] == (images, annotations)
+    assert calls[0][3]["progress"] is False and calls[0][3]["device"] == torch.device("cpu")
+    line = _records(out, "validation")[0]
+    assert line["mAP"] == 0.5 and len(line["stats"]) == 12 and line["best"] is True
+    assert torch.load(out / "best.pt", map_location="cpu", weights_only=True)["best_map"] == 0.5
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
