@@ -458,6 +458,9 @@ def train(config: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
         state = torch.load(resume_from, map_location="cpu", weights_only=True)
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{resume_from}: expected a training checkpoint ({CHECKPOINT_FORMAT}), got another")
+        if "optimizer" not in state:
+            raise ValueError(f"{resume_from}: expected last.pt (with the optimizer state), got a checkpoint without "
+                             "it (best.pt?); start from it with init_checkpoint / --checkpoint instead")
         if state["class_names"] != dataset.class_names or state["category_ids"] != dataset.category_ids:
             raise ValueError(
                 f"{resume_from}: its classes {state['class_names']} differ from the dataset's "
