@@ -177,6 +177,9 @@ def test_validation_lines_and_best_checkpoint(shapes, tmp_path):
     best = torch.load(tmp_path / "best.pt", map_location="cpu", weights_only=True)
     assert best["epoch"] == 0 and best["best_map"] == 0.25 and "optimizer" not in best
     assert torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=True)["best_map"] == 0.25
+    with pytest.raises(ValueError, match=r"expected last.pt \(with the optimizer state\)"):
+        train(TrainConfig(annotations, images, tmp_path, epochs=3, batch_size=2, device="cpu",
+                          resume=tmp_path / "best.pt"))
 
 
 @pytest.mark.timeout(600)
