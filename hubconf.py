@@ -117,6 +117,8 @@ def nvidia_ssd(pretrained: bool = True, model_math: str = "fp32", **kwargs):
             state dicts both work. See docs/troubleshooting-downloads.md for what each failure raises.
         force_download (bool): fetch the checkpoint again even if cached (``force_reload`` is accepted too).
         progress (bool): show a download progress bar (default True).
+        num_classes (int), class_names (list of str): fine-tune on other classes (num_classes counts the
+            background): new classification heads, everything else from the checkpoint.
 
     Returns:
         An ``SSD300`` module in eval mode. ``model(x)`` with x of shape N x 3 x 300 x 300 returns
@@ -134,11 +136,12 @@ def nvidia_ssd(pretrained: bool = True, model_math: str = "fp32", **kwargs):
     # torch.hub.load consumes force_reload itself; accept it too when this function is called directly.
     force_download, force_reload = kwargs.pop("force_download", False), kwargs.pop("force_reload", False)
     force_download = force_download or force_reload
-    options = {k: kwargs.pop(k) for k in ("weights", "checkpoint", "progress") if k in kwargs}
+    options = {k: kwargs.pop(k) for k in ("weights", "checkpoint", "progress", "num_classes", "class_names")
+               if k in kwargs}
     if kwargs:
         raise TypeError(
             f"nvidia_ssd: unexpected keyword argument(s) {sorted(kwargs)}; expected pretrained, model_math, "
-            "weights, checkpoint, force_download, progress"
+            "weights, checkpoint, force_download, progress, num_classes, class_names"
         )
     return _package("ssd").zoo.build_ssd300(pretrained, model_math, force_download=force_download, **options)
 

@@ -18,6 +18,7 @@ from .inference.detections import Detections, picture_name
 from .inference.jsonl import run_streaming_detect
 from .io.files import UniqueNames, atomic_open
 from .io.images import IMAGE_EXTENSIONS, is_image_file
+from .training import cli as training_cli
 from .weights.checkpoints import CheckpointUnavailableError, InvalidCheckpointError
 from .zoo import build_ssd300
 
@@ -74,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true",
                      help="with JSON Lines: skip inputs an earlier (interrupted) run into OUT already did")
     evaluate_cli.add_parser(commands)
+    training_cli.add_parser(commands)
     return parser
 
 
@@ -252,4 +254,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_detect(args)
     if args.command == "evaluate":
         return evaluate_cli.run(args)
+    if args.command in training_cli.COMMANDS:
+        return training_cli.run(args)
     return 2  # argparse already rejected anything else

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
+    "all_ok",
     "barrier",
     "broadcast_from_main",
     "cleanup",
@@ -27,6 +28,7 @@ __all__ = [
     "is_main",
     "local_rank",
     "rank",
+    "setup",
     "shard",
     "world_size",
 ]
@@ -164,3 +166,22 @@ def broadcast_from_main(obj: Any) -> Any:
     box = [obj if is_main() else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def setup(device: str | torch.device | None = None, name: str = "device") -> tuple[int, int, torch.device]:
+    """Pick this process's device (``None`` or ``"auto"``: CUDA when available) and join the job torchrun described;
+    returns ``(rank, world_size, device)``. Errors name the argument ``name``."""
+    device = device_for_rank(None if device == "auto" else device, name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name}: expected an available device, got {str(device)!r} (CUDA is not available)")
+    init_from_env(device)
+    return rank(), world_size(), device
+
+
+def all_ok(ok: bool, device: torch.device | None = None) -> bool:
+    """True when ``ok`` holds on every process, so that all ranks stop together instead of one waiting forever."""
+    if not is_distributed():
+        return ok
+    flag = torch.tensor([1 if ok else 0], device=device or "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())

@@ -37,8 +37,8 @@ def _config(shapes, out_dir, **overrides):
     return TrainConfig(**settings)
 
 
-def _metrics(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
+def _metrics(path, kind="epoch"):
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r["type"] == kind]
 
 
 @pytest.mark.timeout(300)

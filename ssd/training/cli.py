@@ -1,0 +1,257 @@
+"""``python -m ssd train`` (fine-tune SSD300 on a COCO-format dataset) and ``python -m ssd make-shapes`` (a
+synthetic COCO-format demo set). Wired into :mod:`ssd.cli` with :func:`add_parser` and :func:`run`.
+
+``torchrun --nproc-per-node K -m ssd train ...`` trains with K processes (see :mod:`ssd.training.loop`); every rank
+runs the same checks, and all stop together when one fails, so no process is left waiting for the others.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["COMMANDS", "add_parser", "run"]
+
+COMMANDS = ("train", "make-shapes")
+_PREVIOUS_RUN = ("last.pt", "metrics.jsonl")
+
+
+class _UsageError(Exception):
+    """A bad argument or input: printed as one line, exit status 2."""
+
+
+def add_parser(subparsers: Any) -> None:
+    """Add the ``train`` and ``make-shapes`` subcommands to an ``argparse`` subparsers object."""
+    train = subparsers.add_parser(
+        "train", help="fine-tune SSD300 on a COCO-format dataset",
+        description="Fine-tune SSD300 (NVIDIA's recipe) on a COCO-format dataset. By default training starts from "
+                    "NVIDIA's COCO checkpoint; classes other than COCO's get new classification heads.",
+    )
+    train.add_argument("--images", required=True, type=pathlib.Path, help="folder of the training images")
+    train.add_argument("--annotations", required=True, type=pathlib.Path, help="COCO-format annotation JSON")
+    train.add_argument("--out", required=True, type=pathlib.Path,
+                       help="output folder: last.pt, best.pt (with validation), metrics.jsonl")
+    train.add_argument("--val-images", type=pathlib.Path, help="folder of the validation images")
+    train.add_argument("--val-annotations", type=pathlib.Path, help="COCO-format validation annotations")
+    train.add_argument("--checkpoint", default=None,
+                       help="weights to start from: a file or URL; 'none' for random weights (needs far longer "
+                            "training); default SSD_CHECKPOINT, else NVIDIA's COCO checkpoint (downloaded once)")
+    train.add_argument("--epochs", type=int, default=65, help="total epochs (default 65, NVIDIA's)")
+    train.add_argument("--batch-size", type=int, default=32, help="images per iteration and process (default 32)")
+    train.add_argument("--lr", type=float, default=None,
+                       help="base learning rate (default 2.6e-3 x global batch / 32, NVIDIA's scaling)")
+    train.add_argument("--warmup-iterations", type=int, default=300, help="linear warmup length (default 300)")
+    train.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                       help="fp32 (default), bf16 autocast, or fp16 autocast with loss scaling (CUDA)")
+    train.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    train.add_argument("--no-augment", action="store_true", help="no augmentation: only resize and normalise")
+    train.add_argument("--resume", type=pathlib.Path, default=None, metavar="OUT/last.pt",
+                       help="continue a run from its last.pt (epoch, iteration, schedule and metrics continue)")
+    train.add_argument("--force", action="store_true", help="start afresh in an --out that holds a previous run")
+    train.add_argument("--device", default="auto", help="auto (default: cuda when available), cpu, cuda, cuda:1")
+    train.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across torchrun processes (CUDA)")
+    train.add_argument("--log-every", type=int, default=20, help="metrics line every N iterations (default 20)")
+    # For smoke tests and quick checks only: cut every epoch short.
+    train.add_argument("--max-iterations-per-epoch", type=int, default=None, help=argparse.SUPPRESS)
+
+    shapes = subparsers.add_parser(
+        "make-shapes", help="write a synthetic COCO-format dataset of coloured shapes",
+        description="Write OUT/images/*.jpg and OUT/annotations.json: circles, squares and triangles on noisy "
+                    "backgrounds, a set a detector learns quickly (for demos and tests).",
+    )
+    shapes.add_argument("--out", required=True, type=pathlib.Path, help="output folder")
+    shapes.add_argument("--images", required=True, type=int, help="how many images")
+    shapes.add_argument("--size", default="300x300", help="WxH in pixels, or one number (default 300x300)")
+    shapes.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the subcommand ``args.command``; returns the exit status (2 for bad arguments or inputs)."""
+    handler: Callable[[argparse.Namespace], int] = _run_train if args.command == "train" else _run_make_shapes
+    try:
+        return handler(args)
+    except _UsageError as exc:
+        _error(str(exc))
+        return 2
+
+
+def _error(message: str) -> None:
+    from .. import distributed
+
+    if distributed.is_main():
+        # One line: multi-line messages (a list of URLs tried) are joined.
+        print("error: " + " ".join(line.strip() for line in message.splitlines() if line.strip()), file=sys.stderr)
+
+
+def _check_min(name: str, value: int | None, minimum: int) -> None:
+    if value is not None and value < minimum:
+        raise _UsageError(f"{name}: expected an integer >= {minimum}, got {value}")
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    """'WxH' or 'N' -> (H, W)."""
+    parts = text.lower().split("x")
+    try:
+        numbers = [int(p) for p in parts]
+    except ValueError:
+        numbers = []
+    if len(numbers) not in (1, 2) or min(numbers, default=0) < 32:
+        raise _UsageError(f"--size: expected WxH or N with sides of at least 32 pixels, got {text!r}")
+    width, height = numbers[0], numbers[-1]
+    return height, width
+
+
+def _run_make_shapes(args: argparse.Namespace) -> int:
+    from ..data.synthetic import make_shapes_dataset
+
+    _check_min("--images", args.images, 1)
+    _check_min("--seed", args.seed, 0)
+    size = _parse_size(args.size)
+    try:
+        annotations = make_shapes_dataset(args.out, args.images, image_size=size, seed=args.seed)
+    except OSError as exc:
+        raise _UsageError(f"--out: cannot write {str(args.out)!r}: {exc}") from None
+    print(f"wrote {args.images} images to {args.out / 'images'} and their annotations to {annotations}")
+    return 0
+
+
+def _check_train_args(args: argparse.Namespace) -> None:
+    _check_min("--epochs", args.epochs, 1)
+    _check_min("--batch-size", args.batch_size, 2)  # BatchNorm on the 1 x 1 map needs two
+    _check_min("--warmup-iterations", args.warmup_iterations, 0)
+    _check_min("--workers", args.workers, 0)
+    _check_min("--seed", args.seed, 0)
+    _check_min("--log-every", args.log_every, 1)
+    _check_min("--max-iterations-per-epoch", args.max_iterations_per_epoch, 1)
+    if args.lr is not None and not (args.lr > 0 and args.lr < float("inf")):
+        raise _UsageError(f"--lr: expected a positive number, got {args.lr}")
+    if (args.val_images is None) != (args.val_annotations is None):
+        raise _UsageError("--val-images/--val-annotations: expected both or neither, got only one")
+    if args.resume is not None and args.force:
+        raise _UsageError("--resume/--force: expected one of them, got both")
+    if not args.images.is_dir():
+        raise _UsageError(f"--images: expected a folder, got {str(args.images)!r}")
+    if not args.annotations.is_file():
+        raise _UsageError(f"--annotations: expected a file, got {str(args.annotations)!r}")
+    if args.val_images is not None:
+        if not args.val_images.is_dir():
+            raise _UsageError(f"--val-images: expected a folder, got {str(args.val_images)!r}")
+        if not args.val_annotations.is_file():
+            raise _UsageError(f"--val-annotations: expected a file, got {str(args.val_annotations)!r}")
+        try:
+            import ssd.evaluation  # noqa: F401 - only whether it is there
+        except ImportError:
+            raise _UsageError("--val-images: validation needs the ssd.evaluation package, which this installation "
+                              "lacks") from None
+    if args.resume is not None and not args.resume.is_file():
+        raise _UsageError(f"--resume: expected an existing last.pt, got {str(args.resume)!r}")
+    previous = [name for name in _PREVIOUS_RUN if (args.out / name).exists()]
+    if previous and args.resume is None and not args.force:
+        raise _UsageError(
+            f"--out: {str(args.out)!r} holds a previous run ({', '.join(previous)}); pass --resume "
+            f"{args.out / 'last.pt'} to continue it or --force to start afresh (overwriting it)"
+        )
+
+
+def _starting_weights(args: argparse.Namespace) -> tuple[Any, str | None]:
+    """``(init_checkpoint, label)`` for TrainConfig: None, a local path, or a state dict from a URL/the default."""
+    from ..weights.checkpoints import ENV_VAR, CheckpointUnavailableError, is_url, resolve_state_dict
+
+    if args.resume is not None:
+        return None, None  # the resumed checkpoint holds the weights
+    choice = args.checkpoint if args.checkpoint is not None else (os.environ.get(ENV_VAR) or None)
+    if choice is not None and choice.lower() == "none":
+        return None, None
+    if choice is not None and not is_url(choice):
+        path = pathlib.Path(choice).expanduser()
+        if not path.is_file():
+            raise _UsageError(f"--checkpoint: expected a checkpoint file, a URL or 'none', got {choice!r}")
+        return path, None  # a local file: the loop reads it, with its class names if it has them
+    try:
+        state_dict, source = resolve_state_dict("fp32", choice, progress=True)
+    except CheckpointUnavailableError as exc:
+        raise _UsageError(f"{exc} Or pass --checkpoint none to train from random weights (this needs far longer "
+                          "training) or --checkpoint /path/to/checkpoint.pt.") from None
+    except (OSError, ValueError) as exc:
+        raise _UsageError(f"--checkpoint: {exc}") from None
+    return state_dict, source
+
+
+def _validator(args: argparse.Namespace) -> Callable[[Any], dict[str, Any]] | None:
+    if args.val_images is None:
+        return None
+    images, annotations = args.val_images, args.val_annotations
+
+    def validate(model: Any) -> dict[str, Any]:
+        # Imported here: ssd.evaluation is optional for training without validation.
+        from ..evaluation import evaluate
+
+        device = next(model.parameters()).device
+        result = evaluate(model, images, annotations, batch_size=args.batch_size, workers=args.workers,
+                          device=device, progress=False)
+        stats = [float(v) for v in result.stats]
+        return {"mAP": stats[0], "stats": stats}
+
+    return validate
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .. import distributed
+    from ..data.coco_format import AnnotationFileError
+    from ..weights.checkpoints import InvalidCheckpointError
+    from .loop import NonFiniteLossError, TrainConfig, train
+
+    try:
+        rank, world, device = distributed.setup(args.device)
+    except ValueError as exc:
+        raise _UsageError(f"--device: {exc}") from None
+    try:
+        # Every rank checks; all stop when any fails (a lone failing rank would leave the others waiting).
+        problem = None
+        try:
+            _check_train_args(args)
+            if args.precision == "fp16" and device.type != "cuda":
+                raise _UsageError(f"--precision: fp16 needs a CUDA device, got {device.type!r}; use bf16 or fp32")
+            if args.sync_bn and world > 1 and device.type != "cuda":
+                raise _UsageError(f"--sync-bn: expected CUDA devices, got {device.type!r}")
+            if rank == 0:
+                init, label = _starting_weights(args)  # rank 0 first, so only it downloads
+        except _UsageError as exc:
+            problem = exc
+        if not distributed.all_ok(problem is None, device if device.type == "cuda" else None):
+            raise problem or _UsageError("another process stopped (see its message)")
+        if rank != 0:
+            init, label = _starting_weights(args)  # from the cache rank 0 filled
+        if args.force and rank == 0:
+            for name in (*_PREVIOUS_RUN, "best.pt"):
+                (args.out / name).unlink(missing_ok=True)
+        distributed.barrier()
+        if rank == 0 and init is None and args.resume is None:
+            print("starting from random weights (--checkpoint none): expect to need far more epochs than a "
+                  "fine-tuning")
+        config = TrainConfig(
+            annotations=args.annotations, images=args.images, out_dir=args.out, epochs=args.epochs,
+            batch_size=args.batch_size, lr=args.lr, warmup_iters=args.warmup_iterations, precision=args.precision,
+            device=str(device), num_workers=args.workers, seed=args.seed, augment=not args.no_augment,
+            resume=args.resume if args.resume is not None else False, init_checkpoint=init, init_source=label,
+            max_iters_per_epoch=args.max_iterations_per_epoch, log_every=args.log_every,
+            validate=_validator(args), sync_bn=args.sync_bn, log=lambda message: print(message, flush=True),
+        )
+        try:
+            summary = train(config)
+        except (AnnotationFileError, InvalidCheckpointError, NonFiniteLossError, OSError, ValueError,
+                TypeError) as exc:
+            raise _UsageError(str(exc)) from None
+        if rank == 0:
+            if summary["epochs_run"] == 0:
+                print(f"nothing to do: the run already has {args.epochs} epochs; raise --epochs to train longer")
+            best = "" if summary["best_map"] is None else f", best mAP {summary['best_map']:.4f} in best.pt"
+            print(f"done: epoch {summary['epoch']}, iteration {summary['iterations']}, last.pt and metrics.jsonl "
+                  f"in {args.out}{best}")
+        return 0
+    finally:
+        distributed.cleanup()
