@@ -90,6 +90,6 @@ class Detections:
         return draw_boxes(ax, self._picture(), self.boxes, self.labels.tolist(), self.captions())
 
     def save(self, path: str | os.PathLike) -> pathlib.Path:
-        """Write the annotated picture (format from the suffix, e.g. .png or .jpg) at the image's resolution;
-        returns the path written."""
+        """Write the annotated picture (format from the suffix, e.g. .png or .jpg; no suffix means .png, appended) at
+        the image's resolution, atomically; returns the path actually written (``save('pic')`` gives ``pic.png``)."""
         return save_figure_of(self._picture(), self.boxes, self.labels.tolist(), self.captions(), path)

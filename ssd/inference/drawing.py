@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import tempfile
 from collections.abc import Sequence
 
 import numpy as np
@@ -34,11 +35,19 @@ def draw_boxes(ax, image: np.ndarray | None, boxes: np.ndarray, labels: Sequence
 
 def save_figure_of(image: np.ndarray, boxes: np.ndarray, labels: Sequence[int], captions: Sequence[str],
                    path: str | os.PathLike, dpi: int = 100) -> pathlib.Path:
-    """Write the annotated picture at the image's own resolution; no GUI backend is involved."""
+    """Write the annotated picture at the image's own resolution; no GUI backend is involved.
+
+    The format follows the suffix; a path without one gets ``.png`` appended. Returns the path actually written.
+    The file appears whole or not at all (written beside it, then renamed).
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     path = pathlib.Path(path)
+    if not path.suffix:
+        # matplotlib would append ".png" itself and we would return a path that does not exist.
+        path = path.with_name(path.name + ".png")
+    fmt = path.suffix[1:].lower()
     height, width = image.shape[:2]
     figure = Figure(figsize=(width / dpi, height / dpi), dpi=dpi)
     FigureCanvasAgg(figure)
@@ -46,6 +55,16 @@ def save_figure_of(image: np.ndarray, boxes: np.ndarray, labels: Sequence[int], 
     draw_boxes(ax, image, boxes, labels, captions, linewidth=max(1.0, min(height, width) / 250))
     ax.set_xlim(0, width)
     ax.set_ylim(height, 0)
+    supported = FigureCanvasAgg.get_supported_filetypes()
+    if fmt not in supported:
+        raise ValueError(f"path: expected a picture suffix ({', '.join('.' + k for k in sorted(supported))}), "
+                         f"got {path.suffix!r} in {str(path)!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=dpi)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            figure.savefig(out, dpi=dpi, format=fmt)
+        os.replace(tmp, path)
+    finally:
+        pathlib.Path(tmp).unlink(missing_ok=True)
     return path
