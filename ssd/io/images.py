@@ -283,10 +283,11 @@ def _decode_failure(exc: BaseException, name: str, im: Image.Image | None = None
         return ImageTooLargeError(
             f"{name} is too large to decode safely: {exc} (PIL.Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS})"
         )
-    if im is not None and getattr(im, "tile", None) and getattr(im, "fp", True) is None:
-        # Lazily opened, then closed: its pixels were never read and the file handle is gone.
-        return ImageLoadError(f"{name}: the PIL image's file was closed before its pixels were loaded; call "
-                              "im.load() before closing it (or pass the path instead)")
+    lazy_and_closed = im is not None and getattr(im, "tile", None) and getattr(im, "fp", True) is None
+    if lazy_and_closed or "closed image" in str(exc):
+        # im.close() (or the end of a ``with Image.open(...)`` block) drops the pixels and the file handle.
+        return ImageLoadError(f"{name}: the PIL image was closed (im.close() or the end of its with-block) before "
+                              "its pixels were read; pass it while open, pass im.copy(), or pass the path")
     if isinstance(exc, MemoryError):
         return ImageLoadError(f"{name} is not a readable image: not enough memory to decode it "
                               f"({im.width} x {im.height} {im.mode} claimed)" if im is not None else
