@@ -20,7 +20,7 @@ from .zoo import build_ssd300
 SAMPLE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")  # scikit-image's bundled photographs
 _PROGRESS_FROM = 5  # images; fewer finish before a bar would be useful
 _SAVE_EVERY_S = 5.0  # detections.json is rewritten (atomically) at least this often while a run goes on
-_STEM_LIMIT = 100  # characters of an input's name kept in its picture's name; file systems allow 255 bytes
+_STEM_LIMIT = 100  # bytes of an input's name kept in its picture's name; file systems allow 255 bytes
 REPORT_NAME = "detections.json"
 
 
@@ -118,13 +118,14 @@ def _out_conflict(out: pathlib.Path, inputs: Sequence[str]) -> str | None:
 
 def _picture_name(name: str, used: set[str]) -> str:
     stem = pathlib.PurePosixPath(name.split("?", 1)[0].rstrip("/")).stem or "image"
-    # Long input names would make "<stem>-<n>.png" longer than a file name may be (255 bytes).
-    stem = stem[:_STEM_LIMIT]
+    # Long input names would make "<stem>-<n>.png" longer than a file name may be (255 bytes, not characters).
+    stem = stem.encode("utf-8", "surrogateescape")[:_STEM_LIMIT].decode("utf-8", "ignore") or "image"
     candidate, n = f"{stem}.png", 1
-    while candidate in used:
+    # Compared case-insensitively: on macOS and Windows "Cat.png" and "cat.png" are one file.
+    while candidate.casefold() in used:
         n += 1
         candidate = f"{stem}-{n}.png"
-    used.add(candidate)
+    used.add(candidate.casefold())
     return candidate
 
 
@@ -262,7 +263,7 @@ def _detect_all(model: Any, jobs: list[tuple[str, Any]], args: argparse.Namespac
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(jobs), unit="image", disable=len(jobs) < _PROGRESS_FROM, file=sys.stderr)
-    used: set[str] = {REPORT_NAME}
+    used: set[str] = {REPORT_NAME.casefold()}
     stream = detect_iter(model, [source for _, source in jobs], threshold=args.threshold,
                          batch_size=args.batch_size, precision="bf16" if args.precision == "bf16" else None,
                          skip_errors=True)

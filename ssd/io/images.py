@@ -289,9 +289,8 @@ def _decode_failure(exc: BaseException, name: str, im: Image.Image | None = None
         return ImageLoadError(f"{name}: the PIL image was closed (im.close() or the end of its with-block) before "
                               "its pixels were read; pass it while open, pass im.copy(), or pass the path")
     if isinstance(exc, MemoryError):
-        return ImageLoadError(f"{name} is not a readable image: not enough memory to decode it "
-                              f"({im.width} x {im.height} {im.mode} claimed)" if im is not None else
-                              f"{name} is not a readable image: not enough memory to decode it")
+        claimed = f" ({im.width} x {im.height} {im.mode} claimed)" if im is not None else ""
+        return ImageLoadError(f"{name} is not a readable image: not enough memory to decode it{claimed}")
     detail = str(exc) or "no detail given"
     kind = "" if isinstance(exc, (OSError, ValueError, SyntaxError)) else f"{type(exc).__name__}: "
     return ImageLoadError(f"{name} is not a readable image: {kind}{detail}")
