@@ -192,7 +192,12 @@ class _Report:
     def add(self, index: int, record: dict) -> None:
         self.records[index] = record
         if time.monotonic() - self.saved_at >= _SAVE_EVERY_S:
-            self.save()
+            try:
+                self.save()
+            except OSError as exc:
+                # A full disk now and then must not end the run: the results stay in memory for the next save.
+                print(f"warning: could not update {self.path}: {exc}", file=sys.stderr)
+                self.saved_at = time.monotonic()
 
     @property
     def done(self) -> list[dict]:
@@ -226,6 +231,9 @@ def run_detect(args: argparse.Namespace) -> int:
     except (CheckpointUnavailableError, InvalidCheckpointError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted while loading the model; nothing was done", file=sys.stderr)
+        return 130
     try:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -239,11 +247,18 @@ def run_detect(args: argparse.Namespace) -> int:
     try:
         _detect_all(model, jobs, args, report)
     except KeyboardInterrupt:
-        report.save()
-        print(f"interrupted: {len(report.done)} of {len(jobs)} image(s) done; they are in "
-              f"{args.out / REPORT_NAME}", file=sys.stderr)
+        try:
+            report.save()
+            kept = f"they are in {report.path}"
+        except OSError as exc:
+            kept = f"but {report.path} could not be written: {exc}"
+        print(f"interrupted: {len(report.done)} of {len(jobs)} image(s) done; {kept}", file=sys.stderr)
         return 130
-    report.save()
+    try:
+        report.save()
+    except OSError as exc:
+        print(f"error: could not write {report.path}: {exc}", file=sys.stderr)
+        return 1
     elapsed = time.perf_counter() - started
     print(f"{len(report.done)} image(s) in {elapsed:.1f} s; pictures and {REPORT_NAME} in {args.out}")
     if ignored:

@@ -21,6 +21,7 @@ import torch
 from PIL import Image, ImageFile, features
 from skimage import data
 
+from ssd import cli
 from ssd.cli import _write_json, main
 from ssd.compat.nvidia import prepare_input
 from ssd.inference.detect import detect
@@ -445,6 +446,21 @@ def test_cli_refuses_bad_options_before_loading_the_model(tmp_path, monkeypatch,
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, (args, err)
     assert image.read_bytes() == original and a_file.read_text() == "keep me"
     assert sorted(p.name for p in photos.iterdir()) == ["cat.png"]  # no output folder was made
+
+
+def test_report_is_rewritten_as_results_come_and_a_failed_rewrite_does_not_stop_the_run(tmp_path, monkeypatch,
+                                                                                       capsys):
+    monkeypatch.setattr(cli, "_SAVE_EVERY_S", 0.0)  # rewrite on every result
+    path = tmp_path / "detections.json"
+    report = cli._Report(path, {"model": "m"}, 3, [("gone.png", "no such file or folder")])
+    report.add(2, {"file": "c.png"})
+    assert strict_json(path) == {"model": "m", "images": [{"file": "c.png"}],
+                                 "skipped": [{"file": "gone.png", "error": "no such file or folder"}]}
+    report.add(0, {"file": "a.png"})
+    assert [i["file"] for i in strict_json(path)["images"]] == ["a.png", "c.png"]  # input order, not finish order
+    broken = cli._Report(tmp_path / "missing-folder" / "detections.json", {}, 1, [])
+    broken.add(0, {"file": "a.png"})  # cannot be written: a warning, not an exception
+    assert "warning: could not update" in capsys.readouterr().err and broken.done == [{"file": "a.png"}]
 
 
 @pytest.mark.timeout(300)
