@@ -127,6 +127,13 @@ def test_header_parser_failure_is_image_load_error(tmp_path, monkeypatch):
     assert str(path) in str(info.value)
 
 
+def test_postscript_is_refused_without_running_ghostscript(tmp_path):
+    eps = tmp_path / "drawing.eps"
+    eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n0 0 moveto 10 10 lineto stroke\n%%EOF\n")
+    with pytest.raises(ImageLoadError, match="drawing.eps is not a readable image: PostScript/EPS is not decoded"):
+        load_uint8(eps)
+
+
 @pytest.mark.parametrize("source", [
     torch.full((3, 8, 8), 200.0),
     torch.from_numpy(CHELSEA).permute(2, 0, 1).float(),  # the classic mistake: 0..255 as float

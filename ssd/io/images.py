@@ -75,6 +75,8 @@ _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 # Pillow raises a zoo of exception types on corrupt data (OSError, SyntaxError, struct.error, zlib.error, but also
 # RuntimeError, NotImplementedError, MemoryError on lying headers): every Exception while decoding is "bad bytes".
 _EXIF_ORIENTATION = 0x0112
+# Pillow renders EPS by running Ghostscript on the file: a program from an untrusted file is no picture to open.
+_REFUSED_FORMATS = frozenset({"EPS"})
 # Float inputs computed in float32 may overshoot [0, 1] by rounding; anything beyond this is a real range error.
 _FLOAT_SLACK = 1e-4
 
@@ -165,6 +167,8 @@ def _sniff(head: bytes) -> str:
     """Why undecodable data is not an image, from its first bytes: a hint for the error message."""
     if not head:
         return "there is no data (empty input)"
+    if head.startswith((b"%!PS", b"\xc5\xd0\xd3\xc6")):
+        return "PostScript/EPS is not decoded here (Pillow would run Ghostscript on it); convert it to PNG first"
     stripped = head.lstrip()
     if stripped[:1] in (b"<", b"{", b"["):
         return "the data looks like HTML, XML or JSON text, not an image"
@@ -321,7 +325,7 @@ def _decode_stream(fp: Any, name: str, orient: bool = False) -> np.ndarray:
     try:
         # Pillow only warns between 1x and 2x MAX_IMAGE_PIXELS; _from_pil turns that range into an error. The
         # warning is not silenced: catch_warnings changes process-wide state, and images load in threads.
-        im = Image.open(fp)
+        im = Image.open(fp, formats=_safe_formats())
     except UnidentifiedImageError as exc:
         try:
             fp.seek(0)
@@ -333,6 +337,14 @@ def _decode_stream(fp: Any, name: str, orient: bool = False) -> np.ndarray:
         raise _decode_failure(exc, name) from exc
     with im:
         return _from_pil(im, name, orient)
+
+
+def _safe_formats() -> list[str]:
+    """Every format Pillow can open (optional plugins included), less :data:`_REFUSED_FORMATS`."""
+    from PIL import Image
+
+    Image.init()  # registers every plugin once; Image.ID is empty before
+    return [name for name in Image.ID if name not in _REFUSED_FORMATS]
 
 
 def _open_regular_file(path: pathlib.Path, name: str) -> Any:
