@@ -349,6 +349,16 @@ def test_json_writer_refuses_non_finite_numbers(tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing half-written
 
 
+def test_training_metrics_log_non_finite_numbers_as_null(tmp_path):
+    from ssd.training.loop import _write_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    _write_metrics(path, {"step": 3, "loss": float("nan"), "lr": float("inf"), "ok": 0.5})
+    [line] = path.read_text().splitlines()
+    assert json.loads(line, parse_constant=lambda token: pytest.fail(token)) == {"step": 3, "loss": None,
+                                                                                  "lr": None, "ok": 0.5}
+
+
 # ------------------------------------------------------------------------------------------------ command line
 
 
