@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import queue
 import sys
@@ -17,13 +18,16 @@ from .inference.detect import detect_iter
 from .inference.detections import Detections, picture_name
 from .inference.jsonl import run_streaming_detect
 from .io.files import UniqueNames, atomic_open
-from .io.images import IMAGE_EXTENSIONS, is_image_file
+from .io.images import is_image_file, readable_extensions
+from .models.spec import check_int, check_real
 from .training import cli as training_cli
 from .weights.checkpoints import CheckpointUnavailableError, InvalidCheckpointError
 from .zoo import build_ssd300
 
 SAMPLE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")  # scikit-image's bundled photographs
 _PROGRESS_FROM = 5  # images; fewer finish before a bar would be useful
+_SAVE_EVERY_S = 5.0  # detections.json is rewritten (atomically) at least this often while a run goes on
+REPORT_NAME = "detections.json"
 
 
 def _prog() -> str:
@@ -85,11 +89,14 @@ class Job(NamedTuple):
     picture: pathlib.PurePosixPath  # where its picture goes, relative to --out (before making names unique)
 
 
-def collect_inputs(inputs: Sequence[str]) -> tuple[list[Job], list[tuple[str, str]]]:
+def collect_inputs(inputs: Sequence[str], out: pathlib.Path | None = None,
+                   ignored: list[str] | None = None) -> tuple[list[Job], list[tuple[str, str]]]:
     """Expand folders; returns the jobs to run and ``(name, error)`` pairs already failed.
 
     A picture's place under --out mirrors the input: files found in a folder keep their path below that folder, a
-    file or URL given by itself is placed at the top, under its own name.
+    file or URL given by itself is placed at the top, under its own name. Folder scans never enter ``out`` (the
+    output folder, when it lies inside a scanned folder: ``detect .`` must not read its own ./ssd-out); files
+    without a readable image extension are appended to ``ignored``.
     """
     found: list[Job] = []
     problems: list[tuple[str, str]] = []
@@ -98,15 +105,18 @@ def collect_inputs(inputs: Sequence[str]) -> tuple[list[Job], list[tuple[str, st
 
         return [Job(f"{name}.png", getattr(data, name)(), pathlib.PurePosixPath(f"{name}.png"))
                 for name in SAMPLE_PHOTOS], problems
+    out_resolved = out.resolve() if out is not None else None
     for item in inputs:
         if item.lower().startswith(("http://", "https://")):
             found.append(Job(item, item, picture_name(item, "image")))
             continue
         path = pathlib.Path(item)
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p))
+            files, others = _scan_folder(path, out_resolved)
+            if ignored is not None:
+                ignored += others
             if not files:
-                problems.append((item, f"folder has no images ({', '.join(sorted(IMAGE_EXTENSIONS))})"))
+                problems.append((item, f"folder has no images ({', '.join(sorted(readable_extensions()))})"))
             for file in files:
                 relative = pathlib.PurePosixPath(file.relative_to(path).as_posix())
                 found.append(Job(str(file), file, relative.parent / picture_name(relative.name, "image")))
@@ -115,6 +125,46 @@ def collect_inputs(inputs: Sequence[str]) -> tuple[list[Job], list[tuple[str, st
         else:
             problems.append((item, "no such file or folder"))
     return found, problems
+
+
+def _scan_folder(folder: pathlib.Path, out: pathlib.Path | None) -> tuple[list[pathlib.Path], list[str]]:
+    """Image files under ``folder`` (sorted) and the other files seen; the subtree of ``out`` is skipped."""
+    images: list[pathlib.Path] = []
+    others: list[str] = []
+    skip = out if out is not None and out != folder.resolve() else None
+    for root, dirs, files in os.walk(folder):
+        if skip is not None:
+            # Pruned in place, so os.walk never descends into the output folder.
+            dirs[:] = [d for d in dirs if pathlib.Path(root, d).resolve() != skip]
+        for file_name in files:
+            path = pathlib.Path(root, file_name)
+            if path.is_file() and is_image_file(path):
+                images.append(path)
+            else:
+                others.append(str(path))  # FIFOs, sockets, devices, broken links and non-images: never opened
+    return sorted(images), others
+
+
+def _out_conflict(out: pathlib.Path, inputs: Sequence[str]) -> str | None:
+    """Why ``out`` cannot take the pictures of ``inputs`` (it is an input folder, or holds an input file), if so.
+
+    Pictures and detections.json go into ``out``; refusing these cases is what guarantees that an input is never
+    overwritten. An ``out`` inside an input folder is fine: the scan skips it.
+    """
+    if out.exists() and not out.is_dir():
+        return f"--out: expected a folder, got the existing file {str(out)!r}"
+    resolved = out.resolve()
+    for item in inputs:
+        if item.lower().startswith(("http://", "https://")):
+            continue
+        path = pathlib.Path(item)
+        if path.is_dir() and path.resolve() == resolved:
+            return (f"--out: expected a folder apart from the input folders, got {str(out)!r}, which is the input "
+                    f"folder {item!r} (its pictures could overwrite the images); choose another --out")
+        if path.is_file() and path.resolve().parent == resolved:
+            return (f"--out: expected a folder that holds no input file, got {str(out)!r}, which holds the input "
+                    f"{item!r} (a picture could overwrite it); choose another --out")
+    return None
 
 
 class PictureWriter:
@@ -165,25 +215,81 @@ def summary(names: Sequence[str], scores: Sequence[float], most: int = 5) -> str
 
 def _write_json(path: pathlib.Path, payload: dict) -> None:
     # Written beside its final name and renamed, so a crash never leaves half a file; readable by others.
+    # allow_nan=False: NaN and Infinity are not JSON, and a reader of the file would choke on them.
     with atomic_open(path, "w") as out:
-        json.dump(payload, out, indent=2)
+        json.dump(payload, out, indent=2, allow_nan=False)
+
+
+def _option_error(args: argparse.Namespace) -> str | None:
+    """The first option detect would refuse, as one line, checked before the model loads."""
+    try:
+        # The spec's own validators: the command line accepts exactly what detect accepts (threshold in [0, 1)).
+        args.threshold = check_real("--threshold", args.threshold, 0.0, 1.0, open_high=True)
+        args.batch_size = check_int("--batch-size", args.batch_size, 1)
+    except (TypeError, ValueError) as exc:
+        return str(exc)
+    return _out_conflict(args.out, args.inputs)
+
+
+def _device(requested: str | None) -> Any:
+    """The torch.device to run on (under torchrun a bare ``cuda`` is ``cuda:LOCAL_RANK``), or the one-line error
+    for a device this machine does not have."""
+    import torch
+
+    try:
+        device = distributed.device_for_rank(requested, "--device")
+    except ValueError as exc:
+        return str(exc)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            return f"--device: expected a device this machine has, got {requested!r} (CUDA is not available here)"
+        if device.index is not None and device.index >= count:
+            return f"--device: expected cuda:0 to cuda:{count - 1}, got {requested!r}"
+    return device
+
+
+class _Report:
+    """detections.json, rewritten atomically as results come (every few seconds and at the end), so that an
+    interrupted or crashed run keeps what it had done."""
+
+    def __init__(self, path: pathlib.Path, header: dict, size: int, skipped: list[tuple[str, str]]) -> None:
+        self.path, self.header, self.skipped = path, header, skipped
+        self.records: list[dict | None] = [None] * size
+        self.saved_at = time.monotonic()
+
+    def add(self, index: int, record: dict) -> None:
+        self.records[index] = record
+        if time.monotonic() - self.saved_at >= _SAVE_EVERY_S:
+            try:
+                self.save()
+            except OSError as exc:
+                # A full disk now and then must not end the run: the results stay in memory for the next save.
+                print(f"warning: could not update {self.path}: {exc}", file=sys.stderr)
+                self.saved_at = time.monotonic()
+
+    @property
+    def done(self) -> list[dict]:
+        return [r for r in self.records if r is not None]
+
+    def save(self) -> None:
+        _write_json(self.path, {**self.header, "images": self.done,
+                                "skipped": [{"file": name, "error": error} for name, error in self.skipped]})
+        self.saved_at = time.monotonic()
 
 
 def run_detect(args: argparse.Namespace) -> int:
     import torch
 
-    if not 0.0 <= args.threshold <= 1.0:
-        print(f"error: --threshold: expected a value in [0, 1], got {args.threshold}", file=sys.stderr)
+    problem = _option_error(args)
+    device = _device(args.device)
+    if problem is None and isinstance(device, str):
+        problem = device
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
-    if args.batch_size < 1:
-        print(f"error: --batch-size: expected a positive integer, got {args.batch_size}", file=sys.stderr)
-        return 2
-    try:
-        device = distributed.device_for_rank(args.device, "--device")  # under torchrun, "cuda" is cuda:LOCAL_RANK
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    jobs, skipped = collect_inputs(args.inputs)
+    ignored: list[str] = []
+    jobs, skipped = collect_inputs(args.inputs, out=args.out, ignored=ignored)
     try:
         model = build_ssd300(model_math="fp16" if args.precision == "fp16" else "fp32",
                              checkpoint=args.checkpoint).to(device)
@@ -194,58 +300,87 @@ def run_detect(args: argparse.Namespace) -> int:
     except (CheckpointUnavailableError, InvalidCheckpointError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted while loading the model; nothing was done", file=sys.stderr)
+        return 130
     if args.jsonl or args.resume or distributed.env_world_size() > 1:
         return run_streaming_detect(args, model, jobs, skipped, summary)
-    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"error: --out: could not create the folder {str(args.out)!r}: {exc}", file=sys.stderr)
+        return 2
 
+    report = _Report(args.out / REPORT_NAME, {
+        "model": model.spec.name, "checkpoint": getattr(model, "checkpoint_source", None),
+        "threshold": args.threshold}, len(jobs), skipped)
+    started = time.perf_counter()
+    try:
+        _detect_all(model, jobs, args, report)
+    except KeyboardInterrupt:
+        try:
+            report.save()
+            kept = f"they are in {report.path}"
+        except OSError as exc:
+            kept = f"but {report.path} could not be written: {exc}"
+        print(f"interrupted: {len(report.done)} of {len(jobs)} image(s) done; {kept}", file=sys.stderr)
+        return 130
+    try:
+        report.save()
+    except OSError as exc:
+        print(f"error: could not write {report.path}: {exc}", file=sys.stderr)
+        return 1
+    elapsed = time.perf_counter() - started
+    written = f"pictures and {REPORT_NAME}" if args.pictures else REPORT_NAME
+    print(f"{len(report.done)} image(s) in {elapsed:.1f} s; {written} in {args.out}")
+    if ignored:
+        print(f"{len(ignored)} non-image file(s) in the folders ignored (readable: "
+              f"{', '.join(sorted(readable_extensions()))})")
+    if skipped:
+        print(f"{len(skipped)} input(s) skipped:", file=sys.stderr)
+        for name, error in skipped:
+            print(f"  {name}: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _detect_all(model: Any, jobs: list[Job], args: argparse.Namespace, report: _Report) -> None:
+    """Run every job, queueing each picture for the background writer and handing each record to ``report``; bad
+    inputs and pictures that cannot be written are reported in ``report.skipped`` and the run goes on."""
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(jobs), unit="image", disable=len(jobs) < _PROGRESS_FROM, file=sys.stderr)
     unique = UniqueNames()
-    records: list[dict | None] = [None] * len(jobs)
-    started = time.perf_counter()
+    unique.claim(pathlib.PurePosixPath(REPORT_NAME))
     stream = detect_iter(model, [job.source for job in jobs], threshold=args.threshold,
                          batch_size=args.batch_size, precision="bf16" if args.precision == "bf16" else None,
-                         skip_errors=True)
+                         keep_images=args.pictures, skip_errors=True)
     with bar, PictureWriter() as pictures:
         for index, result in stream:
             name = jobs[index].name
             bar.update(1)
             if isinstance(result, Exception):
-                skipped.append((name, str(result)))
+                report.skipped.append((name, str(result)))
                 tqdm.write(f"skipped {name}: {result}", file=sys.stderr)
                 continue
             picture = unique.claim(jobs[index].picture) if args.pictures else None
             if picture is not None:
                 pictures.put(index, result, args.out / picture)
             height, width = result.image_size
-            records[index] = {
+            report.add(index, {
                 "file": name, "width": width, "height": height,
                 "picture": picture.as_posix() if picture is not None else None,
                 "detections": [{k: d[k] for k in ("name", "category_id", "score", "bbox")}
                                for d in result.to_dict()["detections"]],
-            }
+            })
             tqdm.write(f"{name} ({width}x{height}): {summary(result.names, result.scores)}")
             # Only the current batch and the writer's queue keep images alive: memory stays bounded on long lists.
             del result
-    elapsed = time.perf_counter() - started
     for index, error in sorted(pictures.errors.items()):
-        records[index]["picture"] = None
+        # The detections are still good: keep them, with no picture, and say why.
+        report.records[index]["picture"] = None
+        report.skipped.append((jobs[index].name, f"picture not saved: {error}"))
         print(f"error: {error}", file=sys.stderr)
-    done = [r for r in records if r is not None]
-    _write_json(args.out / "detections.json", {
-        "model": "SSD300 ResNet-50 (COCO)", "checkpoint": getattr(model, "checkpoint_source", None),
-        "threshold": args.threshold, "images": done,
-        "skipped": [{"file": name, "error": error} for name, error in skipped],
-    })
-    written = "pictures and detections.json" if args.pictures else "detections.json"
-    print(f"{len(done)} image(s) in {elapsed:.1f} s; {written} in {args.out}")
-    if skipped:
-        print(f"{len(skipped)} input(s) skipped:", file=sys.stderr)
-        for name, error in skipped:
-            print(f"  {name}: {error}", file=sys.stderr)
-        return 1
-    return 1 if pictures.errors else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

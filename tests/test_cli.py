@@ -117,8 +117,8 @@ def test_without_weights_it_exits_with_the_checkpoint_message(tmp_path, hub_dir,
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["--threshold", "2"], "--threshold: expected a value in [0, 1], got 2.0"),
-    (["--batch-size", "0"], "--batch-size: expected a positive integer, got 0"),
+    (["--threshold", "2"], "--threshold: expected a number in [0, 1), got 2.0"),
+    (["--batch-size", "0"], "--batch-size: expected an integer >= 1, got 0"),
     (["--device", "gpu7"], "--device: expected cpu, cuda or cuda:N"),
 ])
 def test_bad_options(tmp_path, checkpoint, monkeypatch, capsys, argv, message):

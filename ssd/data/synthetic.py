@@ -183,5 +183,5 @@ def make_shapes_dataset(
     categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(classes)]
     document = {"images": images, "annotations": annotations, "categories": categories}
     annotation_file = root / "annotations.json"
-    _atomic_write(annotation_file, json.dumps(document, indent=1).encode())
+    _atomic_write(annotation_file, json.dumps(document, indent=1, allow_nan=False).encode())
     return annotation_file

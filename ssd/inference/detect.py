@@ -143,6 +143,11 @@ def _detect_batch(model: torch.nn.Module, spec: DetectorSpec, good: list, plan: 
     classes = spec.classes
     results = []
     for (index, pixels, source), (boxes, labels, scores) in zip(good, split_detections(decoded)):
+        # A NaN/inf from the network (an fp16 overflow, broken weights) is no detection: it could not be drawn, and
+        # JSON cannot hold it. NaN scores already fail the threshold; boxes may still be non-finite.
+        finite = np.isfinite(boxes).all(axis=1) & np.isfinite(scores)
+        if not finite.all():
+            boxes, labels, scores = boxes[finite], labels[finite], scores[finite]
         if wanted is not None:
             # Rows stay in descending score order, so the first max_detections kept are the best of those wanted.
             keep = np.flatnonzero(np.isin(labels, wanted))[: recipe.max_detections]
@@ -176,17 +181,23 @@ def detect(
     Args:
         model: the detector to run (this is ``model.detect(images, ...)``); its device, dtype and memory format
             are followed, and it is never modified.
-        images: one image or an iterable of them: paths, http(s) URLs, bytes, PIL images, numpy arrays (H x W x 3,
-            uint8 or float in [0, 1]) or tensors (3 x H x W, uint8 or float in [0, 1]).
-        threshold: keep detections scoring above this (0..1); default from the model's spec (0.4 for NVIDIA's).
+        images: one image or any iterable of them (lists, tuples, generators, consumed lazily): paths, http(s)
+            URLs, bytes, PIL images, numpy arrays (H x W x 3, uint8 or float in [0, 1]) or tensors (3 x H x W, uint8
+            or float in [0, 1]). Files are turned upright as their EXIF orientation says, so boxes are in the
+            picture as viewers show it; float pixels outside [0, 1] or NaN are refused, never rescaled.
+        threshold: keep detections scoring above this, in [0, 1); default from the model's spec (0.4 for NVIDIA's).
+            Numeric arguments accept Python, numpy and 0-d torch numbers; NaN and inf are refused.
         iou_threshold: boxes of one class overlapping a better one this much are dropped (default 0.5 for
             NVIDIA's model, which drops IoU >= it; mmdetection's models drop IoU > 0.45).
-        max_detections: at most this many per image, highest scores first (default 100 for NVIDIA's model).
+        max_detections: at most this many per image, highest scores first (default 100 for NVIDIA's model; at
+            most ``MAX_DETECTIONS_LIMIT``, 100,000).
         batch_size: images per forward pass; results agree across batch sizes up to float rounding.
         precision: None to follow the model's weights; 'fp32'; 'bf16' (autocast; fast on CPUs with bf16
             and on recent GPUs); 'fp16' (autocast on CUDA).
-        keep_images: keep each decoded image in its ``Detections`` for ``plot``/``save`` (uint8, H x W x 3);
-            False keeps memory bounded by the batch for long lists.
+        keep_images: keep each decoded image in its ``Detections`` for ``plot``/``save``: uint8, H x W x 3, that is
+            3 bytes per pixel (36 MB for a 12-megapixel photo), so the returned list grows with the input. False
+            keeps no pixels: memory is then bounded by two batches (the one running and the one loading), however
+            long the input; for long inputs with pictures use ``detect_iter`` and save each result as it comes.
         classes: keep only these classes: names (``["person", "dog"]``) or labels 1..K (``model.names`` lists
             them), or one of either; ``max_detections`` then counts only those. None keeps all.
 

@@ -130,6 +130,7 @@ class StageTimes:
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _KEPT_SUFFIXES = (".jpg", ".jpeg", ".png")
+_STEM_LIMIT = 100  # bytes of an input's name kept in its picture's name; file systems allow 255 bytes
 
 
 def picture_name(source: str, fallback: str) -> pathlib.PurePosixPath:
@@ -141,6 +142,8 @@ def picture_name(source: str, fallback: str) -> pathlib.PurePosixPath:
         source = source.split("?", 1)[0].split("#", 1)[0].rstrip("/").rsplit("/", 1)[-1]
     name = pathlib.PurePath(source).name
     stem, suffix = pathlib.PurePath(name).stem, pathlib.PurePath(name).suffix
+    # Long input names would make "<stem>-<n>.png" longer than a file name may be (255 bytes, not characters).
+    stem = stem.encode("utf-8", "surrogateescape")[:_STEM_LIMIT].decode("utf-8", "ignore")
     if not stem or stem in (".", ".."):
         stem = fallback
     return pathlib.PurePosixPath(stem + (suffix if suffix.lower() in _KEPT_SUFFIXES else ".png"))

@@ -1,11 +1,18 @@
 """The one image loader of the library: paths, URLs, bytes, file objects, PIL images, arrays and tensors.
 
-Everything is decoded with Pillow and returned as an H x W x 3 RGB numpy array. Pixels keep the orientation in which
-they are stored: the EXIF orientation tag is *not* applied, exactly like ``skimage.io.imread``, which NVIDIA's
-``prepare_input`` used; applying it would rotate some photos and change the published numbers.
+Everything is decoded with Pillow and returned as an H x W x 3 RGB numpy array. :func:`load_rgb` (and so NVIDIA's
+``load_image`` / ``prepare_input``) keeps the orientation in which pixels are stored: the EXIF orientation tag is *not*
+applied, exactly like ``skimage.io.imread``, which NVIDIA's ``prepare_input`` used; applying it there would rotate some
+photos and change the published numbers. :func:`load_uint8`, the loader of ``detect`` and the command line, applies
+it, so that boxes land on the picture as every viewer shows it.
+
+Whatever goes wrong while decoding (Pillow raises OSError, SyntaxError, RuntimeError, NotImplementedError,
+MemoryError... on hostile data) surfaces as :class:`ImageLoadError` naming the input, and paths that are not regular
+files (FIFOs, devices, sockets) are refused before a byte is read, since reading them may never end.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import math
@@ -13,9 +20,8 @@ import numbers
 import os
 import pathlib
 import re
-import struct
+import stat
 import sys
-import zlib
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
@@ -41,6 +47,7 @@ __all__ = [
     "load_image",
     "load_rgb",
     "load_uint8",
+    "readable_extensions",
 ]
 
 ImageSource: TypeAlias = (
@@ -52,9 +59,13 @@ DEFAULT_MAX_BYTES = 50 * 2**20
 # A whole download may take this many read timeouts: generous for a slow link, finite for a trickling server.
 _TOTAL_TIMEOUTS = 6
 
+# The extensions a folder scan picks up; .avif/.heic/.heif join at run time where Pillow (or its optional plugins
+# pillow-avif-plugin / pillow-heif) can decode them, see readable_extensions().
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 )
+_OPTIONAL_EXTENSIONS = (".avif", ".heic", ".heif")
+_readable_extensions: frozenset[str] | None = None
 
 _ACCEPTED = (
     "a path (str or pathlib.Path), an http(s) URL, bytes/bytearray/memoryview, a binary file object, "
@@ -63,8 +74,11 @@ _ACCEPTED = (
 )
 _URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)://")
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
-# Pillow raises a zoo of exception types on corrupt data; these are the ones that mean "bad bytes", not a bug.
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError, struct.error, zlib.error)
+# Pillow raises a zoo of exception types on corrupt data (OSError, SyntaxError, struct.error, zlib.error, but also
+# RuntimeError, NotImplementedError, MemoryError on lying headers): every Exception while decoding is "bad bytes".
+_EXIF_ORIENTATION = 0x0112
+# Pillow renders EPS by running Ghostscript on the file: a program from an untrusted file is no picture to open.
+_REFUSED_FORMATS = frozenset({"EPS"})
 # Float inputs computed in float32 may overshoot [0, 1] by rounding; anything beyond this is a real range error.
 _FLOAT_SLACK = 1e-4
 
@@ -84,9 +98,35 @@ class ImageFetchError(DownloadError):
     """
 
 
+def _register_optional_plugins() -> None:
+    """Let Pillow read AVIF / HEIC through the optional plugins when they are installed (never required)."""
+    # Not installed, or a broken install: those formats then simply stay unreadable (and unscanned).
+    with contextlib.suppress(Exception):
+        import pillow_heif  # type: ignore[import-not-found]
+
+        pillow_heif.register_heif_opener()
+    with contextlib.suppress(Exception):
+        import pillow_avif  # type: ignore[import-not-found]  # noqa: F401 - registers itself on import
+
+
+def readable_extensions() -> frozenset[str]:
+    """:data:`IMAGE_EXTENSIONS` plus those of .avif / .heic / .heif that this Pillow can decode."""
+    global _readable_extensions
+    if _readable_extensions is None:
+        from PIL import Image
+
+        _register_optional_plugins()
+        registered = Image.registered_extensions()  # also loads every built-in plugin
+        extra = {ext for ext in _OPTIONAL_EXTENSIONS if ext in registered and registered[ext] in Image.OPEN}
+        _readable_extensions = IMAGE_EXTENSIONS | extra
+    return _readable_extensions
+
+
 def is_image_file(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` has one of the :data:`IMAGE_EXTENSIONS` (case-insensitive); the file is not opened."""
-    return pathlib.PurePath(os.fspath(path)).suffix.lower() in IMAGE_EXTENSIONS
+    """Whether ``path`` has an image extension (case-insensitive) that can be decoded here (see
+    :func:`readable_extensions`); the file is not opened."""
+    suffix = pathlib.PurePath(os.fspath(path)).suffix.lower()
+    return suffix in IMAGE_EXTENSIONS or suffix in readable_extensions()
 
 
 def _shorten(text: str, limit: int = 200) -> str:
@@ -132,6 +172,8 @@ def _sniff(head: bytes) -> str:
     """Why undecodable data is not an image, from its first bytes: a hint for the error message."""
     if not head:
         return "there is no data (empty input)"
+    if head.startswith((b"%!PS", b"\xc5\xd0\xd3\xc6")):
+        return "PostScript/EPS is not decoded here (Pillow would run Ghostscript on it); convert it to PNG first"
     stripped = head.lstrip()
     if stripped[:1] in (b"<", b"{", b"["):
         return "the data looks like HTML, XML or JSON text, not an image"
@@ -210,8 +252,13 @@ def _to_rgb_array(pixels: np.ndarray, name: str) -> np.ndarray:
     elif pixels.dtype.kind == "f":
         out = pixels.astype(np.float64)
         lo, hi = float(out.min()), float(out.max())
-        if not (np.isfinite(lo) and np.isfinite(hi)) or lo < -_FLOAT_SLACK or hi > 1.0 + _FLOAT_SLACK:
-            raise ValueError(f"{name}: expected float pixel values in [0, 1], got values in [{lo:g}, {hi:g}]")
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            # min/max propagate NaN; say which non-finite value it is rather than print "[nan, nan]".
+            bad = "NaN" if np.isnan(out).any() else "infinite"
+            raise ValueError(f"{name}: expected float pixel values in [0, 1], got {bad} values")
+        if lo < -_FLOAT_SLACK or hi > 1.0 + _FLOAT_SLACK:
+            hint = " (0..255 data stored as floats: divide by 255 or convert to uint8)" if hi <= 255.0 + 1e-3 else ""
+            raise ValueError(f"{name}: expected float pixel values in [0, 1], got values in [{lo:g}, {hi:g}]{hint}")
         out = np.clip(out, 0.0, 1.0)
     else:
         raise TypeError(f"{name}: expected pixels of dtype uint8, uint16, bool or float, got {pixels.dtype}")
@@ -220,30 +267,63 @@ def _to_rgb_array(pixels: np.ndarray, name: str) -> np.ndarray:
     return np.ascontiguousarray(out)
 
 
-def _from_pil(im: Image.Image, name: str) -> np.ndarray:
+def _oriented(im: Image.Image) -> Image.Image:
+    """``im`` turned as its EXIF orientation tag says (a new image), or ``im`` itself when there is nothing to do."""
+    from PIL import ImageOps
+
+    # Read the tag first: exif_transpose copies even an upright image, which would double the memory for nothing.
+    if im.getexif().get(_EXIF_ORIENTATION, 1) in (2, 3, 4, 5, 6, 7, 8):
+        return ImageOps.exif_transpose(im)
+    return im
+
+
+def _decode_failure(exc: BaseException, name: str, im: Image.Image | None = None) -> ImageLoadError:
+    """The ImageLoadError for anything Pillow raised while decoding ``name``."""
+    from PIL import Image
+
+    if isinstance(exc, Image.DecompressionBombError):
+        return ImageTooLargeError(
+            f"{name} is too large to decode safely: {exc} (PIL.Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS})"
+        )
+    lazy_and_closed = im is not None and getattr(im, "tile", None) and getattr(im, "fp", True) is None
+    if lazy_and_closed or "closed image" in str(exc):
+        # im.close() (or the end of a ``with Image.open(...)`` block) drops the pixels and the file handle.
+        return ImageLoadError(f"{name}: the PIL image was closed (im.close() or the end of its with-block) before "
+                              "its pixels were read; pass it while open, pass im.copy(), or pass the path")
+    if isinstance(exc, MemoryError):
+        claimed = f" ({im.width} x {im.height} {im.mode} claimed)" if im is not None else ""
+        return ImageLoadError(f"{name} is not a readable image: not enough memory to decode it{claimed}")
+    detail = str(exc) or "no detail given"
+    kind = "" if isinstance(exc, (OSError, ValueError, SyntaxError)) else f"{type(exc).__name__}: "
+    return ImageLoadError(f"{name} is not a readable image: {kind}{detail}")
+
+
+def _from_pil(im: Image.Image, name: str, orient: bool = False) -> np.ndarray:
     # Only images whose pixels are still undecoded can be bombs; an already loaded image has paid its price.
     if getattr(im, "tile", None):
         _check_pixel_budget(im.width, im.height, name)
     if im.width == 0 or im.height == 0:
         raise ImageLoadError(f"{name} is not a readable image: it has no pixels ({im.width} x {im.height})")
     try:
-        pixels = _pil_pixels(im)
-    except _DECODE_ERRORS as exc:
-        raise ImageLoadError(f"{name} is not a readable image: {exc}") from exc
-    return _to_rgb_array(pixels, name)
+        pixels = _pil_pixels(_oriented(im) if orient else im)
+    except ImageLoadError:
+        raise
+    except Exception as exc:  # any decoder failure on hostile bytes means "not readable"
+        raise _decode_failure(exc, name, im) from exc
+    try:
+        return _to_rgb_array(pixels, name)
+    except (ValueError, TypeError) as exc:
+        # Decoded but unusable (a float TIFF holding 0..255, NaN pixels): still a file we cannot read as a picture.
+        raise ImageLoadError(str(exc)) from exc
 
 
-def _decode_stream(fp: Any, name: str) -> np.ndarray:
+def _decode_stream(fp: Any, name: str, orient: bool = False) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
         # Pillow only warns between 1x and 2x MAX_IMAGE_PIXELS; _from_pil turns that range into an error. The
         # warning is not silenced: catch_warnings changes process-wide state, and images load in threads.
-        im = Image.open(fp)
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(
-            f"{name} is too large to decode safely: {exc} (PIL.Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS})"
-        ) from exc
+        im = Image.open(fp, formats=_safe_formats())
     except UnidentifiedImageError as exc:
         try:
             fp.seek(0)
@@ -251,10 +331,48 @@ def _decode_stream(fp: Any, name: str) -> np.ndarray:
         except (OSError, AttributeError, ValueError):
             head = b"?"
         raise ImageLoadError(f"{name} is not a readable image: {_sniff(head)}") from exc
-    except _DECODE_ERRORS as exc:
-        raise ImageLoadError(f"{name} is not a readable image: {exc}") from exc
+    except Exception as exc:  # header parsers raise anything on hostile bytes
+        raise _decode_failure(exc, name) from exc
     with im:
-        return _from_pil(im, name)
+        return _from_pil(im, name, orient)
+
+
+def _safe_formats() -> list[str]:
+    """Every format Pillow can open (optional plugins included), less :data:`_REFUSED_FORMATS`."""
+    from PIL import Image
+
+    Image.init()  # registers every plugin once; Image.ID is empty before
+    return [name for name in Image.ID if name not in _REFUSED_FORMATS]
+
+
+def _open_regular_file(path: pathlib.Path, name: str) -> Any:
+    """Open ``path`` for reading if it is a regular file; FIFOs, devices and sockets are refused unread."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(errno.ENOENT, "image file not found", str(path)) from None
+    if stat.S_ISDIR(info.st_mode):
+        raise IsADirectoryError(errno.EISDIR, "expected an image file, got a directory", str(path))
+    _require_regular(info.st_mode, name)
+    # O_NONBLOCK: should the path turn into a FIFO between stat and open, opening it cannot block, and the fstat
+    # below refuses it. It changes nothing for regular files.
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        _require_regular(os.fstat(fd).st_mode, name)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _require_regular(mode: int, name: str) -> None:
+    if stat.S_ISREG(mode):
+        return
+    kinds = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    kind = next((label for test, label in kinds if test(mode)), "not a regular file")
+    # Reading a pipe or /dev/zero may never end (or never stop growing): refuse before the first byte.
+    raise ImageLoadError(f"{name}: expected a regular image file, got {kind}")
 
 
 def _from_array(arr: np.ndarray, name: str) -> np.ndarray:
@@ -285,20 +403,24 @@ def _from_tensor(tensor: torch.Tensor, name: str) -> np.ndarray:
     return _from_array(tensor.cpu().numpy().transpose(1, 2, 0), name)
 
 
-def load_rgb(src: ImageSource, *, timeout: float = DEFAULT_TIMEOUT, max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
+def load_rgb(src: ImageSource, *, timeout: float = DEFAULT_TIMEOUT, max_bytes: int = DEFAULT_MAX_BYTES,
+             exif_orientation: bool = False) -> np.ndarray:
     """Load ``src`` as an H x W x 3 RGB array: uint8 for 8-bit sources, float64 in [0, 1] for 16-bit, 32-bit and
     float sources.
 
     ``src`` may be a path, an http(s) URL (downloaded with :func:`fetch_bytes` using ``timeout`` and ``max_bytes``),
     bytes, a binary file object, a ``PIL.Image.Image``, a numpy array (H x W, H x W x 1/3/4 of uint8, uint16, bool or
     float in [0, 1]) or a torch tensor (3 x H x W or 1 x H x W, uint8 or float in [0, 1]). Grayscale becomes three
-    equal channels, alpha is dropped, palette/CMYK/YCbCr/16-bit modes are converted. The EXIF orientation is not
-    applied (pixels stay as stored, like ``skimage.io.imread``). Multi-frame files give their first frame. Arrays that
-    need no conversion may be returned without a copy.
+    equal channels, alpha is dropped, palette/CMYK/YCbCr/16-bit modes are converted. The EXIF orientation of files,
+    bytes, file objects and PIL images is applied only with ``exif_orientation=True`` (by default pixels stay as
+    stored, like ``skimage.io.imread``). Multi-frame files give their first frame. Arrays that need no conversion may
+    be returned without a copy.
 
     Raises:
         FileNotFoundError / IsADirectoryError: the path does not exist / is a directory.
-        ImageLoadError (ValueError): the data is empty, not an image, corrupt or truncated.
+        ImageLoadError (ValueError): the path is not a regular file (FIFO, device, socket), or the data is empty, not
+            an image, corrupt or truncated, whatever Pillow raised; a PIL image whose file was closed unloaded; a
+            float image outside [0, 1].
         ImageTooLargeError (ImageLoadError): the header claims more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels.
         ImageFetchError (OSError): a URL could not be downloaded (connection, timeout, status, size cap).
         ValueError / TypeError: an array or tensor of the wrong shape / dtype, or an unsupported ``src`` type.
@@ -309,27 +431,23 @@ def load_rgb(src: ImageSource, *, timeout: float = DEFAULT_TIMEOUT, max_bytes: i
         scheme = match.group(1).lower()
         if scheme not in ("http", "https"):
             raise ValueError(f"{name}: unsupported URL scheme {scheme!r}; expected http, https or a local path")
-        return _decode_stream(io.BytesIO(fetch_bytes(src, timeout=timeout, max_bytes=max_bytes)), name)
+        body = fetch_bytes(src, timeout=timeout, max_bytes=max_bytes)
+        return _decode_stream(io.BytesIO(body), name, exif_orientation)
     if isinstance(src, (str, os.PathLike)):
-        path = pathlib.Path(os.fsdecode(src))
-        if path.is_dir():
-            raise IsADirectoryError(errno.EISDIR, "expected an image file, got a directory", str(path))
-        if not path.exists():
-            raise FileNotFoundError(errno.ENOENT, "image file not found", str(path))
-        with open(path, "rb") as fp:
-            return _decode_stream(fp, name)
+        with _open_regular_file(pathlib.Path(os.fsdecode(src)), name) as fp:
+            return _decode_stream(fp, name, exif_orientation)
     if isinstance(src, (bytes, bytearray, memoryview)):
-        return _decode_stream(io.BytesIO(src), name)
+        return _decode_stream(io.BytesIO(src), name, exif_orientation)
     if isinstance(src, np.ndarray):
         return _from_array(src, name)
     if _is_tensor(src):
         return _from_tensor(src, name)
     if _is_pil(src):
-        return _from_pil(src, name)
+        return _from_pil(src, name, exif_orientation)
     if isinstance(src, io.TextIOBase):
         raise TypeError(f"{name}: expected a binary file object, got a text-mode file (open it with 'rb')")
     if hasattr(src, "read"):
-        return _decode_stream(src, name)
+        return _decode_stream(src, name, exif_orientation)
     raise TypeError(f"cannot load an image from {name} (type {type(src).__name__}); expected {_ACCEPTED}")
 
 
@@ -348,9 +466,11 @@ def load_image(src: ImageSource, **kwargs: Any) -> np.ndarray:
 def load_uint8(src: ImageSource, **kwargs: Any) -> tuple[np.ndarray, str]:
     """The one form ``detect`` works in: ``src`` as H x W x 3 uint8 RGB, and the name that describes it.
 
-    16-bit and float sources are rounded to the nearest of 256 levels (what every picture of them shows).
-    Keyword arguments (``timeout``, ``max_bytes``) are passed to :func:`load_rgb`.
+    16-bit and float sources are rounded to the nearest of 256 levels (what every picture of them shows). The EXIF
+    orientation is applied (``exif_orientation=True`` by default): users expect boxes on the picture as they see it.
+    Keyword arguments (``timeout``, ``max_bytes``, ``exif_orientation``) are passed to :func:`load_rgb`.
     """
+    kwargs.setdefault("exif_orientation", True)
     pixels = load_rgb(src, **kwargs)
     if pixels.dtype != np.uint8:
         pixels = np.multiply(pixels, 255.0).round().astype(np.uint8)

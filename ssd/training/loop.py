@@ -332,8 +332,10 @@ def _grad_scaler(device: torch.device, enabled: bool) -> Any:
 
 
 def _write_metrics(path: pathlib.Path, record: dict[str, Any]) -> None:
+    # A diverged run logs a NaN loss; NaN is not JSON (readers choke on it), so non-finite numbers become null.
+    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
     with open(path, "a", encoding="utf-8") as fp:
-        fp.write(json.dumps(record, allow_nan=False) + "\n")
+        fp.write(json.dumps(clean, allow_nan=False) + "\n")
         fp.flush()
         os.fsync(fp.fileno())
 
