@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -10,13 +10,17 @@ import torch
 
 from ..io.images import ImageSource, load_uint8
 from ..models.spec import DetectorSpec, PostProcessSpec, check_int
-from ..postprocess import postprocess, split_detections
+from ..postprocess import Decoded, postprocess, split_detections
 from .batching import prefetched_batches
 from .detections import Detections
-from .plan import InferencePlan, plan_for
+from .plan import InferencePlan, plan_for, thread_plan
 from .preprocess import preprocess_for_detection
 
-__all__ = ["detect", "detect_iter"]
+__all__ = ["Runner", "detect", "detect_iter", "detect_with", "detection_recipe"]
+
+# Anything that turns a preprocessed N x 3 x S x S batch into detections: the PyTorch model plus postprocess, or an
+# exported graph (ssd.export.backends). Loading, batching, preprocessing and the Detections are shared by all.
+Runner = Callable[[torch.Tensor], Decoded]
 
 # detect's argument names for the recipe's fields, so that errors name what the caller wrote.
 _ARGUMENT_NAMES = {"score_threshold": "threshold"}
@@ -55,14 +59,40 @@ def detect_iter(
     exception propagates. The model is never modified: a model in training mode runs as an evaluation-mode copy.
     """
     spec = _spec_of(model)
-    recipe = spec.detect_postprocess.updated(_ARGUMENT_NAMES, score_threshold=threshold, iou_threshold=iou_threshold,
-                                             max_detections=max_detections)
-    batch_size = check_int("batch_size", batch_size, 1)
+    recipe = detection_recipe(spec, threshold, iou_threshold, max_detections)
     plan = plan_for(model, precision, stacklevel=4)
     if model.training:
         # Switching the caller's model to eval mode and back would race with other threads and with training.
         model = copy.deepcopy(model).eval()
-    for batch in prefetched_batches(images, _load, batch_size):
+    threads = thread_plan() if plan.device.type == "cpu" else None
+
+    def run(batch: torch.Tensor) -> Decoded:
+        with torch.inference_mode(), plan.autocast(), (threads.forward() if threads else _no_change()):
+            predictions = model(batch)
+        return postprocess(predictions, spec, recipe)
+
+    yield from detect_with(run, spec, images, batch_size=batch_size, plan=plan, keep_images=keep_images,
+                           skip_errors=skip_errors, load_workers=threads.load_workers if threads else None)
+
+
+def detection_recipe(spec: DetectorSpec, threshold: float | None, iou_threshold: float | None,
+                     max_detections: int | None) -> PostProcessSpec:
+    """``spec.detect_postprocess`` with the caller's overrides, errors naming detect's arguments."""
+    return spec.detect_postprocess.updated(_ARGUMENT_NAMES, score_threshold=threshold, iou_threshold=iou_threshold,
+                                           max_detections=max_detections)
+
+
+def detect_with(runner: Runner, spec: DetectorSpec, images: Iterable[ImageSource], *, batch_size: int = 8,
+                plan: InferencePlan | None = None, keep_images: bool = True, skip_errors: bool = False,
+                load_workers: int | None = None) -> Iterator[tuple[int, Detections | Exception]]:
+    """:func:`detect_iter` for any ``runner`` (preprocessed batch -> :class:`Decoded`): images are loaded, batched
+    and preprocessed as ``spec.input`` says (on ``plan``'s device, dtype and memory format; CPU float32 when None),
+    and the detections come back in each image's pixels."""
+    batch_size = check_int("batch_size", batch_size, 1)
+    if plan is None:
+        plan = InferencePlan(torch.device("cpu"), torch.float32, torch.contiguous_format)
+    extra = {} if load_workers is None else {"workers": load_workers}
+    for batch in prefetched_batches(images, _load, batch_size, **extra):
         good = []
         for index, result in batch:
             if isinstance(result, Exception):
@@ -72,17 +102,21 @@ def detect_iter(
             else:
                 good.append((index, *result))
         if good:
-            yield from _detect_batch(model, spec, good, plan, recipe, keep_images)
+            yield from _detect_batch(runner, spec, good, plan, keep_images)
 
 
-def _detect_batch(model: torch.nn.Module, spec: DetectorSpec, good: list, plan: InferencePlan,
-                  recipe: PostProcessSpec, keep_images: bool) -> Iterator[tuple[int, Detections]]:
+def _no_change() -> Any:
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def _detect_batch(runner: Runner, spec: DetectorSpec, good: list, plan: InferencePlan,
+                  keep_images: bool) -> Iterator[tuple[int, Detections]]:
     tensors = [torch.from_numpy(pixels).permute(2, 0, 1) for _, pixels, _ in good]
     batch = preprocess_for_detection(tensors, device=plan.device, dtype=plan.input_dtype,
                                      memory_format=plan.memory_format, input_spec=spec.input)
-    with torch.inference_mode(), plan.autocast():
-        predictions = model(batch)
-    decoded = postprocess(predictions, spec, recipe)
+    decoded = runner(batch)
     classes = spec.classes
     for (index, pixels, source), (boxes, labels, scores) in zip(good, split_detections(decoded)):
         height, width = pixels.shape[:2]
