@@ -11,6 +11,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from .export import cli as export_cli
 from .inference.detect import detect_iter
 from .io.images import IMAGE_EXTENSIONS, is_image_file
 from .weights.checkpoints import CheckpointUnavailableError, InvalidCheckpointError
@@ -34,6 +35,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     run.add_argument("--checkpoint", default=None,
                      help="checkpoint file or URL (default: SSD_CHECKPOINT, else NVIDIA's published weights)")
+    run.add_argument("--model", default=None, help="an exported .onnx or OpenVINO .xml file to run instead")
+    run.add_argument("--backend", choices=("onnxruntime", "openvino"), default=None,
+                     help="runtime for --model FILE (default: onnxruntime for .onnx, openvino for .xml)")
+    export_cli.add_parser(commands)
     return parser
 
 
@@ -109,13 +114,16 @@ def run_detect(args: argparse.Namespace) -> int:
         return 2
     jobs, skipped = collect_inputs(args.inputs)
     try:
-        model = build_ssd300(model_math="fp16" if args.precision == "fp16" else "fp32",
-                             checkpoint=args.checkpoint).to(device)
-        if args.precision == "bf16":
+        if args.model is not None:
+            model = export_cli.load_exported(args.model, args.backend)
+        else:
+            model = build_ssd300(model_math="fp16" if args.precision == "fp16" else "fp32",
+                                 checkpoint=args.checkpoint).to(device)
+        if args.precision == "bf16" and args.model is None:
             # bf16 already rounds differently from fp32; channels_last adds speed (2.7x fp32 on an AVX-512
             # CPU, see benchmarks/RESULTS.md) at no further cost in agreement.
             model.to(memory_format=torch.channels_last)
-    except (CheckpointUnavailableError, InvalidCheckpointError, OSError, ValueError) as exc:
+    except (CheckpointUnavailableError, InvalidCheckpointError, OSError, ValueError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
@@ -126,9 +134,12 @@ def run_detect(args: argparse.Namespace) -> int:
     used: set[str] = set()
     records: list[dict | None] = [None] * len(jobs)
     started = time.perf_counter()
-    stream = detect_iter(model, [source for _, source in jobs], threshold=args.threshold,
-                         batch_size=args.batch_size, precision="bf16" if args.precision == "bf16" else None,
-                         skip_errors=True)
+    sources = [source for _, source in jobs]
+    if args.model is not None:  # an exported model: the same pipeline through its runtime
+        stream = model.detect_iter(sources, threshold=args.threshold, batch_size=args.batch_size, skip_errors=True)
+    else:
+        stream = detect_iter(model, sources, threshold=args.threshold, batch_size=args.batch_size,
+                             precision="bf16" if args.precision == "bf16" else None, skip_errors=True)
     with bar:
         for index, result in stream:
             name = jobs[index][0]
@@ -149,7 +160,7 @@ def run_detect(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - started
     done = [r for r in records if r is not None]
     _write_json(args.out / "detections.json", {
-        "model": "SSD300 ResNet-50 (COCO)", "checkpoint": getattr(model, "checkpoint_source", None),
+        "model": args.model or "SSD300 ResNet-50 (COCO)", "checkpoint": getattr(model, "checkpoint_source", None),
         "threshold": args.threshold, "images": done,
         "skipped": [{"file": name, "error": error} for name, error in skipped],
     })
@@ -166,4 +177,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "detect":
         return run_detect(args)
+    if args.command == "export":
+        return export_cli.run(args)
     return 2  # argparse already rejected anything else
