@@ -53,6 +53,15 @@ def _check_input_shape(where: str, dims: list[Any], spec: DetectorSpec) -> None:
                          f"metadata declares), got {shown}")
 
 
+def _onnx_metadata(path: pathlib.Path) -> dict[str, str]:
+    onnx = require("onnx", "reading ONNX files")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends: not an ONNX file at all
+        raise ValueError(f"{path}: expected an ONNX model, got a file onnx cannot parse ({exc})") from exc
+    return {p.key: p.value for p in proto.metadata_props}
+
+
 def _check_onnx_opset(where: str, path: pathlib.Path) -> None:
     """Every op of the graph must exist in the opset the file declares: a file whose declared opset is too old
     for its ops is refused by name here instead of failing deep inside a runtime."""
@@ -170,6 +179,8 @@ class OnnxDetector(ExportedDetector):
         ort = require("onnxruntime", "running ONNX models")
         path = _check_file(path, (".onnx",))
         where = str(path)
+        # Our metadata and the opset first: a foreign or damaged file gets its own message, not a runtime's.
+        spec, outputs, nms = spec_from_metadata(_onnx_metadata(path), where)
         _check_onnx_opset(where, path)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads if threads is not None else thread_plan().intra_op
@@ -179,7 +190,6 @@ class OnnxDetector(ExportedDetector):
             session = ort.InferenceSession(where, options, providers=providers or ["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types for every kind of bad file
             raise ValueError(f"{where}: expected an ONNX model onnxruntime can load, got {exc}") from exc
-        spec, outputs, nms = spec_from_metadata(session.get_modelmeta().custom_metadata_map, where)
         super().__init__(path, spec, outputs, nms)
         images = next((i for i in session.get_inputs() if i.name == "images"), None)
         if images is None:
@@ -210,6 +220,7 @@ class OpenVinoDetector(ExportedDetector):
             raise ValueError(f"precision: expected one of {', '.join(map(repr, OPENVINO_PRECISIONS))}, "
                              f"got {precision!r}")
         if path.suffix.lower() == ".onnx":
+            spec_from_metadata(_onnx_metadata(path), where)
             _check_onnx_opset(where, path)
         core = ov.Core()
         try:
@@ -235,8 +246,7 @@ class OpenVinoDetector(ExportedDetector):
     @staticmethod
     def _metadata(model: Any, path: pathlib.Path) -> dict[str, str]:
         if path.suffix.lower() == ".onnx":
-            onnx = require("onnx", "reading ONNX files")
-            return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+            return _onnx_metadata(path)
         info = model.get_rt_info()
         # RTMap supports keys() but not `in`.
         entries = info["ssd_metadata"] if "ssd_metadata" in list(info.keys()) else {}
