@@ -65,10 +65,11 @@ def detect_iter(
         # Switching the caller's model to eval mode and back would race with other threads and with training.
         model = copy.deepcopy(model).eval()
     threads = thread_plan() if plan.device.type == "cpu" else None
+    network = plan.module(model)  # the plan's channels_last copy, or the model itself
 
     def run(batch: torch.Tensor) -> Decoded:
         with torch.inference_mode(), plan.autocast(), (threads.forward() if threads else _no_change()):
-            predictions = model(batch)
+            predictions = network(batch)
         return postprocess(predictions, spec, recipe)
 
     yield from detect_with(run, spec, images, batch_size=batch_size, plan=plan, keep_images=keep_images,
