@@ -19,7 +19,13 @@ from helpers.checkpoints import detecting_state_dict, save_detecting_checkpoint
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from ssd.export import MissingExportPackage, export_onnx, export_openvino, export_torchscript  # noqa: E402
+from ssd.export import (  # noqa: E402
+    MissingExportPackage,
+    export_onnx,
+    export_openvino,
+    export_program,
+    export_torchscript,
+)
 from ssd.export.backends import OnnxDetector, load_detector  # noqa: E402
 
 TOL = 1e-4
@@ -281,3 +287,15 @@ def test_torchscript_export_matches(model, photos, tmp_path):
     ref_boxes, ref_scores = _reference(model, batch)
     np.testing.assert_allclose(boxes.numpy(), ref_boxes, atol=TOL, rtol=0)
     np.testing.assert_allclose(scores.numpy(), ref_scores, atol=TOL, rtol=0)
+
+
+def test_torch_export_program_matches(model, photos, tmp_path):
+    path = export_program(model, tmp_path / "ssd.pt2")
+    extra = {"ssd_metadata.json": ""}
+    program = torch.export.load(str(path), extra_files=extra)
+    assert json.loads(extra["ssd_metadata.json"])["ssd.outputs"] == "decoded"
+    batch = _batch(photos, 3)
+    boxes, scores = program.module()(batch)
+    ref_boxes, ref_scores = _reference(model, batch)
+    np.testing.assert_allclose(boxes.detach().numpy(), ref_boxes, atol=TOL, rtol=0)
+    np.testing.assert_allclose(scores.detach().numpy(), ref_scores, atol=TOL, rtol=0)

@@ -4,7 +4,7 @@ Importing this package needs only torch; onnx, onnxruntime and openvino are impo
 (``pip install -r requirements-export.txt``).
 """
 from .metadata import FORMAT_VERSION, MissingExportPackage
-from .onnx import DecodingWrapper, export_onnx, export_openvino, export_torchscript
+from .onnx import DecodingWrapper, export_onnx, export_openvino, export_program, export_torchscript
 
 __all__ = ["FORMAT_VERSION", "DecodingWrapper", "MissingExportPackage", "export_onnx", "export_openvino",
-           "export_torchscript"]
+           "export_program", "export_torchscript"]

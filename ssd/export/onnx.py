@@ -24,7 +24,7 @@ from ..models.base import Detector
 from ..models.spec import DetectorSpec, PostProcessSpec, check_int
 from .metadata import metadata_for, require
 
-__all__ = ["MIN_OPSET", "DecodingWrapper", "export_onnx", "export_openvino", "export_torchscript"]
+__all__ = ["MIN_OPSET", "DecodingWrapper", "export_onnx", "export_openvino", "export_program", "export_torchscript"]
 
 # NonMaxSuppression, ScatterND/GatherND, Clip with tensor bounds and TopK with a tensor k: all there from opset 11.
 MIN_OPSET = 11
@@ -350,6 +350,30 @@ def export_torchscript(model: nn.Module, path: str | os.PathLike, *, batch: int 
     os.close(fd)
     try:
         torch.jit.save(traced, tmp, _extra_files={"ssd_metadata.json": json.dumps(metadata_for(spec, "decoded"))})
+        os.replace(tmp, path)
+    finally:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def export_program(model: nn.Module, path: str | os.PathLike, *, batch: int = 2, max_batch: int = 1024
+                   ) -> pathlib.Path:
+    """Write the decoding wrapper as a ``torch.export`` program (.pt2; ``torch.export.load(path).module()``),
+    batch dimension dynamic in [1, max_batch], spec in the archive's extra file ``ssd_metadata.json``."""
+    import json
+
+    path = _check_destination(path, (".pt2",))
+    spec = _spec_of(model)
+    # torch.export specialises a dimension whose example size is 1, so the example batch is at least 2.
+    batch = check_int("batch", batch, 2, max_batch)
+    wrapper = DecodingWrapper(_export_copy(model)).eval()
+    example = torch.zeros(batch, 3, spec.input.size, spec.input.size)
+    program = torch.export.export(wrapper, (example,),
+                                  dynamic_shapes=({0: torch.export.Dim("N", min=1, max=max_batch)},))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.export.save(program, tmp, extra_files={"ssd_metadata.json": json.dumps(metadata_for(spec, "decoded"))})
         os.replace(tmp, path)
     finally:
         pathlib.Path(tmp).unlink(missing_ok=True)
