@@ -1,6 +1,7 @@
 """One-call detection: images in, labelled boxes in original image pixels out."""
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -68,7 +69,7 @@ def detect_iter(
     network = plan.module(model)  # the plan's channels_last copy, or the model itself
 
     def run(batch: torch.Tensor) -> Decoded:
-        with torch.inference_mode(), plan.autocast(), (threads.forward() if threads else _no_change()):
+        with torch.inference_mode(), plan.autocast(), (threads.forward() if threads else contextlib.nullcontext()):
             predictions = network(batch)
         return postprocess(predictions, spec, recipe)
 
@@ -104,12 +105,6 @@ def detect_with(runner: Runner, spec: DetectorSpec, images: Iterable[ImageSource
                 good.append((index, *result))
         if good:
             yield from _detect_batch(runner, spec, good, plan, keep_images)
-
-
-def _no_change() -> Any:
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def _detect_batch(runner: Runner, spec: DetectorSpec, good: list, plan: InferencePlan,
