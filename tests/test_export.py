@@ -299,3 +299,21 @@ def test_torch_export_program_matches(model, photos, tmp_path):
     ref_boxes, ref_scores = _reference(model, batch)
     np.testing.assert_allclose(boxes.detach().numpy(), ref_boxes, atol=TOL, rtol=0)
     np.testing.assert_allclose(scores.detach().numpy(), ref_scores, atol=TOL, rtol=0)
+
+
+def test_mmdetection_style_recipe_in_graph(model, photos, tmp_path):
+    """Per-level candidates, clipping, empty-box removal and IoU > t suppression: the graph follows the recipe."""
+    import dataclasses
+
+    from ssd.models import PostProcessSpec
+
+    recipe = PostProcessSpec(score_threshold=0.3, iou_threshold=0.45, max_detections=50, candidates_per_class=None,
+                             candidates_per_level=20, clip_boxes=True, drop_empty=True, suppress_equal=False)
+    net = SSD300(dataclasses.replace(model.spec, detect_postprocess=recipe, name="mmdet_like"))
+    net.load_state_dict(model.state_dict())
+    net.eval()
+    expected = net.detect(photos[:2])
+    for nms in (True, False):
+        detector = load_detector(export_onnx(net, tmp_path / f"mm-{nms}.onnx", nms=nms))
+        assert detector.spec.detect_postprocess == recipe
+        _same_detections(detector.detect(photos[:2]), expected)
