@@ -136,7 +136,12 @@ def run_detect(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     sources = [source for _, source in jobs]
     if args.model is not None:  # an exported model: the same pipeline through its runtime
-        stream = model.detect_iter(sources, threshold=args.threshold, batch_size=args.batch_size, skip_errors=True)
+        try:
+            stream = model.detect_iter(sources, threshold=args.threshold, batch_size=args.batch_size,
+                                       skip_errors=True)
+        except ValueError as exc:  # e.g. a --threshold below the one fixed in a graph exported with --nms
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     else:
         stream = detect_iter(model, sources, threshold=args.threshold, batch_size=args.batch_size,
                              precision="bf16" if args.precision == "bf16" else None, skip_errors=True)

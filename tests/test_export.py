@@ -128,6 +128,10 @@ def test_stricter_threshold_on_nms_graph_and_fixed_iou(model, exports, photos):
                      model.detect(photos, threshold=0.83, max_detections=3))
     with pytest.raises(ValueError, match="iou_threshold: expected 0.5"):
         detector.detect(photos, iou_threshold=0.3)
+    with pytest.raises(ValueError, match="threshold, max_detections: expected at least 0.4"):
+        detector.detect_iter(photos, threshold=0.1)  # refused at the call, not at the first result
+    with pytest.raises(ValueError, match="precision: expected None or 'fp32'"):
+        detector.detect(photos, precision="bf16")
 
 
 def test_openvino_fp32_matches_pytorch(model, exports, photos, tmp_path):

@@ -148,24 +148,30 @@ class ExportedDetector:
 
     def detect_iter(self, images: Iterable[ImageSource], *, threshold: float | None = None,
                     iou_threshold: float | None = None, max_detections: int | None = None, batch_size: int = 8,
-                    keep_images: bool = True, skip_errors: bool = False
+                    precision: str | None = None, keep_images: bool = True, skip_errors: bool = False
                     ) -> Iterator[tuple[int, Detections | Exception]]:
-        """As :func:`ssd.inference.detect_iter`, through this runtime."""
+        """As :func:`ssd.inference.detect_iter`, through this runtime. The arguments are checked now, not when
+        the first result is asked for."""
+        if precision not in (None, "fp32"):
+            raise ValueError(f"precision: expected None or 'fp32' for an exported model (OpenVINO's is chosen "
+                             f"with load_detector(..., precision=...)), got {precision!r}")
         spec = self.spec
         if self.outputs == "nms":
             # The defaults are what the graph does; explicit values are checked against it.
             spec = dataclasses.replace(spec, detect_postprocess=self.nms_recipe)
         recipe = detection_recipe(spec, threshold, iou_threshold, max_detections)
         runner = self._runner(recipe)
-        yield from detect_with(runner, self.spec, images, batch_size=batch_size, keep_images=keep_images,
-                               skip_errors=skip_errors, load_workers=thread_plan().load_workers)
+        return detect_with(runner, self.spec, images, batch_size=batch_size, keep_images=keep_images,
+                           skip_errors=skip_errors, load_workers=thread_plan().load_workers)
 
     def detect(self, images: Any, threshold: float | None = None, iou_threshold: float | None = None,
-               max_detections: int | None = None, batch_size: int = 8, keep_images: bool = True) -> list[Detections]:
+               max_detections: int | None = None, batch_size: int = 8, precision: str | None = None,
+               keep_images: bool = True) -> list[Detections]:
         """As :func:`ssd.inference.detect` (one ``Detections`` per image, in input order), through this runtime."""
         single = not isinstance(images, (list, tuple)) and not _is_iterable_of_images(images)
         found = self.detect_iter([images] if single else images, threshold=threshold, iou_threshold=iou_threshold,
-                                 max_detections=max_detections, batch_size=batch_size, keep_images=keep_images)
+                                 max_detections=max_detections, batch_size=batch_size, precision=precision,
+                                 keep_images=keep_images)
         return [result for _, result in found]
 
 
