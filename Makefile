@@ -15,12 +15,12 @@ FLOOR := .venv-floor
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --progress-bar on --upgrade pip
+	$(BIN)/python -m pip install --progress-bar on -r requirements.txt
 	touch $@
 
-$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
-	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
+$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt requirements-export.txt
+	$(BIN)/python -m pip install --progress-bar on -r requirements-dev.txt
 	touch $@
 
 demo: $(VENV)/.runtime
@@ -31,10 +31,10 @@ test: $(VENV)/.dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # One resolve: the exact floors, plus the test tools (whose -r requirements.txt the floors satisfy).
-$(FLOOR)/.installed: requirements-floor.txt requirements-dev.txt requirements.txt
+$(FLOOR)/.installed: requirements-floor.txt requirements-dev.txt requirements-export.txt requirements.txt
 	test -x $(FLOOR)/bin/python || $(FLOOR_PYTHON) -m venv $(FLOOR)
-	$(FLOOR)/bin/python -m pip install --quiet --upgrade pip
-	$(FLOOR)/bin/python -m pip install --quiet -r requirements-floor.txt -r requirements-dev.txt
+	$(FLOOR)/bin/python -m pip install --progress-bar on --upgrade pip
+	$(FLOOR)/bin/python -m pip install --progress-bar on -r requirements-floor.txt -r requirements-dev.txt
 	touch $@
 
 test-floor: $(FLOOR)/.installed

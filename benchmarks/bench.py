@@ -242,7 +242,19 @@ def run_prepare(args: argparse.Namespace) -> None:
           f"{result['max_abs_diff']:.1e}")
 
 
-SUITES = {"load": run_load, "decode": run_decode, "prepare": run_prepare}
+def _module_suite(name: str):
+    def run(args: argparse.Namespace) -> None:
+        import importlib
+
+        importlib.import_module(f"benchmarks.{name}").main(args.rest)
+
+    return run
+
+
+# Suites with options of their own: everything after the suite's name goes to it (``--suite export -- --help``).
+MODULE_SUITES = ("models", "evaluate", "training", "export", "contention", "pictures")
+SUITES = {"load": run_load, "decode": run_decode, "prepare": run_prepare,
+          **{name: _module_suite(name) for name in MODULE_SUITES}}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -253,7 +265,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repeats and batches, for a smoke test")
     parser.add_argument("--out", type=Path, default=None,
                         help="where to write the results (default: benchmarks/RESULTS.md, or RESULTS-cuda.md)")
-    args = parser.parse_args(argv)
+    args, args.rest = parser.parse_known_args(argv)
+    if args.rest and args.suite not in MODULE_SUITES:
+        parser.error(f"unrecognized arguments: {' '.join(args.rest)}")
+    if args.rest[:1] == ["--"]:
+        args.rest = args.rest[1:]
     if args.suite != "inference":
         SUITES[args.suite](args)
         return

@@ -2,7 +2,7 @@
 
 The batch is built once from a synthetic shapes set through the real data path (augmentation, target encoding),
 so the figure is the network's cost, not the JPEG decoding's; channels_last as in the training loop, fp32 or bf16
-autocast. Run: ``OMP_NUM_THREADS=N python -m benchmarks.training [--device cpu] [--batch 4] [--iterations 3]``.
+autocast. Run: ``OMP_NUM_THREADS=N python -m benchmarks --suite training [--device cpu] [--batch 4] [--iterations 3]``.
 """
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def measure_training(device: str = "cpu", batch_size: int = 4, precisions: Seque
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.training", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks --suite training --", description=__doc__)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--iterations", type=int, default=3, help="timed steps (median reported)")

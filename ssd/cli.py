@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 from . import __version__, distributed
 from .evaluation import cli as evaluate_cli
+from .export import cli as export_cli
 from .inference.detect import detect_iter
 from .inference.detections import Detections, picture_name
 from .inference.jsonl import run_streaming_detect
@@ -22,7 +23,7 @@ from .io.images import is_image_file, readable_extensions
 from .models.spec import check_int, check_real
 from .training import cli as training_cli
 from .weights.checkpoints import CheckpointUnavailableError, InvalidCheckpointError
-from .zoo import build_ssd300
+from .zoo import MMDET_MODELS, build_model
 
 SAMPLE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")  # scikit-image's bundled photographs
 _PROGRESS_FROM = 5  # images; fewer finish before a bar would be useful
@@ -78,8 +79,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-pictures", dest="pictures", action="store_false", help="write no annotated pictures")
     run.add_argument("--resume", action="store_true",
                      help="with JSON Lines: skip inputs an earlier (interrupted) run into OUT already did")
+    run.add_argument("--model", default=None, metavar="NAME_OR_FILE",
+                     help=f"nvidia_ssd (default), {', '.join(MMDET_MODELS)}, or an exported .onnx / OpenVINO .xml file")
+    run.add_argument("--backend", choices=("onnxruntime", "openvino"), default=None,
+                     help="runtime for --model FILE (default: onnxruntime for .onnx, openvino for .xml)")
     evaluate_cli.add_parser(commands)
     training_cli.add_parser(commands)
+    export_cli.add_parser(commands)
     return parser
 
 
@@ -290,20 +296,29 @@ def run_detect(args: argparse.Namespace) -> int:
         return 2
     ignored: list[str] = []
     jobs, skipped = collect_inputs(args.inputs, out=args.out, ignored=ignored)
+    exported = args.model is not None and pathlib.Path(args.model).suffix.lower() in export_cli.EXPORTED_SUFFIXES
+    streaming = args.jsonl or args.resume or distributed.env_world_size() > 1
+    if exported and streaming:
+        print("error: --model FILE: expected a PyTorch model for --jsonl, --resume and torchrun runs, got an "
+              f"exported file {args.model!r}", file=sys.stderr)
+        return 2
     try:
-        model = build_ssd300(model_math="fp16" if args.precision == "fp16" else "fp32",
-                             checkpoint=args.checkpoint).to(device)
-        if args.precision == "bf16":
-            # bf16 already rounds differently from fp32; channels_last adds speed (2.7x fp32 on an AVX-512
-            # CPU, see benchmarks/RESULTS.md) at no further cost in agreement.
-            model.to(memory_format=torch.channels_last)
-    except (CheckpointUnavailableError, InvalidCheckpointError, OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if exported:
+            model = export_cli.load_exported(args.model, args.backend)
+        else:
+            model = build_model(args.model or "nvidia_ssd", model_math="fp16" if args.precision == "fp16" else "fp32",
+                                checkpoint=args.checkpoint).to(device)
+            if args.precision == "bf16":
+                # bf16 already rounds differently from fp32; channels_last adds speed (2.7x fp32 on an AVX-512
+                # CPU, see benchmarks/RESULTS.md) at no further cost in agreement.
+                model.to(memory_format=torch.channels_last)
+    except (CheckpointUnavailableError, InvalidCheckpointError, OSError, ValueError, ImportError) as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted while loading the model; nothing was done", file=sys.stderr)
         return 130
-    if args.jsonl or args.resume or distributed.env_world_size() > 1:
+    if streaming:
         return run_streaming_detect(args, model, jobs, skipped, summary)
     try:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -317,6 +332,9 @@ def run_detect(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     try:
         _detect_all(model, jobs, args, report)
+    except ValueError as exc:  # e.g. a --threshold below the one fixed in a graph exported with --nms
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         try:
             report.save()
@@ -347,14 +365,20 @@ def run_detect(args: argparse.Namespace) -> int:
 def _detect_all(model: Any, jobs: list[Job], args: argparse.Namespace, report: _Report) -> None:
     """Run every job, queueing each picture for the background writer and handing each record to ``report``; bad
     inputs and pictures that cannot be written are reported in ``report.skipped`` and the run goes on."""
+    import torch
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(jobs), unit="image", disable=len(jobs) < _PROGRESS_FROM, file=sys.stderr)
     unique = UniqueNames()
     unique.claim(pathlib.PurePosixPath(REPORT_NAME))
-    stream = detect_iter(model, [job.source for job in jobs], threshold=args.threshold,
-                         batch_size=args.batch_size, precision="bf16" if args.precision == "bf16" else None,
-                         keep_images=args.pictures, skip_errors=True)
+    sources = [job.source for job in jobs]
+    if isinstance(model, torch.nn.Module):
+        stream = detect_iter(model, sources, threshold=args.threshold, batch_size=args.batch_size,
+                             precision="bf16" if args.precision == "bf16" else None, keep_images=args.pictures,
+                             skip_errors=True)
+    else:  # an exported model: the same pipeline through its runtime
+        stream = model.detect_iter(sources, threshold=args.threshold, batch_size=args.batch_size,
+                                   keep_images=args.pictures, skip_errors=True)
     with bar, PictureWriter() as pictures:
         for index, result in stream:
             name = jobs[index].name
@@ -391,4 +415,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return evaluate_cli.run(args)
     if args.command in training_cli.COMMANDS:
         return training_cli.run(args)
+    if args.command == "export":
+        return export_cli.run(args)
     return 2  # argparse already rejected anything else

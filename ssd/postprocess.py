@@ -12,8 +12,9 @@ only host synchronisations are a few per batch (one per NMS round).
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -23,7 +24,7 @@ from torch import Tensor
 from .box_coder import decode_boxes
 from .models.spec import DetectorSpec, PostProcessSpec
 
-__all__ = ["Decoded", "check_predictions", "class_scores", "postprocess", "split_detections"]
+__all__ = ["Decoded", "check_predictions", "class_scores", "postprocess", "postprocess_decoded", "split_detections"]
 
 # Softmax gives p_c = exp(x_c - max) / s with s >= 1, so p_c > t needs x_c - max > log(t). Boxes failing that by
 # this margin (far more than float32 rounding) cannot hold a candidate, and their softmax is never computed.
@@ -151,7 +152,12 @@ def _hits_per_class(confs: Tensor, threshold: float) -> _Hits | None:
 
 def _hits_per_level(confs: Tensor, threshold: float, per_level: int, level_sizes: Sequence[int]) -> _Hits | None:
     """Per feature map and image, the ``per_level`` best (anchor, class) pairs scoring above ``threshold``."""
-    probs = confs.permute(0, 2, 1).softmax(dim=-1)[..., 1:]  # N x A x (C-1)
+    return _hits_per_level_probs(confs.permute(0, 2, 1).softmax(dim=-1)[..., 1:], threshold, per_level, level_sizes)
+
+
+def _hits_per_level_probs(probs: Tensor, threshold: float, per_level: int, level_sizes: Sequence[int]
+                          ) -> _Hits | None:
+    """:func:`_hits_per_level` on foreground probabilities N x A x (C-1) computed elsewhere (an exported graph)."""
     n_images, _, n_fg = probs.shape
     chosen = torch.zeros(probs.shape, dtype=torch.bool, device=probs.device)
     start = 0
@@ -163,6 +169,16 @@ def _hits_per_level(confs: Tensor, threshold: float, per_level: int, level_sizes
         chosen[:, start : start + size] = picked.reshape(n_images, size, n_fg)
         start += size
     hits = chosen.nonzero()
+    if hits.shape[0] == 0:
+        return None
+    hits = hits.flip(0)
+    image, box, cls = hits.unbind(1)
+    return _Hits(image, box, cls, probs[image, box, cls])
+
+
+def _hits_per_class_probs(probs: Tensor, threshold: float) -> _Hits | None:
+    """:func:`_hits_per_class` on foreground probabilities N x A x (C-1), in the same (image, box, class) order."""
+    hits = (probs > threshold).nonzero()
     if hits.shape[0] == 0:
         return None
     hits = hits.flip(0)
@@ -336,15 +352,25 @@ def postprocess(predictions: Sequence[Tensor], spec: DetectorSpec, recipe: PostP
     n_images, device = locs.shape[0], locs.device
     n_fg = confs.shape[1] - 1
     confs = confs.float()
-    if recipe.candidates_per_class is not None:
-        hits = _hits_per_class(confs, recipe.score_threshold)
-    else:
-        hits = _hits_per_level(confs, recipe.score_threshold, recipe.candidates_per_level, spec.anchors.level_sizes)
+    with _one_thread(device):
+        if recipe.candidates_per_class is not None:
+            hits = _hits_per_class(confs, recipe.score_threshold)
+        else:
+            hits = _hits_per_level(confs, recipe.score_threshold, recipe.candidates_per_level,
+                                   spec.anchors.level_sizes)
+        return _finish(hits, lambda: decode_boxes(locs, spec.anchors, spec.box_coder), n_images, n_fg, recipe,
+                       device)
+
+
+def _finish(hits: _Hits | None, all_boxes: Callable[[], Tensor], n_images: int, n_fg: int, recipe: PostProcessSpec,
+            device: torch.device) -> Decoded:
+    """Candidates to detections, shared by both entries: group and cap, take their boxes from ``all_boxes()``
+    (N x A x 4, called only when there are candidates), clip, drop empty boxes, NMS, select."""
     if hits is None:
         return _empty(n_images, recipe.max_detections, device)
     n_groups = n_images * n_fg
     cands, _ = _group(hits, n_groups, n_fg, recipe.candidates_per_class)
-    boxes = decode_boxes(locs, spec.anchors, spec.box_coder)[cands.image, cands.box]
+    boxes = all_boxes()[cands.image, cands.box]
     if recipe.clip_boxes:
         boxes = boxes.clamp(0.0, 1.0)
     if recipe.drop_empty:
@@ -358,6 +384,60 @@ def postprocess(predictions: Sequence[Tensor], spec: DetectorSpec, recipe: PostP
                 return _empty(n_images, recipe.max_detections, device)
     kept_mask = _nms(cands, boxes, recipe)
     return _select(cands, kept_mask, boxes, n_images, recipe.max_detections)
+
+
+@contextlib.contextmanager
+def _one_thread(device: torch.device) -> Iterator[None]:
+    """One intra-op thread for small CPU work: with a busy process beside us, each extra OpenMP thread is a
+    barrier waiting on a descheduled core, and these tensors are too small to gain from splitting anyway.
+    (OpenMP's thread count is per calling thread, so other threads' forward passes keep theirs.)"""
+    before = torch.get_num_threads()
+    if device.type != "cpu" or before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@torch.no_grad()
+def postprocess_decoded(boxes: Tensor, scores: Tensor, spec: DetectorSpec, recipe: PostProcessSpec | None = None
+                        ) -> Decoded:
+    """:func:`postprocess` for outputs already decoded, as an exported graph gives them.
+
+    Args:
+        boxes: N x A x 4 (left, top, right, bottom) relative to the input, unclipped (``decode_boxes``'s output).
+        scores: N x A x C class probabilities (softmax over the classes, background at 0).
+        spec, recipe: as for :func:`postprocess`.
+
+    The same candidate, NMS and selection code runs; only the softmax and the decoding were done elsewhere, so
+    the detections agree with :func:`postprocess` up to those outputs' rounding.
+    """
+    if not isinstance(spec, DetectorSpec):
+        raise TypeError(f"spec: expected a DetectorSpec, got {type(spec).__name__}")
+    recipe = spec.postprocess if recipe is None else recipe
+    if not isinstance(recipe, PostProcessSpec):
+        raise TypeError(f"recipe: expected a PostProcessSpec, got {type(recipe).__name__}")
+    n_anchors, n_classes = spec.anchors.num_anchors, spec.num_classes
+    for name, value, width in (("boxes", boxes, 4), ("scores", scores, n_classes)):
+        if (not isinstance(value, Tensor) or value.dim() != 3 or tuple(value.shape[1:]) != (n_anchors, width)
+                or not value.is_floating_point()):
+            raise ValueError(f"{name}: expected a floating-point tensor of shape N x {n_anchors} x {width}, "
+                             f"got {_shape(value)}")
+    if boxes.shape[0] != scores.shape[0] or boxes.device != scores.device:
+        raise ValueError(f"boxes, scores: expected one batch on one device, got {_shape(boxes)} on {boxes.device} "
+                         f"and {_shape(scores)} on {scores.device}")
+    n_images, device = boxes.shape[0], boxes.device
+    probs = scores.float()[..., 1:]
+    with _one_thread(device):
+        if recipe.candidates_per_class is not None:
+            hits = _hits_per_class_probs(probs, recipe.score_threshold)
+        else:
+            hits = _hits_per_level_probs(probs, recipe.score_threshold, recipe.candidates_per_level,
+                                         spec.anchors.level_sizes)
+        return _finish(hits, boxes.float, n_images, n_classes - 1, recipe, device)
 
 
 def split_detections(decoded: Decoded, ascending: bool = False) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:

@@ -43,7 +43,9 @@ def test_boxes_are_decoded_relative_boxes_scaled_to_the_image(model, chelsea):
     scale = np.array([width, height, width, height], dtype=np.float32)
     np.testing.assert_allclose(found.boxes, np.clip(boxes[order] * scale, 0, scale), rtol=1e-6, atol=1e-4)
     np.testing.assert_array_equal(found.labels, labels[order])
-    np.testing.assert_array_equal(found.scores, scores[order])
+    # detect runs a channels_last copy of this contiguous fp32 model on the CPU: the same detections, scores to
+    # float32 rounding (model(x) itself is untouched).
+    np.testing.assert_allclose(found.scores, scores[order], rtol=0, atol=1e-6)
     assert found.image_size == (height, width)
     assert found.names[0] == "person" and set(found.names) == {"person", "cat"}
     assert np.all(np.diff(found.scores) <= 0)

@@ -1,9 +1,10 @@
 """One-call detection: images in, labelled boxes in original image pixels out."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -11,13 +12,17 @@ import torch
 
 from ..io.images import ImageSource, load_uint8
 from ..models.spec import MAX_DETECTIONS_LIMIT, DetectorSpec, PostProcessSpec, check_int
-from ..postprocess import postprocess, split_detections
+from ..postprocess import Decoded, postprocess, split_detections
 from .batching import prefetched_batches
 from .detections import DetectionBatch, Detections, StageTimes
-from .plan import InferencePlan, plan_for
+from .plan import InferencePlan, plan_for, thread_plan
 from .preprocess import preprocess_for_detection
 
-__all__ = ["detect", "detect_iter"]
+__all__ = ["Runner", "detect", "detect_iter", "detect_with", "detection_recipe"]
+
+# Anything that turns a preprocessed N x 3 x S x S batch into detections: the PyTorch model plus postprocess, or an
+# exported graph (ssd.export.backends). Loading, batching, preprocessing and the Detections are shared by all.
+Runner = Callable[[torch.Tensor], Decoded]
 
 # detect's argument names for the recipe's fields, so that errors name what the caller wrote.
 _ARGUMENT_NAMES = {"score_threshold": "threshold"}
@@ -97,16 +102,56 @@ def detect_iter(
     spent per stage.
     """
     spec = _spec_of(model)
-    recipe = spec.detect_postprocess.updated(_ARGUMENT_NAMES, score_threshold=threshold, iou_threshold=iou_threshold,
-                                             max_detections=max_detections)
+    recipe = detection_recipe(spec, threshold, iou_threshold, max_detections)
     wanted = resolve_classes(classes, spec)
+    decode_recipe = recipe if wanted is None else _uncapped(recipe, spec)
     times = times if times is not None else StageTimes()
-    batch_size = check_int("batch_size", batch_size, 1)
     plan = plan_for(model, precision, stacklevel=4)
     if model.training:
         # Switching the caller's model to eval mode and back would race with other threads and with training.
         model = copy.deepcopy(model).eval()
-    for batch in prefetched_batches(images, _load, batch_size):
+    threads = thread_plan() if plan.device.type == "cpu" else None
+    network = plan.module(model)  # the plan's channels_last copy, or the model itself
+
+    def run(batch: torch.Tensor) -> Decoded:
+        started = time.perf_counter()
+        with torch.inference_mode(), plan.autocast(), (threads.forward() if threads else contextlib.nullcontext()):
+            predictions = network(batch)
+        _sync(batch.device)
+        inferred = time.perf_counter()
+        decoded = postprocess(predictions, spec, decode_recipe)
+        times.inference += inferred - started
+        times.postprocess += time.perf_counter() - inferred
+        return decoded
+
+    yield from detect_with(run, spec, images, batch_size=batch_size, plan=plan, keep_images=keep_images,
+                           skip_errors=skip_errors, load_workers=threads.load_workers if threads else None,
+                           wanted=wanted, max_detections=recipe.max_detections, times=times, runner_times=True)
+
+
+def detection_recipe(spec: DetectorSpec, threshold: float | None, iou_threshold: float | None,
+                     max_detections: int | None) -> PostProcessSpec:
+    """``spec.detect_postprocess`` with the caller's overrides, errors naming detect's arguments."""
+    return spec.detect_postprocess.updated(_ARGUMENT_NAMES, score_threshold=threshold, iou_threshold=iou_threshold,
+                                           max_detections=max_detections)
+
+
+def detect_with(runner: Runner, spec: DetectorSpec, images: Iterable[ImageSource], *, batch_size: int = 8,
+                plan: InferencePlan | None = None, keep_images: bool = True, skip_errors: bool = False,
+                load_workers: int | None = None, wanted: np.ndarray | None = None,
+                max_detections: int | None = None, times: StageTimes | None = None,
+                runner_times: bool = False) -> Iterator[tuple[int, Detections | Exception]]:
+    """:func:`detect_iter` for any ``runner`` (preprocessed batch -> :class:`Decoded`): images are loaded, batched
+    and preprocessed as ``spec.input`` says (on ``plan``'s device, dtype and memory format; CPU float32 when None),
+    and the detections come back in each image's pixels. ``wanted`` labels (with at most ``max_detections`` of
+    them per image) filter the classes; ``times`` accumulates the stages (the runner's whole time counts as
+    inference unless ``runner_times`` says it records its own)."""
+    batch_size = check_int("batch_size", batch_size, 1)
+    if plan is None:
+        plan = InferencePlan(torch.device("cpu"), torch.float32, torch.contiguous_format)
+    times = times if times is not None else StageTimes()
+    extra = {} if load_workers is None else {"workers": load_workers}
+    for batch in prefetched_batches(images, _load, batch_size, **extra):
         good = []
         for index, result in batch:
             if isinstance(result, Exception):
@@ -117,7 +162,8 @@ def detect_iter(
                 good.append((index, *result))
         if good:
             # Built before yielding, so that a consumer's time between two yields is never counted.
-            yield from _detect_batch(model, spec, good, plan, recipe, keep_images, wanted, times)
+            yield from _detect_batch(runner, spec, good, plan, keep_images, wanted, max_detections, times,
+                                     runner_times)
 
 
 def _sync(device: torch.device) -> None:
@@ -126,20 +172,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _detect_batch(model: torch.nn.Module, spec: DetectorSpec, good: list, plan: InferencePlan,
-                  recipe: PostProcessSpec, keep_images: bool, wanted: np.ndarray | None,
-                  times: StageTimes) -> list[tuple[int, Detections]]:
+def _detect_batch(runner: Runner, spec: DetectorSpec, good: list, plan: InferencePlan, keep_images: bool,
+                  wanted: np.ndarray | None, max_detections: int | None, times: StageTimes,
+                  runner_times: bool) -> list[tuple[int, Detections]]:
     started = time.perf_counter()
     tensors = [torch.from_numpy(pixels).permute(2, 0, 1) for _, pixels, _ in good]
     batch = preprocess_for_detection(tensors, device=plan.device, dtype=plan.input_dtype,
                                      memory_format=plan.memory_format, input_spec=spec.input)
     _sync(batch.device)
     preprocessed = time.perf_counter()
-    with torch.inference_mode(), plan.autocast():
-        predictions = model(batch)
-    _sync(batch.device)
-    inferred = time.perf_counter()
-    decoded = postprocess(predictions, spec, recipe if wanted is None else _uncapped(recipe, spec))
+    decoded = runner(batch)
+    decoded_at = time.perf_counter()
     classes = spec.classes
     results = []
     for (index, pixels, source), (boxes, labels, scores) in zip(good, split_detections(decoded)):
@@ -150,17 +193,17 @@ def _detect_batch(model: torch.nn.Module, spec: DetectorSpec, good: list, plan: 
             boxes, labels, scores = boxes[finite], labels[finite], scores[finite]
         if wanted is not None:
             # Rows stay in descending score order, so the first max_detections kept are the best of those wanted.
-            keep = np.flatnonzero(np.isin(labels, wanted))[: recipe.max_detections]
+            keep = np.flatnonzero(np.isin(labels, wanted))[:max_detections]
             boxes, labels, scores = boxes[keep], labels[keep], scores[keep]
         height, width = pixels.shape[:2]
         scale = np.array([width, height, width, height], dtype=np.float32)
         pixel_boxes = np.clip(boxes * scale, 0, scale).astype(np.float32)
         results.append((index, Detections(pixel_boxes, scores, labels, (height, width), source,
                                           pixels if keep_images else None, classes.names, classes.category_ids)))
-    finished = time.perf_counter()
     times.preprocess += preprocessed - started
-    times.inference += inferred - preprocessed
-    times.postprocess += finished - inferred
+    if not runner_times:
+        times.inference += decoded_at - preprocessed
+    times.postprocess += time.perf_counter() - decoded_at
     times.images += len(good)
     return results
 

@@ -1,7 +1,7 @@
 """Forward-pass cost of every network: GFLOPs and per-image CPU time in fp32 and bf16 autocast.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_models.py            # 1 thread, batch 1 (a few minutes)
-    python benchmarks/bench_models.py --threads 2 --batch 4 --device cuda
+    OMP_NUM_THREADS=1 python -m benchmarks --suite models            # 1 thread, batch 1 (a few minutes)
+    python -m benchmarks --suite models --threads 2 --batch 4 --device cuda
 
 GFLOPs count one multiply-add as two floating-point operations (torch.utils.flop_counter.FlopCounterMode, which
 counts convolutions and matrix products only; BN, activations and pooling are excluded). Weights do not change
@@ -14,16 +14,11 @@ import argparse
 import contextlib
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
-
-from ssd.models import NETWORKS, Detector  # noqa: E402
+from ssd.models import NETWORKS, Detector
 
 
 def count_gflops(model: Detector, size: int) -> float:
@@ -82,14 +77,14 @@ def measure(names: list[str], batch: int, device: torch.device, repeats: int) ->
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=list(NETWORKS), choices=list(NETWORKS))
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

@@ -1,7 +1,7 @@
 """What pictures cost: one annotated picture per image (matplotlib PNG, as the CLI drew them before, vs Pillow PNG and
 JPEG), and `python -m ssd detect` on 16 JPEGs vs the same work in-process.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_pictures.py [--cli-repo OTHER_CHECKOUT]
+    OMP_NUM_THREADS=1 python -m benchmarks --suite pictures [--cli-repo OTHER_CHECKOUT]
 
 The network has random weights (saved to a temporary checkpoint that SSD_CHECKPOINT points at), so nothing is
 downloaded; its speed does not depend on the weights. ``--cli-repo`` times the command line of another checkout
@@ -18,17 +18,14 @@ import tempfile
 import time
 
 import numpy as np
+import torch
+from PIL import Image
+from skimage import data
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from skimage import data  # noqa: E402
-from timing import median_seconds  # noqa: E402
-
-from ssd.inference.detections import Detections  # noqa: E402
-from ssd.inference.drawing import draw_boxes  # noqa: E402
-from ssd.models import SSD300  # noqa: E402
+from benchmarks.timing import median_seconds
+from ssd.inference.detections import Detections
+from ssd.inference.drawing import draw_boxes
+from ssd.models import SSD300
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -108,12 +105,12 @@ def bench_cli(folder: pathlib.Path, cli_repos: list[pathlib.Path]) -> None:
           + ", ".join(f"{stage} {ms:.1f} ms" for stage, ms in batch.times.items()))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--cli-repo", action="append", type=pathlib.Path, default=[],
                         help="also time this checkout's command line (repeatable)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         bench_pictures(pathlib.Path(tmp), args.repeats)
         bench_cli(pathlib.Path(tmp), [*args.cli_repo, REPO])

@@ -1,0 +1,82 @@
+"""The CPU fp32 plan runs a cached channels_last copy (same top detections, caller's model untouched), and the
+thread plan keeps intra-op threads plus loaders within the cores."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import ssd.inference.plan as plan_module
+from ssd.inference.plan import plan_for, thread_plan
+from ssd.models import SSD300
+
+from helpers import SAMPLE_PHOTOS, photo
+from helpers.checkpoints import detecting_state_dict
+
+
+@pytest.fixture(scope="module")
+def model() -> SSD300:
+    net = SSD300()
+    net.load_state_dict(detecting_state_dict())
+    return net.eval()
+
+
+def test_contiguous_fp32_cpu_model_runs_a_cached_channels_last_copy(model):
+    plan = plan_for(model, None)
+    assert plan.memory_format == torch.channels_last and plan.runner is not None and plan.runner is not model
+    assert plan_for(model, "fp32").runner is plan.runner  # cached while the weights stay the same
+    assert all(p.is_contiguous() for p in model.parameters())  # the caller's model is not converted
+    conv = next(p for p in plan.runner.parameters() if p.dim() == 4)
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    already = plan_module.channels_last_copy(model)
+    assert plan_for(already, None).runner is None  # a channels_last model runs as it is
+
+
+def test_cached_copy_follows_weight_changes():
+    net = SSD300().eval()
+    first = plan_for(net, None).runner
+    with torch.no_grad():
+        net.loc[0].bias.add_(1.0)
+    second = plan_for(net, None).runner
+    assert second is not first
+    torch.testing.assert_close(second.loc[0].bias, net.loc[0].bias, rtol=0, atol=0)
+
+
+def test_channels_last_keeps_top_detections_and_model_output(model, monkeypatch):
+    photos = [photo(name) for name in SAMPLE_PHOTOS]
+    x = torch.rand(1, 3, 300, 300)
+    with torch.inference_mode():
+        before = model(x)
+    fast = model.detect(photos)
+    with torch.inference_mode():
+        after = model(x)
+    for a, b in zip(before, after):
+        assert torch.equal(a, b)  # model(x) stays bit-exact
+    monkeypatch.setattr(plan_module, "CPU_CHANNELS_LAST", False)
+    assert plan_for(model, None).runner is None
+    reference = model.detect(photos)
+    for a, b in zip(fast, reference):
+        top = min(len(b), 10)
+        assert len(a) == len(b) > 0
+        height, width = b.image_size
+        scale = np.array([width, height, width, height], dtype=np.float32)
+        np.testing.assert_array_equal(a.labels[:top], b.labels[:top])
+        np.testing.assert_allclose(a.boxes[:top] / scale, b.boxes[:top] / scale, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(a.scores[:top], b.scores[:top], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("cores", [1, 2, 4, 8, 16, 64])
+def test_thread_plan_stays_within_the_cores(cores, monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 64)
+    plan = thread_plan(cores)
+    assert plan.intra_op >= 1 and plan.load_workers >= 1
+    if cores >= 2:
+        assert plan.intra_op + plan.load_workers <= cores
+
+
+def test_thread_plan_scopes_the_forward_threads():
+    before = torch.get_num_threads()
+    plan = plan_module.ThreadPlan(intra_op=before + 1, load_workers=1)
+    with plan.forward():
+        assert torch.get_num_threads() == before + 1
+    assert torch.get_num_threads() == before
