@@ -1,7 +1,7 @@
 """torch.hub entrypoints for NVIDIA's SSD300 (ResNet-50) COCO detector and its processing utilities.
 
-    model = torch.hub.load("<owner>/<repo>", "nvidia_ssd", model_math="fp32")
-    utils = torch.hub.load("<owner>/<repo>", "nvidia_ssd_processing_utils")
+    model = torch.hub.load("OWNER/REPO", "nvidia_ssd", model_math="fp32")
+    utils = torch.hub.load("OWNER/REPO", "nvidia_ssd_processing_utils")
 """
 
 dependencies = ["torch", "torchvision", "numpy", "skimage", "scipy", "matplotlib", "requests", "tqdm", "PIL"]
@@ -129,7 +129,7 @@ def nvidia_ssd(pretrained: bool = True, model_math: str = "fp32", **kwargs):
     downloads under ``url-<hash of the URL>-<file name>``.
 
     Example:
-        >>> model = torch.hub.load("<owner>/<repo>", "nvidia_ssd", model_math="fp32")
+        >>> model = torch.hub.load("OWNER/REPO", "nvidia_ssd", model_math="fp32")
         >>> detections = model.detect("photo.jpg")
         >>> print(detections[0])
     """
@@ -158,7 +158,7 @@ def nvidia_ssd_processing_utils():
         ``get_coco_object_dictionary()`` (the 80 COCO names).
 
     Example:
-        >>> utils = torch.hub.load("<owner>/<repo>", "nvidia_ssd_processing_utils")
+        >>> utils = torch.hub.load("OWNER/REPO", "nvidia_ssd_processing_utils")
         >>> tensor = utils.prepare_tensor([utils.prepare_input("photo.jpg")])
         >>> results = utils.decode_results(model(tensor))
         >>> best = [utils.pick_best(r, 0.40) for r in results]
@@ -192,7 +192,7 @@ def ssd300_vgg16(pretrained: bool = True, **kwargs):
         applies mmdetection's test recipe (score > 0.02, NMS 0.45, 200 per image).
 
     Example:
-        >>> model = torch.hub.load("<owner>/<repo>", "ssd300_vgg16")
+        >>> model = torch.hub.load("OWNER/REPO", "ssd300_vgg16")
         >>> print(model.detect("photo.jpg", threshold=0.4)[0])
     """
     return _mmdet("ssd300_vgg16", pretrained, kwargs)
@@ -205,7 +205,7 @@ def ssd512_vgg16(pretrained: bool = True, **kwargs):
     confs N x 81 x 24564)``, background at index 0.
 
     Example:
-        >>> model = torch.hub.load("<owner>/<repo>", "ssd512_vgg16")
+        >>> model = torch.hub.load("OWNER/REPO", "ssd512_vgg16")
         >>> print(model.detect("photo.jpg", threshold=0.4)[0])
     """
     return _mmdet("ssd512_vgg16", pretrained, kwargs)
@@ -218,7 +218,7 @@ def ssdlite320_mobilenet_v2(pretrained: bool = True, **kwargs):
     returns ``(locs N x 4 x 3234, confs N x 81 x 3234)``, background at index 0.
 
     Example:
-        >>> model = torch.hub.load("<owner>/<repo>", "ssdlite320_mobilenet_v2")
+        >>> model = torch.hub.load("OWNER/REPO", "ssdlite320_mobilenet_v2")
         >>> print(model.detect("photo.jpg", threshold=0.4)[0])
     """
     return _mmdet("ssdlite320_mobilenet_v2", pretrained, kwargs)

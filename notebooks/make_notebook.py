@@ -1,6 +1,7 @@
 """Write notebooks/ssd_inference.ipynb from the cells below, so that the notebook is reviewed as code.
 
     python notebooks/make_notebook.py [OUTPUT.ipynb]
+    python notebooks/make_notebook.py --repo owner/name   # name the GitHub repository everywhere, then rewrite
 
 The committed notebook must equal what this script writes (tests/test_notebook.py checks it) and carries no outputs.
 Cells have fixed ids, by which the tests find them.
@@ -8,6 +9,7 @@ Cells have fixed ids, by which the tests find them.
 from __future__ import annotations
 
 import pathlib
+import subprocess
 import sys
 
 import nbformat
@@ -79,18 +81,23 @@ if "google.colab" in sys.modules:  # only on Colab; the equivalent of %pip insta
     packages = ["numpy", "scipy", "scikit-image", "matplotlib", "requests", "tqdm"]
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", *packages], check=True)
 """),
-        _md("repo-md", f"""
-**Where the code comes from.** `REPO` names the GitHub repository that holds this repository's `hubconf.py`:
-put your fork or the owner's name there (`"owner/name"`, or `"owner/name:branch"` for another branch than the
-default one). It may also be the path of a local checkout. The `SSD_REPO` environment variable overrides it.
-Until `{GITHUB_REPO}` is replaced, set one or the other.
+        _md("repo-md", """
+**Where the code comes from.** Run from a checkout (this folder or the repository's root), the notebook loads that
+checkout. Elsewhere (Colab) `REPO` names the GitHub repository that holds `hubconf.py` (`"owner/name"`, or
+`"owner/name:branch"`). The `SSD_REPO` environment variable overrides both.
 """),
         _code("config", f"""
 import os
 
 import torch
 
-REPO = os.environ.get("SSD_REPO", "{GITHUB_REPO}")
+import pathlib
+import subprocess
+
+# A local checkout when the notebook runs inside one (from notebooks/ or the root), else the GitHub repository.
+here = pathlib.Path.cwd()
+checkout = next((str(p) for p in (here, here.parent) if (p / "hubconf.py").is_file()), None)
+REPO = os.environ.get("SSD_REPO") or checkout or "{GITHUB_REPO}"
 
 # A local checkout is loaded as it is; from GitHub, torch.hub asks to trust the repository's code first.
 source = {{"source": "local"}} if os.path.isdir(REPO) else {{"trust_repo": True}}
@@ -237,7 +244,31 @@ def build() -> nbformat.NotebookNode:
     return nb
 
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Every text that names the repository; `--repo owner/name` rewrites them all, this constant included.
+NAMED_IN = ("README.md", "hubconf.py", "docs/*.md", "notebooks/make_notebook.py")
+
+
+def set_repository(name: str) -> list[pathlib.Path]:
+    """Replace :data:`GITHUB_REPO` by ``name`` wherever the repository is named; returns the files changed."""
+    if name.count("/") != 1 or not all(part.strip() for part in name.split("/")) or '"' in name:
+        raise SystemExit(f"--repo: expected owner/name, got {name!r}")
+    changed = []
+    for pattern in NAMED_IN:
+        for path in sorted(ROOT.glob(pattern)):
+            text = path.read_text()
+            if GITHUB_REPO in text:
+                path.write_text(text.replace(GITHUB_REPO, name))
+                changed.append(path)
+    return changed
+
+
 def main(argv: list[str]) -> int:
+    if len(argv) == 3 and argv[1] == "--repo":
+        for path in set_repository(argv[2]):
+            print(f"named {argv[2]} in {path.relative_to(ROOT)}")
+        # Regenerate from the rewritten script, so the notebook's badge and REPO follow.
+        return subprocess.call([sys.executable, __file__])
     output = pathlib.Path(argv[1]) if len(argv) > 1 else DEFAULT_OUTPUT
     nbformat.write(build(), str(output))
     print(f"wrote {output}")

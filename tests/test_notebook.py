@@ -146,3 +146,33 @@ def test_part_one_is_the_published_walkthrough():
     # The repository is named once in code; the badge links to the same repository's copy of the notebook.
     assert sum(source.count("OWNER/REPO") for source in code.values()) == 1
     assert "colab.research.google.com/github/OWNER/REPO/blob/main/notebooks/ssd_inference.ipynb" in nb.cells[0].source
+
+
+@pytest.mark.parametrize("folder", ["notebooks", "."])
+def test_notebook_finds_the_checkout_it_runs_in(folder, monkeypatch):
+    # No SSD_REPO: run from notebooks/ or from the root, the configuration cell picks this checkout by itself.
+    monkeypatch.delenv("SSD_REPO", raising=False)
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    code = cell(nb, "config").source + "\nprint('REPO=' + REPO)\n"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO / folder, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"REPO={REPO}" in done.stdout.splitlines()
+
+
+def test_one_command_names_the_repository_everywhere(tmp_path):
+    # A copy of the files that name the repository; the generator's --repo rewrites them all, itself included.
+    import shutil
+
+    for relative in ("README.md", "hubconf.py", "notebooks/make_notebook.py", *[
+            str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md")]):
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / relative, tmp_path / relative)
+    done = subprocess.run([sys.executable, "notebooks/make_notebook.py", "--repo", "acme/ssd-hub"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    texts = [p.read_text() for p in tmp_path.rglob("*") if p.is_file()]
+    assert not any("OWNER/REPO" in text for text in texts)
+    assert 'torch.hub.load("acme/ssd-hub", "nvidia_ssd"' in (tmp_path / "README.md").read_text()
+    notebook = (tmp_path / "notebooks" / "ssd_inference.ipynb").read_text()
+    assert "colab.research.google.com/github/acme/ssd-hub/blob/main/notebooks/ssd_inference.ipynb" in notebook
