@@ -93,7 +93,10 @@ def test_mmdetection_models_export_to_onnx_and_detect_alike(ssdlite_file, tmp_pa
     photo = data.astronaut()
     [ours], [theirs] = model.detect(photo, threshold=0.3), exported.detect(photo, threshold=0.3)
     assert len(ours) == len(theirs) > 0
-    # SSDLite under the golden recipe is hypersensitive (the golden README): compare the confident boxes only.
-    confident = ours.scores > 0.5
-    np.testing.assert_allclose(ours.boxes[confident], theirs.boxes[confident], atol=0.5)
-    assert list(ours.labels[confident]) == list(theirs.labels[confident])
+    # SSDLite under the golden recipe is hypersensitive (the golden README) and near-equal scores may swap places:
+    # every confident box of ours is in theirs, same class, within half a pixel.
+    confident = np.flatnonzero(ours.scores > 0.5)
+    assert confident.size > 0
+    for i in confident:
+        same = theirs.labels == ours.labels[i]
+        assert np.abs(theirs.boxes[same] - ours.boxes[i]).max(axis=1).min() < 0.5

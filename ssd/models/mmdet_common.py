@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..data.coco import COCO_CATEGORY_IDS, COCO_NAMES
+from .base import Detector
 from .spec import ClassSpec, DetectorSpec, PostProcessSpec
 
 __all__ = ["MMDET_MEAN", "MMDET_POSTPROCESS", "MMDET_STD", "head_outputs", "mmdet_classes", "with_num_classes"]
@@ -74,3 +75,19 @@ def init_heads(modules: list[nn.Module]) -> None:
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+
+
+class MMDetSSD(Detector):
+    """What mmdetection's SSDs share: heads ``loc``/``conf`` over the maps of ``feature_maps`` (each family's own)."""
+
+    loc: nn.ModuleList
+    conf: nn.ModuleList
+    num_classes: int
+
+    def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        maps = self.feature_maps(x)
+        return head_outputs([h(m) for h, m in zip(self.loc, maps)], [h(m) for h, m in zip(self.conf, maps)],
+                            self.num_classes)

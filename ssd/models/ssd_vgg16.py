@@ -10,8 +10,7 @@ import math
 import torch
 from torch import nn
 
-from .base import Detector
-from .mmdet_common import MMDET_MEAN, MMDET_POSTPROCESS, head_outputs, init_heads, mmdet_classes, resolve_spec
+from .mmdet_common import MMDET_MEAN, MMDET_POSTPROCESS, MMDetSSD, init_heads, mmdet_classes, resolve_spec
 from .spec import AnchorSpec, BoxCoderSpec, DetectorSpec, InputSpec
 
 __all__ = ["MMDET_SSD300", "MMDET_SSD512", "L2Norm", "SSDVGG16", "vgg16_trunk"]
@@ -108,7 +107,7 @@ def _extra_layer(in_channels: int, out_channels: int, stride: int, padding: int,
     )
 
 
-class SSDVGG16(Detector):
+class SSDVGG16(MMDetSSD):
     """mmdetection's SSD300 or SSD512 (VGG-16), picked by ``spec`` (default :data:`MMDET_SSD300`).
 
     ``forward(x)`` takes N x 3 x S x S (RGB 0..255 minus the mean) and returns the raw ``(locs N x 4 x A,
@@ -149,8 +148,3 @@ class SSDVGG16(Detector):
             x = layer(x)
             maps.append(x)
         return maps
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        maps = self.feature_maps(x)
-        return head_outputs([h(m) for h, m in zip(self.loc, maps)], [h(m) for h, m in zip(self.conf, maps)],
-                            self.num_classes)

@@ -7,12 +7,11 @@ from functools import partial
 import torch
 from torch import nn
 
-from .base import Detector
 from .mmdet_common import (
     MMDET_MEAN,
     MMDET_POSTPROCESS,
     MMDET_STD,
-    head_outputs,
+    MMDetSSD,
     init_heads,
     mmdet_classes,
     resolve_spec,
@@ -75,7 +74,7 @@ def _head(in_channels: int, out_channels: int) -> nn.Sequential:
                          nn.Conv2d(in_channels, out_channels, 1))
 
 
-class SSDLiteMobileNetV2(Detector):
+class SSDLiteMobileNetV2(MMDetSSD):
     """mmdetection's SSDLite-MobileNetV2 at 320 x 320 (spec default :data:`MMDET_SSDLITE320`).
 
     ``forward(x)`` takes N x 3 x 320 x 320 (RGB 0..255 minus the mean, over the std) and returns the raw
@@ -114,8 +113,3 @@ class SSDLiteMobileNetV2(Detector):
             x = layer(x)
             maps.append(x)
         return maps
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        maps = self.feature_maps(x)
-        return head_outputs([h(m) for h, m in zip(self.loc, maps)], [h(m) for h, m in zip(self.conf, maps)],
-                            self.num_classes)
