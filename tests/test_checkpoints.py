@@ -179,16 +179,22 @@ def test_first_url_failing_and_next_answering(http_server, local_variants, hub_d
 
 def test_missing_variant_falls_back_to_amp_with_a_warning(http_server, local_variants, hub_dir, good_bytes):
     http_server.add("/amp/0/nvidia_ssdpyt_amp_200703.pt", good_bytes)
-    with pytest.warns(RuntimeWarning, match=r"'fp32'.*HTTP 404.*trying the 'amp'"):
+    with pytest.warns(RuntimeWarning, match=r"'fp32'.*HTTP 404.*loaded the 'amp'"):
         model = build_ssd300(model_math="fp32", progress=False)
     assert model.checkpoint_source.endswith("/amp/0/nvidia_ssdpyt_amp_200703.pt")
 
 
 def test_offline_error_lists_every_url_and_the_way_out(http_server, local_variants, hub_dir):
     http_server.stop()  # connection refused everywhere, as offline
-    with pytest.warns(RuntimeWarning), pytest.raises(CheckpointUnavailableError) as info:
-        build_ssd300(model_math="fp16", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one message, the error: no warning saying the same first
+        with pytest.raises(CheckpointUnavailableError) as info:
+            build_ssd300(model_math="fp16", progress=False)
     message = str(info.value)
+    # Each URL once, with a reason a person can act on, not urllib3's paragraph about connection pools.
+    assert all(message.count(url) == 1 for urls in local_variants.values() for url in urls.urls
+               if url in message)
+    assert "connection refused" in message and "HTTPConnectionPool" not in message and len(message) < 2000
     for name in ("fp16", "amp"):
         for url in local_variants[name].urls:
             assert url in message

@@ -117,7 +117,6 @@ def test_finetune_refuse_resume_and_force(first_run, shapes, tmp_path, capsys):
     assert "random weights" in capsys.readouterr().out
 
 
-@pytest.mark.filterwarnings("ignore:could not fetch the 'fp32':RuntimeWarning")
 def test_default_checkpoint_offline_is_a_one_line_error(shapes, tmp_path, hub_dir, monkeypatch, capsys, http_server):
     # Offline: every published URL points at a stopped loopback server, so each connection is refused.
     variants = {name: checkpoints.CheckpointVariant(name, v.file_name, (http_server.url(f"/{v.file_name}"),))

@@ -339,10 +339,30 @@ def _looks_like_html(head: bytes) -> bool:
     return head.lstrip().lower().startswith((b"<!doctype", b"<html", b"<?xml", b"{"))
 
 
+# urllib3 wraps the reason in a paragraph ("HTTPSConnectionPool(host=...): Max retries exceeded with url: ...
+# (Caused by NameResolutionError(...))"): these patterns pull out the part a person can act on.
+_REASONS = (
+    (re.compile(r"Failed to resolve '([^']+)'"), "cannot resolve host {0} (offline, or no DNS?)"),
+    (re.compile(r"Connection refused"), "connection refused"),
+    (re.compile(r"Network is unreachable"), "network is unreachable (offline?)"),
+    (re.compile(r"CERTIFICATE_VERIFY_FAILED"), "the server's TLS certificate could not be verified"),
+)
+
+
+def _short_reason(exc: BaseException) -> str:
+    text = str(exc)
+    for pattern, template in _REASONS:
+        match = pattern.search(text)
+        if match:
+            return template.format(*match.groups())
+    line = _first_line(exc)
+    return line if len(line) <= 160 else line[:157] + "..."
+
+
 def _request_error(url: str, exc: BaseException) -> DownloadError | ValueError:
     import requests
 
-    what = f"{type(exc).__name__}: {_first_line(exc)}"
+    what = f"{type(exc).__name__}: {_short_reason(exc)}"
     if isinstance(exc, requests.Timeout):
         return DownloadError(url, "timeout", f"timed out ({what})")
     if isinstance(exc, requests.TooManyRedirects):

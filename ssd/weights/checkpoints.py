@@ -632,15 +632,18 @@ def resolve_state_dict(
     found = _from_variant(VARIANTS[variant], force_download=force_download, progress=progress, validate=validate,
                           failures=failures)
     if found is None and variant != FALLBACK_VARIANT:
-        warnings.warn(
-            f"could not fetch the {variant!r} SSD300 checkpoint ({'; '.join(_summary(f) for f in failures)}); "
-            f"trying the {FALLBACK_VARIANT!r} checkpoint instead",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+        first_failures = list(failures)
         fallback = VARIANTS[FALLBACK_VARIANT]
         found = _from_variant(fallback, force_download=force_download, progress=progress, validate=validate,
                               failures=failures)
+        if found is not None:
+            # Said once, and only when it matters: had the fallback failed too, the error below lists every URL.
+            warnings.warn(
+                f"could not fetch the {variant!r} SSD300 checkpoint ({'; '.join(map(_summary, first_failures))}); "
+                f"loaded the {FALLBACK_VARIANT!r} checkpoint instead",
+                RuntimeWarning,
+                stacklevel=3,
+            )
     if found is None:
         tried = "\n".join(f"  - {_summary(f)}" for f in failures)
         detail = f"no SSD300 checkpoint could be downloaded and none is cached in {cache_dir()}"
