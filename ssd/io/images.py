@@ -310,6 +310,9 @@ def _from_pil(im: Image.Image, name: str, orient: bool = False) -> np.ndarray:
         raise
     except Exception as exc:  # any decoder failure on hostile bytes means "not readable"
         raise _decode_failure(exc, name, im) from exc
+    if pixels.dtype == object:
+        # Older Pillow (10.1) hands numpy a closed image's empty core as an object, where newer ones raise.
+        raise _decode_failure(ValueError("Operation on closed image"), name, im)
     try:
         return _to_rgb_array(pixels, name)
     except (ValueError, TypeError) as exc:
