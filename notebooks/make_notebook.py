@@ -191,15 +191,12 @@ for image_idx in range(len(best_results_per_input)):
     # ...with detections
     bboxes, classes, confidences = best_results_per_input[image_idx]
     for idx in range(len(bboxes)):
-        # Decoded boxes may reach past the crop: clipped to it, so everything is drawn inside the picture.
-        left, bot, right, top = [min(max(val, 0.0), 1.0) for val in bboxes[idx]]
+        left, bot, right, top = bboxes[idx]
         x, y, w, h = [val * 300 for val in [left, bot, right - left, top - bot]]
         rect = patches.Rectangle((x, y), w, h, linewidth=1, edgecolor="r", facecolor="none")
         ax.add_patch(rect)
         ax.text(x, y, "{} {:.0f}%".format(classes_to_labels[classes[idx] - 1], confidences[idx] * 100),
-                bbox=dict(facecolor="white", alpha=0.5), clip_on=True)
-    ax.set_xlim(0, image.shape[1])
-    ax.set_ylim(image.shape[0], 0)
+                bbox=dict(facecolor="white", alpha=0.5))
 plt.show()
 """),
         _md("part2", """
