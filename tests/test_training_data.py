@@ -77,7 +77,10 @@ def test_flip_maps_boxes(marked):
     left, top, right, bottom = plain[1][0].tolist()
     torch.testing.assert_close(flipped_boxes[0], torch.tensor([1 - right, top, 1 - left, bottom]))
     assert flipped_labels.tolist() == [5]
-    torch.testing.assert_close(flipped, plain[0].flip(-1))
+    # Mirrored pixels, to within a grey level: torchvision 0.20's antialiased resize rounds a few mirrored pixels
+    # the other way (21 of 270,000); later releases are exact.
+    grey_level = 1.0 / (255 * min(IMAGENET_STD))
+    torch.testing.assert_close(flipped, plain[0].flip(-1), atol=grey_level * 1.01, rtol=0)
     assert _mark_fraction(flipped, flipped_boxes[0], shrink=2) == 1.0
 
 
