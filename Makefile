@@ -8,7 +8,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # The floor pins are wheels for Python 3.11 (numpy 1.24 has none for 3.12 and later).
-FLOOR_PYTHON ?= python3.11
+FLOOR_PYTHON ?= $(shell command -v python3.11 || echo python3)
 FLOOR := .venv-floor
 
 .PHONY: demo test test-floor bench clean

@@ -1,16 +1,22 @@
 """Write notebooks/ssd_inference.ipynb from the cells below, so that the notebook is reviewed as code.
 
     python notebooks/make_notebook.py [OUTPUT.ipynb]
+    python notebooks/make_notebook.py --execute [OUTPUT.ipynb]   # also run it, keeping its outputs (figures)
     python notebooks/make_notebook.py --repo owner/name   # name the GitHub repository everywhere, then rewrite
 
-The committed notebook must equal what this script writes (tests/test_notebook.py checks it) and carries no outputs.
-Cells have fixed ids, by which the tests find them.
+The committed notebook's cells must equal what this script writes (tests/test_notebook.py checks it). Its outputs,
+if any, come from one complete ``--execute`` run with NVIDIA's published weights (downloaded on first use, or
+``SSD_CHECKPOINT``), so that GitHub's preview shows real detections. Cells have fixed ids, by which the tests find
+them.
 """
 from __future__ import annotations
 
+import argparse
+import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
@@ -177,7 +183,7 @@ classes_to_labels = utils.get_coco_object_dictionary()
 """),
         _md("draw-md", """
 Finally, visualize the detections. As in NVIDIA's notebook, they are drawn on the 300 x 300 network input
-(boxes are relative to it, hence the `* 300`).
+(boxes are relative to it, hence the `* 300`); unlike it, each box is clipped to the picture first.
 """),
         _code("draw", """
 from matplotlib import pyplot as plt
@@ -191,7 +197,8 @@ for image_idx in range(len(best_results_per_input)):
     # ...with detections
     bboxes, classes, confidences = best_results_per_input[image_idx]
     for idx in range(len(bboxes)):
-        left, bot, right, top = bboxes[idx]
+        # Clipped to the picture: the one change to NVIDIA's cell, whose boxes can run past the image's edges.
+        left, bot, right, top = bboxes[idx].clip(0, 1)
         x, y, w, h = [val * 300 for val in [left, bot, right - left, top - bot]]
         rect = patches.Rectangle((x, y), w, h, linewidth=1, edgecolor="r", facecolor="none")
         ax.add_patch(rect)
@@ -263,15 +270,50 @@ def set_repository(name: str) -> list[pathlib.Path]:
     return changed
 
 
+def execute(nb: nbformat.NotebookNode, workdir: pathlib.Path) -> None:
+    """Run ``nb`` top to bottom in a fresh python3 kernel started in ``workdir``; a failing cell raises."""
+    import nbclient  # a test dependency (requirements-dev.txt), needed only here
+
+    metadata = nbformat.from_dict(nb.metadata)
+    nbclient.NotebookClient(nb, timeout=1200, kernel_name="python3",
+                            resources={"metadata": {"path": str(workdir)}}).execute()
+    # The kernel records its Python version in language_info: keep the metadata this script writes, so that a run
+    # changes outputs only.
+    nb.metadata = metadata
+
+
+def write(nb: nbformat.NotebookNode, output: pathlib.Path) -> None:
+    # Through a temporary file, so an interrupted write leaves no truncated notebook. By hand: this script also runs
+    # without the library on its path (see --repo).
+    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            nbformat.write(nb, out)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, output)
+    finally:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) == 3 and argv[1] == "--repo":
-        for path in set_repository(argv[2]):
-            print(f"named {argv[2]} in {path.relative_to(ROOT)}")
+    parser = argparse.ArgumentParser(prog="make_notebook.py", description=__doc__.split("\n")[0])
+    parser.add_argument("output", nargs="?", type=pathlib.Path, default=DEFAULT_OUTPUT,
+                        help=f"where to write the notebook (default: {NOTEBOOK_PATH})")
+    parser.add_argument("--execute", action="store_true",
+                        help="run the notebook (from notebooks/, so it loads this checkout) and keep its outputs")
+    parser.add_argument("--repo", metavar="OWNER/NAME",
+                        help="name the GitHub repository in every file that names it, then regenerate")
+    args = parser.parse_args(argv[1:])
+    if args.repo is not None:
+        for path in set_repository(args.repo):
+            print(f"named {args.repo} in {path.relative_to(ROOT)}")
         # Regenerate from the rewritten script, so the notebook's badge and REPO follow.
         return subprocess.call([sys.executable, __file__])
-    output = pathlib.Path(argv[1]) if len(argv) > 1 else DEFAULT_OUTPUT
-    nbformat.write(build(), str(output))
-    print(f"wrote {output}")
+    nb = build()
+    if args.execute:
+        execute(nb, DEFAULT_OUTPUT.parent)
+    write(nb, args.output)
+    print(f"wrote {args.output}" + (" with its outputs" if args.execute else ""))
     return 0
 
 

@@ -105,7 +105,13 @@ def test_notebook_falls_back_to_bundled_photos_when_offline(kernel_env, monkeypa
     port = unused_port()  # nothing listens there: the connection is refused at once
     monkeypatch.setenv("SSD_SAMPLE_URLS", ",".join(f"http://127.0.0.1:{port}/val2017/{name}" for name in PHOTOS))
 
-    nb = execute(kernel_env)
+    # Through the generator's --execute, which writes the notebook with its outputs (as it would be committed).
+    written = kernel_env / "executed.ipynb"
+    done = subprocess.run([sys.executable, str(GENERATOR), "--execute", str(written)], capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    nb = nbformat.read(written, as_version=4)
+    assert_complete_run(nb)
 
     assert FALLBACK_NOTE in text_of(cell(nb, "samples"))
     assert pngs(cell(nb, "draw")) == 3
@@ -118,19 +124,36 @@ def test_notebook_falls_back_to_bundled_photos_when_offline(kernel_env, monkeypa
         assert line.startswith("Detections(<numpy array") and f" {size}: " in line and "person" in line, line
 
 
-def test_committed_notebook_has_no_outputs():
+def assert_complete_run(nb) -> None:
+    """Outputs from one top-to-bottom run: every code cell executed once, in order, without an error."""
+    code_cells = [c for c in nb.cells if c.cell_type == "code"]
+    assert [c.execution_count for c in code_cells] == list(range(1, len(code_cells) + 1))
+    for code_cell in code_cells:
+        assert not any(o.output_type == "error" for o in code_cell.outputs), f"cell {code_cell.id} failed"
+    assert pngs(cell(nb, "draw")) == 3 and pngs(cell(nb, "detect")) == 3
+
+
+def test_committed_notebook_is_clean_or_one_complete_run():
     nb = nbformat.read(NOTEBOOK, as_version=4)
     nbformat.validate(nb)
+    code_cells = [c for c in nb.cells if c.cell_type == "code"]
+    if any(c.outputs or c.execution_count is not None for c in code_cells):
+        assert_complete_run(nb)
+
+
+def without_outputs(nb):
     for code_cell in (c for c in nb.cells if c.cell_type == "code"):
-        assert code_cell.outputs == [], f"cell {code_cell.id} carries outputs"
-        assert code_cell.execution_count is None, f"cell {code_cell.id} carries an execution count"
+        code_cell.outputs, code_cell.execution_count = [], None
+        code_cell.metadata.pop("execution", None)
+    return nb
 
 
 def test_committed_notebook_is_what_the_generator_writes(tmp_path):
     written = tmp_path / "generated.ipynb"
     subprocess.run([sys.executable, str(GENERATOR), str(written)], check=True, capture_output=True, timeout=60)
-    assert json.loads(written.read_text()) == json.loads(NOTEBOOK.read_text()), (
-        "notebooks/ssd_inference.ipynb is out of date: run python notebooks/make_notebook.py")
+    committed = without_outputs(nbformat.read(NOTEBOOK, as_version=4))
+    assert json.loads(written.read_text()) == json.loads(nbformat.writes(committed)), (
+        "notebooks/ssd_inference.ipynb is out of date: run python notebooks/make_notebook.py [--execute]")
 
 
 def test_part_one_is_the_published_walkthrough():
@@ -139,7 +162,12 @@ def test_part_one_is_the_published_walkthrough():
             if not b.lstrip().startswith("%%bash")]
     nb = nbformat.read(NOTEBOOK, as_version=4)
     code = {c.id: c.source for c in nb.cells if c.cell_type == "code"}
+    # The one documented change: the drawing cell clips each box to the picture before drawing it.
+    clipped = {"draw": ("bboxes[idx]\n", "bboxes[idx].clip(0, 1)\n")}
     for block, cell_id in zip(seed[4:], ["prepare", "run", "decode", "classes", "draw"]):
+        if cell_id in clipped:
+            assert block.count(clipped[cell_id][0]) == 1, cell_id
+            block = block.replace(*clipped[cell_id])
         assert ast.dump(ast.parse(block)) == ast.dump(ast.parse(code[cell_id])), cell_id
     for url in re.findall(r"'(http://images\.cocodataset\.org/[^']+)'", seed[3]):
         assert f'"{url}"' in code["samples"]
@@ -176,3 +204,28 @@ def test_one_command_names_the_repository_everywhere(tmp_path):
     assert 'torch.hub.load("acme/ssd-hub", "nvidia_ssd"' in (tmp_path / "README.md").read_text()
     notebook = (tmp_path / "notebooks" / "ssd_inference.ipynb").read_text()
     assert "colab.research.google.com/github/acme/ssd-hub/blob/main/notebooks/ssd_inference.ipynb" in notebook
+
+
+def test_part_one_draws_boxes_inside_the_picture(monkeypatch):
+    # The drawing cell on its own, fed a detection that runs past three edges of the 300 x 300 input.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import numpy as np
+    from matplotlib import pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "show", lambda: figures.extend(plt.get_fignums()))
+    boxes = np.array([[-0.2, 0.1, 1.3, 1.1], [0.25, 0.25, 0.5, 0.75]], dtype=np.float32)
+    namespace = {
+        "inputs": [np.zeros((300, 300, 3), dtype=np.float32)],
+        "best_results_per_input": [[boxes, np.array([1, 17]), np.array([0.9, 0.8], dtype=np.float32)]],
+        "classes_to_labels": ["person"] * 80,
+    }
+    try:
+        exec(cell(nbformat.read(NOTEBOOK, as_version=4), "draw").source, namespace)
+        assert len(figures) == 1
+        drawn = [p.get_bbox().bounds for p in plt.figure(figures[0]).axes[0].patches]
+    finally:
+        plt.close("all")
+    assert drawn == [(0.0, 30.0, 300.0, 270.0), (75.0, 75.0, 75.0, 150.0)]
