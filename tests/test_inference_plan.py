@@ -80,3 +80,32 @@ def test_thread_plan_scopes_the_forward_threads():
     with plan.forward():
         assert torch.get_num_threads() == before + 1
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("value, expected", [("2", 2), (" 3 ", 3), ("", None)])
+def test_thread_plan_takes_the_forward_threads_from_the_environment(value, expected, monkeypatch):
+    monkeypatch.setenv("SSD_NUM_THREADS", value)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    plan = thread_plan(2)
+    # Unset, 2 cores give the loader one and the network the other; set, the network gets what it says.
+    assert plan.intra_op == (1 if expected is None else expected) and plan.load_workers == 1
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two", "1.5"])
+def test_thread_plan_refuses_a_bad_thread_count(value, monkeypatch):
+    monkeypatch.setenv("SSD_NUM_THREADS", value)
+    expected = rf"SSD_NUM_THREADS: expected a positive whole number of threads, got '{value}'"
+    with pytest.raises(ValueError, match=expected):
+        thread_plan(2)
+
+
+def test_detect_runs_its_forward_pass_on_the_threads_the_environment_names(monkeypatch):
+    # The thread count inside the network's forward pass, as detect runs it.
+    from ssd.models import SSD300
+
+    model = SSD300().eval()
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(torch.get_num_threads()))
+    monkeypatch.setenv("SSD_NUM_THREADS", "3")
+    model.detect(np.zeros((64, 64, 3), dtype=np.uint8))
+    assert seen == [3]
