@@ -129,35 +129,59 @@ class _Hits(NamedTuple):
         return _Hits(self.image[index], self.box[index], self.cls[index], self.score[index])
 
 
-def _hits_per_class(confs: Tensor, threshold: float) -> _Hits | None:
-    """Every (image, box, class) scoring above ``threshold``, computing softmax only for rows that can matter."""
-    fg_top = confs[:, 1:].amax(dim=1)
-    top = torch.maximum(fg_top, confs[:, 0])
+def _hits_where(mask: Tensor, probs: Tensor, rows: Tensor | None = None) -> _Hits | None:
+    """The (image, box, class) triples where ``mask`` is set, with their foreground probabilities.
+
+    ``mask`` and ``probs`` are N x A x (C-1), or R x (C-1) for the boxes listed in ``rows`` (R x 2: image, box).
+    """
+    hits = mask.nonzero()
+    if hits.shape[0] == 0:
+        return None
+    # nonzero runs by (image, box, class); reversed, equal scores keep the higher box index first, like NVIDIA's
+    # ascending sort read from the end.
+    hits = hits.flip(0)
+    score = probs[hits.unbind(1)]
+    image, box = hits[:, :2].unbind(1) if rows is None else rows[hits[:, 0]].unbind(1)
+    return _Hits(image, box, hits[:, -1], score)
+
+
+def _rows_that_can_pass(logits: Tensor, threshold: float) -> Tensor:
+    """(image, box) pairs, R x 2, whose softmax could put a foreground class above ``threshold``."""
+    fg_top = logits[:, 1:].amax(dim=1)
+    top = torch.maximum(fg_top, logits[:, 0])
     floor = math.log(threshold) - _LOGIT_MARGIN if threshold > 0 else -math.inf
     # NaN rows fail this test, and their softmax would be NaN everywhere, never above the threshold anyway.
-    rows = (fg_top - top >= floor).nonzero()
+    return (fg_top - top >= floor).nonzero()
+
+
+def _hits_per_class(scores: Tensor, threshold: float, logits: bool = True) -> _Hits | None:
+    """Every (image, box, class) whose foreground probability is above ``threshold``.
+
+    ``scores`` is N x C x A, the model's layout: logits (softmax taken here), or probabilities with
+    ``logits=False``. From logits, softmax is computed only for the boxes that can hold a candidate.
+    """
+    if not logits:
+        probs = scores.permute(0, 2, 1)[..., 1:]
+        return _hits_where(probs > threshold, probs)
+    rows = _rows_that_can_pass(scores, threshold)
     if rows.shape[0] == 0:
         return None
     # Softmax works row by row, so the rows that can matter give exactly the values of the full softmax.
-    probs = confs.permute(0, 2, 1)[rows[:, 0], rows[:, 1]].softmax(dim=-1)
-    hits = (probs[:, 1:] > threshold).nonzero()
-    if hits.shape[0] == 0:
-        return None
-    # hits run by (image, box, class); reversed, equal scores keep the higher box index first, like NVIDIA's
-    # ascending sort read from the end.
-    hits = hits.flip(0)
-    row, cls = hits[:, 0], hits[:, 1]
-    return _Hits(rows[row, 0], rows[row, 1], cls, probs[row, cls + 1])
+    probs = scores.permute(0, 2, 1)[rows[:, 0], rows[:, 1]].softmax(dim=-1)[:, 1:]
+    return _hits_where(probs > threshold, probs, rows)
 
 
-def _hits_per_level(confs: Tensor, threshold: float, per_level: int, level_sizes: Sequence[int]) -> _Hits | None:
-    """Per feature map and image, the ``per_level`` best (anchor, class) pairs scoring above ``threshold``."""
-    return _hits_per_level_probs(confs.permute(0, 2, 1).softmax(dim=-1)[..., 1:], threshold, per_level, level_sizes)
+def _hits_per_level(scores: Tensor, threshold: float, per_level: int, level_sizes: Sequence[int],
+                    logits: bool = True) -> _Hits | None:
+    """Per feature map and image, the ``per_level`` best (anchor, class) pairs scoring above ``threshold``.
 
-
-def _hits_per_level_probs(probs: Tensor, threshold: float, per_level: int, level_sizes: Sequence[int]
-                          ) -> _Hits | None:
-    """:func:`_hits_per_level` on foreground probabilities N x A x (C-1) computed elsewhere (an exported graph)."""
+    ``scores`` as for :func:`_hits_per_class`. The top-k runs over dense N x A x (C-1) probabilities, so from
+    logits the softmax is taken for every box.
+    """
+    probs = scores.permute(0, 2, 1)
+    if logits:
+        probs = probs.softmax(dim=-1)
+    probs = probs[..., 1:]
     n_images, _, n_fg = probs.shape
     chosen = torch.zeros(probs.shape, dtype=torch.bool, device=probs.device)
     start = 0
@@ -168,22 +192,15 @@ def _hits_per_level_probs(probs: Tensor, threshold: float, per_level: int, level
         picked = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, top.indices, top.values > threshold)
         chosen[:, start : start + size] = picked.reshape(n_images, size, n_fg)
         start += size
-    hits = chosen.nonzero()
-    if hits.shape[0] == 0:
-        return None
-    hits = hits.flip(0)
-    image, box, cls = hits.unbind(1)
-    return _Hits(image, box, cls, probs[image, box, cls])
+    return _hits_where(chosen, probs)
 
 
-def _hits_per_class_probs(probs: Tensor, threshold: float) -> _Hits | None:
-    """:func:`_hits_per_class` on foreground probabilities N x A x (C-1), in the same (image, box, class) order."""
-    hits = (probs > threshold).nonzero()
-    if hits.shape[0] == 0:
-        return None
-    hits = hits.flip(0)
-    image, box, cls = hits.unbind(1)
-    return _Hits(image, box, cls, probs[image, box, cls])
+def _find_hits(scores: Tensor, logits: bool, spec: DetectorSpec, recipe: PostProcessSpec) -> _Hits | None:
+    """The recipe's candidates (per class or per feature map) in ``scores``, N x C x A as for the finders."""
+    if recipe.candidates_per_class is not None:
+        return _hits_per_class(scores, recipe.score_threshold, logits)
+    return _hits_per_level(scores, recipe.score_threshold, recipe.candidates_per_level, spec.anchors.level_sizes,
+                           logits)
 
 
 def _group(hits: _Hits, n_groups: int, n_fg: int, cap: int | None) -> tuple[_Candidates, Tensor]:
@@ -349,23 +366,17 @@ def postprocess(predictions: Sequence[Tensor], spec: DetectorSpec, recipe: PostP
     if not isinstance(recipe, PostProcessSpec):
         raise TypeError(f"recipe: expected a PostProcessSpec, got {type(recipe).__name__}")
     locs, confs = check_predictions(predictions, spec)
-    n_images, device = locs.shape[0], locs.device
-    n_fg = confs.shape[1] - 1
-    confs = confs.float()
-    with _one_thread(device):
-        if recipe.candidates_per_class is not None:
-            hits = _hits_per_class(confs, recipe.score_threshold)
-        else:
-            hits = _hits_per_level(confs, recipe.score_threshold, recipe.candidates_per_level,
-                                   spec.anchors.level_sizes)
-        return _finish(hits, lambda: decode_boxes(locs, spec.anchors, spec.box_coder), n_images, n_fg, recipe,
-                       device)
+    with _one_thread(locs.device):
+        return _finish(confs.float(), True, lambda: decode_boxes(locs, spec.anchors, spec.box_coder), spec, recipe)
 
 
-def _finish(hits: _Hits | None, all_boxes: Callable[[], Tensor], n_images: int, n_fg: int, recipe: PostProcessSpec,
-            device: torch.device) -> Decoded:
-    """Candidates to detections, shared by both entries: group and cap, take their boxes from ``all_boxes()``
-    (N x A x 4, called only when there are candidates), clip, drop empty boxes, NMS, select."""
+def _finish(scores: Tensor, logits: bool, all_boxes: Callable[[], Tensor], spec: DetectorSpec,
+            recipe: PostProcessSpec) -> Decoded:
+    """Detections from float32 N x C x A ``scores`` (logits or probabilities), shared by both entries: find the
+    candidates, group and cap, take their boxes from ``all_boxes()`` (N x A x 4, called only when there are
+    candidates), clip, drop empty boxes, NMS, select."""
+    n_images, device, n_fg = scores.shape[0], scores.device, spec.num_classes - 1
+    hits = _find_hits(scores, logits, spec, recipe)
     if hits is None:
         return _empty(n_images, recipe.max_detections, device)
     n_groups = n_images * n_fg
@@ -429,15 +440,9 @@ def postprocess_decoded(boxes: Tensor, scores: Tensor, spec: DetectorSpec, recip
     if boxes.shape[0] != scores.shape[0] or boxes.device != scores.device:
         raise ValueError(f"boxes, scores: expected one batch on one device, got {_shape(boxes)} on {boxes.device} "
                          f"and {_shape(scores)} on {scores.device}")
-    n_images, device = boxes.shape[0], boxes.device
-    probs = scores.float()[..., 1:]
-    with _one_thread(device):
-        if recipe.candidates_per_class is not None:
-            hits = _hits_per_class_probs(probs, recipe.score_threshold)
-        else:
-            hits = _hits_per_level_probs(probs, recipe.score_threshold, recipe.candidates_per_level,
-                                         spec.anchors.level_sizes)
-        return _finish(hits, boxes.float, n_images, n_classes - 1, recipe, device)
+    with _one_thread(boxes.device):
+        # The finders take the model's N x C x A layout; this is a view, and they permute it straight back.
+        return _finish(scores.float().permute(0, 2, 1), False, boxes.float, spec, recipe)
 
 
 def split_detections(decoded: Decoded, ascending: bool = False) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
