@@ -27,7 +27,6 @@ import json
 import math
 import os
 import pathlib
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from torch import nn
 
 from .. import distributed
 from ..data.coco_format import CocoDetectionDataset, DetectionCollate
+from ..io.files import atomic_path
 from ..models.ssd300_resnet50 import NVIDIA_SSD300, SSD300, nvidia_spec
 from ..weights.checkpoints import read_state_dict
 from ..weights.metadata import load_except_heads, read_checkpoint_classes
@@ -255,14 +255,8 @@ def lr_factor(iteration: int, iters_per_epoch: int, warmup_iters: int, milestone
 
 
 def _atomic_save(obj: object, path: pathlib.Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _plain_config(config: TrainConfig) -> dict[str, Any]:
