@@ -376,10 +376,7 @@ def _placed(model: torch.nn.Module, device: torch.device | str | None) -> torch.
     from ..inference.plan import _first_conv_weight
 
     if device is not None:
-        try:
-            device = torch.device(device)
-        except (RuntimeError, TypeError) as exc:
-            raise ValueError(f"device: expected cpu, cuda or cuda:N, got {device!r} ({exc})") from None
+        device = distributed.resolve_device(device)
         current = _first_conv_weight(model).device
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())

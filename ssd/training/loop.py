@@ -184,14 +184,7 @@ def _check_config(config: TrainConfig | Mapping[str, Any]) -> TrainConfig:
 
 
 def _device(config: TrainConfig) -> torch.device:
-    if config.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(config.device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device: expected 'auto', 'cpu' or 'cuda[:N]', got {config.device!r}") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {config.device!r} was asked for, but CUDA is not available")
+    device = distributed.resolve_device(config.device)
     if config.precision == "fp16" and device.type != "cuda":
         raise ValueError(f"precision: 'fp16' needs a CUDA device, got {device.type!r}; use 'bf16' or 'fp32'")
     return device
