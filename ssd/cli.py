@@ -237,24 +237,6 @@ def _option_error(args: argparse.Namespace) -> str | None:
     return _out_conflict(args.out, args.inputs)
 
 
-def _device(requested: str | None) -> Any:
-    """The torch.device to run on (under torchrun a bare ``cuda`` is ``cuda:LOCAL_RANK``), or the one-line error
-    for a device this machine does not have."""
-    import torch
-
-    try:
-        device = distributed.device_for_rank(requested, "--device")
-    except ValueError as exc:
-        return str(exc)
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            return f"--device: expected a device this machine has, got {requested!r} (CUDA is not available here)"
-        if device.index is not None and device.index >= count:
-            return f"--device: expected cuda:0 to cuda:{count - 1}, got {requested!r}"
-    return device
-
-
 class _Report:
     """detections.json, rewritten atomically as results come (every few seconds and at the end), so that an
     interrupted or crashed run keeps what it had done."""
@@ -288,9 +270,10 @@ def run_detect(args: argparse.Namespace) -> int:
     import torch
 
     problem = _option_error(args)
-    device = _device(args.device)
-    if problem is None and isinstance(device, str):
-        problem = device
+    try:
+        device = distributed.resolve_device(args.device, "--device")
+    except ValueError as exc:
+        problem = problem or str(exc)
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
         return 2

@@ -28,6 +28,7 @@ __all__ = [
     "is_main",
     "local_rank",
     "rank",
+    "resolve_device",
     "setup",
     "shard",
     "world_size",
@@ -95,6 +96,21 @@ def device_for_rank(requested: str | torch.device | None = None, name: str = "de
         raise ValueError(f"{name}: expected cpu, cuda or cuda:N, got {requested!r} ({exc})") from None
     if device.type == "cuda" and device.index is None and env_world_size() > 1:
         device = torch.device("cuda", local_rank())
+    return device
+
+
+def resolve_device(requested: str | torch.device | None = None, name: str = "device") -> torch.device:
+    """The device to run on, checked: :func:`device_for_rank` (``None`` or ``"auto"``: CUDA when available), and
+    a CUDA device must exist on this machine. Every device argument (``--device``, ``device=``) goes through here,
+    so that all of them accept and refuse the same values with the same messages, naming the argument ``name``."""
+    device = device_for_rank(None if requested == "auto" else requested, name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"{name}: expected a device this machine has, got {str(requested)!r} "
+                             "(CUDA is not available here)")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"{name}: expected cuda:0 to cuda:{count - 1}, got {str(requested)!r}")
     return device
 
 
@@ -169,11 +185,9 @@ def broadcast_from_main(obj: Any) -> Any:
 
 
 def setup(device: str | torch.device | None = None, name: str = "device") -> tuple[int, int, torch.device]:
-    """Pick this process's device (``None`` or ``"auto"``: CUDA when available) and join the job torchrun described;
-    returns ``(rank, world_size, device)``. Errors name the argument ``name``."""
-    device = device_for_rank(None if device == "auto" else device, name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{name}: expected an available device, got {str(device)!r} (CUDA is not available)")
+    """Pick this process's device (:func:`resolve_device`) and join the job torchrun described; returns
+    ``(rank, world_size, device)``. Errors name the argument ``name``."""
+    device = resolve_device(device, name)
     init_from_env(device)
     return rank(), world_size(), device
 

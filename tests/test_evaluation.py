@@ -361,6 +361,8 @@ def test_cli_bad_images_one_line_and_status_2(fast_cli, tmp_path, capsys):
         assert err.startswith("error: ") and "\n" not in err and expected in err
     assert main(["evaluate", "--images", str(images), "--annotations", str(path), "--batch-size", "0"]) == 2
     assert "--batch-size: expected a positive integer, got 0" in capsys.readouterr().err
+    assert main(["evaluate", "--images", str(images), "--annotations", str(path), "--device", "gpu7"]) == 2
+    assert "error: --device: expected cpu, cuda or cuda:N, got 'gpu7'" in capsys.readouterr().err
 
 
 def test_bad_arguments(model):
@@ -468,6 +470,25 @@ def test_distributed_helpers_in_one_process(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "3")
     assert distributed.device_for_rank("cuda") == torch.device("cuda", 3)
     assert distributed.device_for_rank("cpu") == torch.device("cpu")
+
+
+def test_every_device_argument_is_checked_in_one_place(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert distributed.resolve_device("cpu") == torch.device("cpu")
+    assert distributed.resolve_device("auto") == distributed.resolve_device(None)
+    with pytest.raises(ValueError, match="--device: expected cpu, cuda or cuda:N, got 'gpu7'"):
+        distributed.resolve_device("gpu7", "--device")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"device: expected a device this machine has, got 'cuda' \(CUDA is not"):
+        distributed.resolve_device("cuda")
+    with pytest.raises(ValueError, match="device: expected a device this machine has, got 'cuda'"):
+        distributed.setup(torch.device("cuda"))
+    assert distributed.resolve_device(None) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert distributed.resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match="--device: expected cuda:0 to cuda:1, got 'cuda:2'"):
+        distributed.resolve_device("cuda:2", "--device")
 
 
 def test_no_detections_at_all_scores_zero():

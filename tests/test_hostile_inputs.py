@@ -25,6 +25,7 @@ from ssd import cli
 from ssd.cli import _write_json, main
 from ssd.compat.nvidia import prepare_input
 from ssd.inference.detect import detect
+from ssd.io.files import atomic_path
 from ssd.io.images import ImageLoadError, load_image, load_rgb, load_uint8, readable_extensions
 from ssd.models import NVIDIA_SSD300, SSD300
 from ssd.models.base import Detector
@@ -347,6 +348,33 @@ def test_json_writer_refuses_non_finite_numbers(tmp_path):
     with pytest.raises(ValueError, match="not JSON compliant"):
         _write_json(tmp_path / "report.json", {"score": float("nan")})
     assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_atomic_path_renames_onto_the_target_with_open_s_mode(tmp_path):
+    target = tmp_path / "model.pt"
+    target.write_bytes(b"old")
+    with atomic_path(target) as tmp:
+        assert tmp.parent == tmp_path and tmp != target
+        torch.save({"x": 1}, tmp)  # a writer that wants a file name
+        assert target.read_bytes() == b"old"  # nothing published before the block ends
+    assert torch.load(target) == {"x": 1}
+    assert list(tmp_path.iterdir()) == [target]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
+
+
+@pytest.mark.parametrize("error", [ValueError, KeyboardInterrupt])
+def test_atomic_path_failure_leaves_no_temporary_file_and_the_target_untouched(tmp_path, error):
+    target = tmp_path / "report.json"
+    target.write_text("keep me")
+    with pytest.raises(error), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise error
+    assert target.read_text() == "keep me" and list(tmp_path.iterdir()) == [target]
+    with pytest.raises(error), atomic_path(tmp_path / "new.json") as tmp:
+        raise error
+    assert list(tmp_path.iterdir()) == [target]
 
 
 def test_training_metrics_log_non_finite_numbers_as_null(tmp_path):

@@ -140,6 +140,7 @@ def test_default_checkpoint_offline_is_a_one_line_error(shapes, tmp_path, hub_di
         (["--checkpoint", "missing.pt"], "--checkpoint: expected a checkpoint file"),
         (["--lr", "-1"], "--lr: expected a positive number"),
         (["--precision", "fp16", "--device", "cpu"], "--precision: fp16 needs a CUDA device"),
+        (["--device", "gpu7"], "error: --device: expected cpu, cuda or cuda:N, got 'gpu7'"),
     ],
 )
 def test_bad_arguments_exit_2(shapes, tmp_path, capsys, extra, message):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -123,12 +124,22 @@ def test_optimizer_has_no_decay_on_batchnorm_and_biases():
         ({"precision": "fp8"}, ValueError, "precision"),
         ({"precision": "fp16"}, ValueError, "needs a CUDA device"),
         ({"lr": float("nan")}, ValueError, "lr"),
+        ({"gamma": -1.0}, ValueError, "gamma: expected a finite number >= 0, got -1.0"),
+        ({"batch_size": 1}, ValueError, r"batch_size: expected an integer >= 2 \(BatchNorm"),
+        ({"milestones": (3, 0)}, ValueError, "milestones: expected an integer >= 1, got 0"),
         ({"device": "tpu0"}, ValueError, "device"),
     ],
 )
 def test_train_rejects_bad_config(shapes, tmp_path, overrides, error, message):
     with pytest.raises(error, match=message):
         train(_config(shapes, tmp_path, **overrides))
+
+
+def test_config_numbers_may_be_numpy_scalars_and_are_stored_as_python_numbers(shapes, tmp_path):
+    config = loop._check_config(_config(shapes, tmp_path, epochs=np.int64(3), lr=np.float32(0.5),
+                                        milestones=[np.int32(2)], momentum=1))
+    assert (config.epochs, config.lr, config.milestones, config.momentum) == (3, 0.5, (2,), 1.0)
+    assert type(config.epochs) is int and type(config.lr) is float and type(config.milestones[0]) is int
 
 
 def test_train_rejects_unknown_config_keys(shapes, tmp_path):

@@ -6,15 +6,15 @@ deterministic for a given seed (and Pillow's JPEG encoder).
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
 import pathlib
-import tempfile
 from collections.abc import Sequence
 
 import numpy as np
+
+from ..io.files import atomic_open
 
 __all__ = ["SHAPES", "make_shapes_dataset"]
 
@@ -43,18 +43,6 @@ def _check_size_spec(value: object, name: str) -> tuple[int, int]:
     if not 32 <= low <= high:
         raise ValueError(f"{name}: expected 32 <= low <= high pixels, got {value!r}")
     return low, high
-
-
-def _atomic_write(path: pathlib.Path, data: bytes) -> None:
-    # Write beside the target and rename: a reader never sees a half-written file, even after a crash.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fp:
-            fp.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _polygon(kind: str, left: float, top: float, size: float) -> list[tuple[float, float]]:
@@ -164,9 +152,8 @@ def make_shapes_dataset(
         width = int(rng.integers(widths[0], widths[1] + 1))
         pixels, objects = _render(rng, height, width, classes)
         file_name = f"{index:06d}.jpg"
-        buffer = io.BytesIO()
-        Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
-        _atomic_write(image_dir / file_name, buffer.getvalue())
+        with atomic_open(image_dir / file_name) as out:
+            Image.fromarray(pixels).save(out, format="JPEG", quality=95)
         image_id = index + 1
         images.append({"id": image_id, "file_name": file_name, "height": height, "width": width})
         for class_index, (left, top, right, bottom), area in objects:
@@ -183,5 +170,6 @@ def make_shapes_dataset(
     categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(classes)]
     document = {"images": images, "annotations": annotations, "categories": categories}
     annotation_file = root / "annotations.json"
-    _atomic_write(annotation_file, json.dumps(document, indent=1, allow_nan=False).encode())
+    with atomic_open(annotation_file) as out:
+        out.write(json.dumps(document, indent=1, allow_nan=False).encode())
     return annotation_file

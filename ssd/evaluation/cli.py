@@ -72,13 +72,7 @@ def run(args: argparse.Namespace) -> int:
     if args.workers < 0:
         return _fail(f"--workers: expected an integer >= 0, got {args.workers}")
     try:
-        device = distributed.device_for_rank(args.device, "--device")
-    except ValueError as exc:
-        return _fail(str(exc))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        return _fail(f"--device: expected cpu (CUDA is not available here), got {args.device!r}")
-    try:
-        distributed.init_from_env(device)
+        _, _, device = distributed.setup(args.device, "--device")
         model = _builders()[args.model](args.checkpoint).to(device)
         if args.precision == "bf16":
             # As for detect: channels_last speeds bf16 up on CPUs and GPUs and changes no more than bf16 does.

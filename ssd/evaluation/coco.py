@@ -17,7 +17,6 @@ import os
 import pathlib
 import re
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -29,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .. import distributed
+from ..io.files import atomic_open
 from ..io.images import load_uint8
 from ..models.spec import ClassSpec, DetectorSpec, InputSpec, check_int
 from ..postprocess import postprocess, split_detections
@@ -376,10 +376,7 @@ def _placed(model: torch.nn.Module, device: torch.device | str | None) -> torch.
     from ..inference.plan import _first_conv_weight
 
     if device is not None:
-        try:
-            device = torch.device(device)
-        except (RuntimeError, TypeError) as exc:
-            raise ValueError(f"device: expected cpu, cuda or cuda:N, got {device!r} ({exc})") from None
+        device = distributed.resolve_device(device)
         current = _first_conv_weight(model).device
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
@@ -470,13 +467,8 @@ def _coco_eval(coco: Any, rows: np.ndarray, image_ids: list[int]) -> tuple[list[
 
 def _write_json(path: pathlib.Path, payload: Any, indent: int | None = 2) -> None:
     # Beside its final name, then renamed: a crash or a concurrent reader never sees half a file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as out:
-            json.dump(payload, out, indent=indent, allow_nan=False)
-        os.replace(tmp, path)
-    finally:
-        pathlib.Path(tmp).unlink(missing_ok=True)
+    with atomic_open(path, "w") as out:
+        json.dump(payload, out, indent=indent, allow_nan=False)
 
 
 def per_class_table(per_class_ap: Mapping[str, float]) -> str:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..anchors import default_boxes
+from ..io.files import atomic_path
 from ..models.base import Detector
 from ..models.spec import DetectorSpec, PostProcessSpec, check_int
 from .metadata import metadata_for, require
@@ -225,17 +226,6 @@ def _nms_nodes(spec: DetectorSpec, recipe: PostProcessSpec, opset: int, batch_di
     return nodes, inits, outputs
 
 
-def _write_atomically(proto: Any, path: pathlib.Path) -> None:
-    onnx = require("onnx", "ONNX export")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        onnx.save(proto, tmp)
-        os.replace(tmp, path)
-    finally:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-
-
 def build_onnx(model: nn.Module, *, opset: int = 17, nms: bool = False, batch: int = 1, dynamic_batch: bool = True,
                recipe: PostProcessSpec | None = None, exporter: str = "auto") -> Any:
     """The checked ``onnx.ModelProto`` that :func:`export_onnx` writes (see there for the arguments)."""
@@ -305,7 +295,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, opset: int = 17, n
     path = _check_destination(path, (".onnx",))
     proto = build_onnx(model, opset=opset, nms=nms, batch=batch, dynamic_batch=dynamic_batch, recipe=recipe,
                        exporter=exporter)
-    _write_atomically(proto, path)
+    onnx = require("onnx", "ONNX export")
+    with atomic_path(path) as tmp:
+        onnx.save(proto, str(tmp))
     return path
 
 
@@ -346,13 +338,9 @@ def export_torchscript(model: nn.Module, path: str | os.PathLike, *, batch: int 
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(wrapper, (example,), check_trace=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.jit.save(traced, tmp, _extra_files={"ssd_metadata.json": json.dumps(metadata_for(spec, "decoded"))})
-        os.replace(tmp, path)
-    finally:
-        pathlib.Path(tmp).unlink(missing_ok=True)
+    with atomic_path(path) as tmp:
+        torch.jit.save(traced, str(tmp),
+                       _extra_files={"ssd_metadata.json": json.dumps(metadata_for(spec, "decoded"))})
     return path
 
 
@@ -370,11 +358,7 @@ def export_program(model: nn.Module, path: str | os.PathLike, *, batch: int = 2,
     example = torch.zeros(batch, 3, spec.input.size, spec.input.size)
     program = torch.export.export(wrapper, (example,),
                                   dynamic_shapes=({0: torch.export.Dim("N", min=1, max=max_batch)},))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.export.save(program, tmp, extra_files={"ssd_metadata.json": json.dumps(metadata_for(spec, "decoded"))})
-        os.replace(tmp, path)
-    finally:
-        pathlib.Path(tmp).unlink(missing_ok=True)
+    with atomic_path(path) as tmp:
+        torch.export.save(program, str(tmp),
+                          extra_files={"ssd_metadata.json": json.dumps(metadata_for(spec, "decoded"))})
     return path

@@ -13,10 +13,11 @@ import os
 import pathlib
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import IO, Any
+
+from ..io.files import UniqueNames, atomic_open
 
 __all__ = ["PART_PATTERN", "JsonlWriter", "merge_parts", "part_path", "read_records", "run_streaming_detect"]
 
@@ -86,15 +87,9 @@ def merge_parts(out_dir: pathlib.Path, order: Sequence[str], extra: Iterable[dic
             if name in position and ("error" not in record or "error" in best.get(name, {"error": ""})):
                 best[name] = record
     merged = sorted(best.values(), key=lambda r: position[r["file"]]) + list(extra)
-    target = out_dir / MERGED_NAME
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=MERGED_NAME + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            for record in merged:
-                out.write(json.dumps(record, allow_nan=False) + "\n")
-        os.replace(tmp, target)
-    finally:
-        pathlib.Path(tmp).unlink(missing_ok=True)
+    with atomic_open(out_dir / MERGED_NAME, "w", encoding="utf-8") as out:
+        for record in merged:
+            out.write(json.dumps(record, allow_nan=False) + "\n")
     return merged
 
 
@@ -119,8 +114,6 @@ def run_streaming_detect(args: argparse.Namespace, model: Any, jobs: Sequence[tu
 
 def _stream(args: argparse.Namespace, model: Any, jobs: Sequence[tuple[str, Any, pathlib.PurePath]],
             problems: list[tuple[str, str]], distributed: Any, detect_iter: Any, summary: Any) -> int:
-    from ..io.files import UniqueNames
-
     rank, world, main = distributed.rank(), distributed.world_size(), distributed.is_main()
     out: pathlib.Path = args.out
     out.mkdir(parents=True, exist_ok=True)

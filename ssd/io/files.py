@@ -9,7 +9,7 @@ import threading
 from collections.abc import Iterator
 from typing import IO
 
-__all__ = ["UniqueNames", "atomic_open", "file_mode"]
+__all__ = ["UniqueNames", "atomic_open", "atomic_path", "file_mode"]
 
 _umask: int | None = None
 _umask_lock = threading.Lock()
@@ -37,24 +37,35 @@ def file_mode() -> int:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO]:
-    """Open a temporary file beside ``path`` for writing; on success it is renamed to ``path``.
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[pathlib.Path]:
+    """A temporary file name beside ``path``, for writers that want a name (``torch.save``, ``onnx.save``); when the
+    block succeeds the file is renamed to ``path``.
 
-    ``mkstemp`` creates the file 0600 (private), which would leave results unreadable to other users, so it gets the
-    mode a plain ``open()`` would have given it. On any error the temporary file is removed and ``path`` is left as
-    it was.
+    The file gets the mode a plain ``open()`` would have given it: ``mkstemp`` creates it 0600 (private), and a
+    writer that truncates an existing file keeps that, which would leave results unreadable to other users. On any
+    error, KeyboardInterrupt included, the temporary file is removed and ``path`` is left as it was.
     """
-    if mode not in ("w", "wb"):
-        raise ValueError(f"mode: expected 'w' or 'wb', got {mode!r}")
     path = pathlib.Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = pathlib.Path(name)
     try:
-        with os.fdopen(fd, mode) as out:
-            yield out
+        yield tmp
         os.chmod(tmp, file_mode())
         os.replace(tmp, path)
-    finally:
-        pathlib.Path(tmp).unlink(missing_ok=True)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike[str], mode: str = "wb", encoding: str | None = None) -> Iterator[IO]:
+    """Open a temporary file beside ``path`` for writing; on success it is renamed to ``path`` (see
+    :func:`atomic_path`). ``encoding`` is for text mode ``"w"`` only, as with ``open()``."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"mode: expected 'w' or 'wb', got {mode!r}")
+    with atomic_path(path) as tmp, open(tmp, mode, encoding=encoding) as out:
+        yield out
 
 
 class UniqueNames:

@@ -34,18 +34,22 @@ def _scalar(value: Any) -> Any:
     return value
 
 
-def check_real(name: str, value: Any, low: float, high: float, *, open_low: bool = False,
+def check_real(name: str, value: Any, low: float, high: float | None = None, *, open_low: bool = False,
                open_high: bool = False) -> float:
-    """``value`` as a float in the interval, or a TypeError/ValueError naming ``name``."""
+    """``value`` as a finite float in the interval (no upper bound when ``high`` is None), or a
+    TypeError/ValueError naming ``name``."""
     given, value = value, _scalar(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a number, got {given!r}")
     value = float(value)
     bad_low = value <= low if open_low else value < low
-    bad_high = value >= high if open_high else value > high
+    bad_high = high is not None and (value >= high if open_high else value > high)
     if not math.isfinite(value) or bad_low or bad_high:
-        interval = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
-        raise ValueError(f"{name}: expected a number in {interval}, got {given!r}")
+        if high is None:
+            wanted = f"a finite number {'>' if open_low else '>='} {low:g}"
+        else:
+            wanted = f"a number in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+        raise ValueError(f"{name}: expected {wanted}, got {given!r}")
     return value
 
 

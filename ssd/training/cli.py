@@ -206,9 +206,9 @@ def _run_train(args: argparse.Namespace) -> int:
     from .loop import NonFiniteLossError, TrainConfig, train
 
     try:
-        rank, world, device = distributed.setup(args.device)
+        rank, world, device = distributed.setup(args.device, "--device")
     except ValueError as exc:
-        raise _UsageError(f"--device: {exc}") from None
+        raise _UsageError(str(exc)) from None
     try:
         # Every rank checks; all stop when any fails (a lone failing rank would leave the others waiting).
         problem = None

@@ -27,7 +27,6 @@ import json
 import math
 import os
 import pathlib
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -38,6 +37,8 @@ from torch import nn
 
 from .. import distributed
 from ..data.coco_format import CocoDetectionDataset, DetectionCollate
+from ..io.files import atomic_path
+from ..models.spec import check_int, check_real
 from ..models.ssd300_resnet50 import NVIDIA_SSD300, SSD300, nvidia_spec
 from ..weights.checkpoints import read_state_dict
 from ..weights.metadata import load_except_heads, read_checkpoint_classes
@@ -143,20 +144,6 @@ class TrainConfig:
         return tuple(round(self.epochs * m / _REFERENCE_EPOCHS) for m in _REFERENCE_MILESTONES)
 
 
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
-
-
-def _check_float(name: str, value: object, minimum: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
-    if not (math.isfinite(value) and value >= minimum):
-        raise ValueError(f"{name}: expected a finite number >= {minimum}, got {value}")
-
-
 def _check_config(config: TrainConfig | Mapping[str, Any]) -> TrainConfig:
     if isinstance(config, Mapping):
         known = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -166,43 +153,38 @@ def _check_config(config: TrainConfig | Mapping[str, Any]) -> TrainConfig:
         config = TrainConfig(**config)
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config: expected a TrainConfig or a mapping, got {type(config).__name__}")
-    _check_int("epochs", config.epochs, 1)
-    if isinstance(config.batch_size, int) and not isinstance(config.batch_size, bool) and config.batch_size == 1:
-        raise ValueError("batch_size: expected an int >= 2 (BatchNorm on SSD's 1 x 1 feature map needs two images "
-                         "per process in training), got 1")
-    _check_int("batch_size", config.batch_size, 2)
-    _check_int("warmup_iters", config.warmup_iters, 0)
-    _check_int("num_workers", config.num_workers, 0)
-    _check_int("seed", config.seed, 0)
-    _check_int("log_every", config.log_every, 1)
+    # The checked values replace the given ones (numpy scalars become Python numbers), because the config is saved
+    # in checkpoints that must load with weights_only=True.
+    checked: dict[str, Any] = {"epochs": check_int("epochs", config.epochs, 1)}
+    try:
+        checked["batch_size"] = check_int("batch_size", config.batch_size, 2)
+    except ValueError:
+        if config.batch_size == 1:
+            raise ValueError("batch_size: expected an integer >= 2 (BatchNorm on SSD's 1 x 1 feature map needs two "
+                             "images per process in training), got 1") from None
+        raise
+    for key in ("warmup_iters", "num_workers", "seed"):
+        checked[key] = check_int(key, getattr(config, key), 0)
+    checked["log_every"] = check_int("log_every", config.log_every, 1)
     if config.validate is not None and not callable(config.validate):
         raise TypeError(f"validate: expected a callable or None, got {type(config.validate).__name__}")
     if config.log is not None and not callable(config.log):
         raise TypeError(f"log: expected a callable or None, got {type(config.log).__name__}")
     if config.max_iters_per_epoch is not None:
-        _check_int("max_iters_per_epoch", config.max_iters_per_epoch, 1)
+        checked["max_iters_per_epoch"] = check_int("max_iters_per_epoch", config.max_iters_per_epoch, 1)
     if config.lr is not None:
-        _check_float("lr", config.lr, 0.0)
-    _check_float("momentum", config.momentum, 0.0)
-    _check_float("weight_decay", config.weight_decay, 0.0)
-    _check_float("gamma", config.gamma, 0.0)
+        checked["lr"] = check_real("lr", config.lr, 0.0)
+    for key in ("momentum", "weight_decay", "gamma"):
+        checked[key] = check_real(key, getattr(config, key), 0.0)
     if config.precision not in _PRECISIONS:
         raise ValueError(f"precision: expected one of {_PRECISIONS}, got {config.precision!r}")
     if config.milestones is not None:
-        for m in config.milestones:
-            _check_int("milestones", m, 1)
-    return config
+        checked["milestones"] = tuple(check_int("milestones", m, 1) for m in config.milestones)
+    return dataclasses.replace(config, **checked)
 
 
 def _device(config: TrainConfig) -> torch.device:
-    if config.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(config.device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device: expected 'auto', 'cpu' or 'cuda[:N]', got {config.device!r}") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {config.device!r} was asked for, but CUDA is not available")
+    device = distributed.resolve_device(config.device)
     if config.precision == "fp16" and device.type != "cuda":
         raise ValueError(f"precision: 'fp16' needs a CUDA device, got {device.type!r}; use 'bf16' or 'fp32'")
     return device
@@ -255,14 +237,8 @@ def lr_factor(iteration: int, iters_per_epoch: int, warmup_iters: int, milestone
 
 
 def _atomic_save(obj: object, path: pathlib.Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _plain_config(config: TrainConfig) -> dict[str, Any]:
