@@ -199,7 +199,9 @@ def test_fp16_model_detects_like_fp32(model, chelsea):
     half_with_float_batchnorm(half)
     small = chelsea[::2, ::2]
     try:
-        [fast] = half.detect(small)
+        # It runs, but says that half precision is the slow choice on a CPU.
+        with pytest.warns(UserWarning, match="float16 weights on the CPU.*use model.float"):
+            [fast] = half.detect(small)
     except RuntimeError as exc:  # some CPU builds lack half convolutions altogether
         pytest.skip(f"this torch build cannot run float16 convolutions on the CPU: {exc}")
     [exact] = model.detect(small)
