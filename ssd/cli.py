@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import queue
@@ -18,7 +17,7 @@ from .export import cli as export_cli
 from .inference.detect import detect_iter
 from .inference.detections import Detections, picture_name
 from .inference.jsonl import run_streaming_detect
-from .io.files import UniqueNames, atomic_open
+from .io.files import UniqueNames, write_json
 from .io.images import is_image_file, readable_extensions
 from .models.spec import check_int, check_real
 from .training import cli as training_cli
@@ -219,13 +218,6 @@ def summary(names: Sequence[str], scores: Sequence[float], most: int = 5) -> str
     return f"{len(names)} object{'s' if len(names) != 1 else ''}: {best}{more}"
 
 
-def _write_json(path: pathlib.Path, payload: dict) -> None:
-    # Written beside its final name and renamed, so a crash never leaves half a file; readable by others.
-    # allow_nan=False: NaN and Infinity are not JSON, and a reader of the file would choke on them.
-    with atomic_open(path, "w") as out:
-        json.dump(payload, out, indent=2, allow_nan=False)
-
-
 def _option_error(args: argparse.Namespace) -> str | None:
     """The first option detect would refuse, as one line, checked before the model loads."""
     try:
@@ -261,7 +253,7 @@ class _Report:
         return [r for r in self.records if r is not None]
 
     def save(self) -> None:
-        _write_json(self.path, {**self.header, "images": self.done,
+        write_json(self.path, {**self.header, "images": self.done,
                                 "skipped": [{"file": name, "error": error} for name, error in self.skipped]})
         self.saved_at = time.monotonic()
 

@@ -22,10 +22,10 @@ from PIL import Image, ImageFile, features
 from skimage import data
 
 from ssd import cli
-from ssd.cli import _write_json, main
+from ssd.cli import main
 from ssd.compat.nvidia import prepare_input
 from ssd.inference.detect import detect
-from ssd.io.files import atomic_path
+from ssd.io.files import atomic_path, write_json
 from ssd.io.images import ImageLoadError, load_image, load_rgb, load_uint8, readable_extensions
 from ssd.models import NVIDIA_SSD300, SSD300
 from ssd.models.base import Detector
@@ -346,7 +346,7 @@ def test_save_without_a_suffix_returns_the_path_it_wrote(tmp_path, model):
 
 def test_json_writer_refuses_non_finite_numbers(tmp_path):
     with pytest.raises(ValueError, match="not JSON compliant"):
-        _write_json(tmp_path / "report.json", {"score": float("nan")})
+        write_json(tmp_path / "report.json", {"score": float("nan")})
     assert list(tmp_path.iterdir()) == []  # nothing half-written
 
 

@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .. import distributed
-from ..io.files import atomic_open
+from ..io.files import write_json
 from ..io.images import load_uint8
 from ..models.spec import ClassSpec, DetectorSpec, InputSpec, check_int
 from ..postprocess import postprocess, split_detections
@@ -465,12 +465,6 @@ def _coco_eval(coco: Any, rows: np.ndarray, image_ids: list[int]) -> tuple[list[
     return [float(s) for s in evaluator.stats], per_class, summary.getvalue()
 
 
-def _write_json(path: pathlib.Path, payload: Any, indent: int | None = 2) -> None:
-    # Beside its final name, then renamed: a crash or a concurrent reader never sees half a file.
-    with atomic_open(path, "w") as out:
-        json.dump(payload, out, indent=indent, allow_nan=False)
-
-
 def per_class_table(per_class_ap: Mapping[str, float]) -> str:
     """The per-class AP as an aligned two-column text table, in the annotation file's category order."""
     if not per_class_ap:
@@ -596,8 +590,8 @@ def _finish(model: torch.nn.Module, spec: DetectorSpec, coco: Any, rows: np.ndar
     if out_dir is not None:
         out = pathlib.Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / "detections.json", detections, indent=None)
-        _write_json(out / "metrics.json", {
+        write_json(out / "detections.json", detections, indent=None)
+        write_json(out / "metrics.json", {
             "model": spec.name,
             "checkpoint": getattr(model, "checkpoint_source", None),
             "annotations": coco.source_path,

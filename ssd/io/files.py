@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pathlib
 import tempfile
 import threading
 from collections.abc import Iterator
-from typing import IO
+from typing import IO, Any
 
-__all__ = ["UniqueNames", "atomic_open", "atomic_path", "file_mode"]
+__all__ = ["UniqueNames", "atomic_open", "atomic_path", "file_mode", "write_json"]
 
 _umask: int | None = None
 _umask_lock = threading.Lock()
@@ -66,6 +67,15 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb", encoding: str | 
         raise ValueError(f"mode: expected 'w' or 'wb', got {mode!r}")
     with atomic_path(path) as tmp, open(tmp, mode, encoding=encoding) as out:
         yield out
+
+
+def write_json(path: str | os.PathLike[str], payload: Any, indent: int | None = 2) -> None:
+    """Write ``payload`` as JSON to ``path`` atomically (see :func:`atomic_open`).
+
+    NaN and Infinity are refused with a ValueError: they are not JSON, and other readers of the file would choke.
+    """
+    with atomic_open(path, "w") as out:
+        json.dump(payload, out, indent=indent, allow_nan=False)
 
 
 class UniqueNames:
