@@ -169,9 +169,15 @@ def _local_file_hint() -> str:
 # Reading a checkpoint file
 
 
+# torch 2.6 taught the safe loader (object, "old.module.name") aliases; torch 2.5 takes bare objects only.
+_ALIASES_SUPPORTED = torch.__version__ >= (2, 6)
+
+
 def _torch_load(path: pathlib.Path, extra_globals: tuple = ()):
     # NVIDIA's training checkpoints carry a MultiStepLR state whose milestones are a Counter: plain data.
     allow = getattr(torch.serialization, "safe_globals", None)
+    if not _ALIASES_SUPPORTED:
+        extra_globals = tuple(g for g in extra_globals if not isinstance(g, tuple))
     ctx = allow([collections.Counter, *extra_globals]) if allow is not None else contextlib.nullcontext()
     with ctx:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -277,8 +283,9 @@ def load_checkpoint_object(path: str | os.PathLike, extra_globals: tuple = (), *
     """The object stored in a checkpoint file, loaded with ``torch.load(weights_only=True)`` onto the CPU, after
     the same size checks as :func:`read_state_dict`.
 
-    ``extra_globals``: more plain-data classes to accept (other families' checkpoints carry their own);
-    anything else that needs code to unpickle is refused before it runs.
+    ``extra_globals``: more plain-data classes to accept (other families' checkpoints carry their own), or
+    ``(class, "module.name")`` pairs for a class that files name otherwise (skipped before torch 2.6, which cannot
+    take them); anything else that needs code to unpickle is refused before it runs.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.

@@ -84,18 +84,11 @@ _MODELS = {
 
 # numpy scalars (and their dtypes) in a meta are plain data, but torch's safe loader needs them allow-listed.
 # numpy 1.x wrote the reconstructor as numpy.core.multiarray.scalar, numpy 2 as numpy._core.multiarray.scalar.
-# torch 2.6 added (object, "old.name") aliases to the safe loader; torch 2.5 takes bare objects only, which is all
-# numpy 1.x needs (its scalar already lives at the old name).
+# (The alias lets numpy 2 read what numpy 1.x wrote; torch 2.5 cannot take aliases, so the loader skips it there.)
 _NUMPY_SCALAR = np.dtype("int64").type(0).__reduce__()[0]
-_NUMPY_SCALAR_ALIASES: tuple = (
-    ((_NUMPY_SCALAR, "numpy.core.multiarray.scalar"),)
-    if _NUMPY_SCALAR.__module__ != "numpy.core.multiarray"
-    and tuple(int(p) for p in re.findall(r"\d+", torch.__version__)[:2]) >= (2, 6)
-    else ()
-)
 _NUMPY_GLOBALS: tuple = (
     _NUMPY_SCALAR,
-    *_NUMPY_SCALAR_ALIASES,
+    (_NUMPY_SCALAR, "numpy.core.multiarray.scalar"),
     np.dtype,
     *(type(np.dtype(kind)) for kind in ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
                                         "uint64", "float16", "float32", "float64")),
