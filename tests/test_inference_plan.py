@@ -91,7 +91,7 @@ def test_thread_plan_takes_the_forward_threads_from_the_environment(value, expec
     assert plan.intra_op == (1 if expected is None else expected) and plan.load_workers == 1
 
 
-@pytest.mark.parametrize("value", ["0", "-1", "two", "1.5"])
+@pytest.mark.parametrize("value", ["0", "-1", "two", "1.5", "²"])
 def test_thread_plan_refuses_a_bad_thread_count(value, monkeypatch):
     monkeypatch.setenv("SSD_NUM_THREADS", value)
     expected = rf"SSD_NUM_THREADS: expected a positive whole number of threads, got '{value}'"

@@ -173,6 +173,6 @@ def threads_from_env() -> int | None:
     value = os.environ.get("SSD_NUM_THREADS", "").strip()
     if not value:
         return None
-    if not value.isdigit() or int(value) < 1:
+    if not value.isdecimal() or int(value) < 1:  # isdigit() would pass "²", which int() refuses
         raise ValueError(f"SSD_NUM_THREADS: expected a positive whole number of threads, got {value!r}")
     return int(value)
