@@ -309,6 +309,9 @@ def main(argv: list[str]) -> int:
             print(f"named {args.repo} in {path.relative_to(ROOT)}")
         # Regenerate from the rewritten script, so the notebook's badge and REPO follow.
         return subprocess.call([sys.executable, __file__])
+    if not args.output.parent.is_dir():
+        # Checked first: an --execute run takes minutes before it writes anything.
+        parser.error(f"output: expected a path in an existing folder, got {str(args.output)!r}")
     nb = build()
     if args.execute:
         execute(nb, DEFAULT_OUTPUT.parent)

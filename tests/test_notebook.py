@@ -230,3 +230,12 @@ def test_part_one_draws_boxes_inside_the_picture(monkeypatch):
         plt.close("all")
     # numpy 1.x multiplies the float32 box by 300 in float64: allow its rounding.
     np.testing.assert_allclose(drawn, [(0.0, 30.0, 300.0, 270.0), (75.0, 75.0, 75.0, 150.0)], atol=1e-4, rtol=0)
+
+
+def test_generator_refuses_an_output_folder_that_does_not_exist_before_running(tmp_path):
+    missing = tmp_path / "no-such-folder" / "out.ipynb"
+    done = subprocess.run([sys.executable, str(GENERATOR), "--execute", str(missing)], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2
+    assert f"output: expected a path in an existing folder, got {str(missing)!r}" in done.stderr
+    assert "Traceback" not in done.stderr and not missing.parent.exists()
