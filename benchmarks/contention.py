@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from unittest import mock
 
 import torch
 from skimage import data
@@ -50,19 +51,6 @@ def _unscoped() -> Iterator[None]:
         postprocess_module._one_thread = original
 
 
-@contextlib.contextmanager
-def _environment(name: str, value: str) -> Iterator[None]:
-    before = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = before
-
-
 def measure_contention(threads: tuple[int, ...] = (1, 2), repeats: int = 5, decode_batch: int = 8,
                        forward_batch: int = 1) -> list[dict]:
     """Rows ``{"threads", "competitor", "decode_ms", "decode_unscoped_ms", "forward_ms", "detect_ms"}``: decode is
@@ -91,7 +79,7 @@ def measure_contention(threads: tuple[int, ...] = (1, 2), repeats: int = 5, deco
                             model(x)
 
                     forward_ms = 1000 * median_seconds(forward, max(2, repeats // 2), warmup=1)
-                    with _environment("SSD_NUM_THREADS", str(count)):
+                    with mock.patch.dict(os.environ, {"SSD_NUM_THREADS": str(count)}):
                         detect_ms = 1000 * median_seconds(lambda: model.detect(photos, batch_size=len(photos)),
                                                           max(2, repeats // 2), warmup=1) / len(photos)
                 rows.append({"threads": count, "competitor": competitor, "decode_ms": decode,
