@@ -23,6 +23,7 @@ from benchmarks.timing import median_seconds
 from benchmarks.weights import detecting_model
 from ssd.inference.plan import usable_cores
 from ssd.inference.preprocess import preprocess_for_detection
+from ssd.io.files import atomic_open
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
 # torch.compile of a ResNet-50 trunk is minutes on a small CPU; beyond this it is not "reasonable" here.
@@ -193,10 +194,8 @@ def main(argv: list[str] | None = None) -> None:
     text += f"\nTotal benchmark time: {time.perf_counter() - started:.0f} s.\n"
     print(text)
     if args.out is not None:
-        fd, tmp = tempfile.mkstemp(dir=args.out.parent, prefix=args.out.name + ".", suffix=".tmp")
-        with os.fdopen(fd, "w") as handle:
+        with atomic_open(args.out, "w") as handle:
             handle.write(text)
-        os.replace(tmp, args.out)
 
 
 if __name__ == "__main__":
