@@ -9,7 +9,8 @@ import torch
 
 from benchmarks.timing import median_seconds
 from ssd.anchors import default_boxes as spec_default_boxes
-from ssd.box_coder import decode_boxes
+from ssd.box_coder import BoxCoder
+from ssd.boxes import box_iou
 from ssd.models import NVIDIA_SSD300
 from ssd.postprocess import postprocess, split_detections
 
@@ -21,24 +22,14 @@ CRITERIA = 0.5
 MAX_OUTPUT = 20
 
 
-def _iou(boxes: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
-    """IoU of N x 4 ltrb boxes with one box, NVIDIA's formula."""
-    width = (torch.minimum(boxes[:, 2], box[2]) - torch.maximum(boxes[:, 0], box[0])).clamp(min=0)
-    height = (torch.minimum(boxes[:, 3], box[3]) - torch.maximum(boxes[:, 1], box[1])).clamp(min=0)
-    inter = width * height
-    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    area = (box[2] - box[0]) * (box[3] - box[1])
-    return inter / (areas + area - inter)
-
-
 def synthetic_predictions(
     batch: int = 8, seed: int = 0, objects: int = 4, scattered: int = 260
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Deterministic (locs, confs) that look like a trained model's: mostly confident background, a few objects
     whose default boxes form clusters of overlapping detections, and weak scores scattered over most classes."""
     gen = torch.Generator().manual_seed(seed)
-    anchors = spec_default_boxes(NVIDIA_SSD300.anchors, "xywh")
-    anchors_ltrb = spec_default_boxes(NVIDIA_SSD300.anchors, "ltrb")
+    anchors = spec_default_boxes(NVIDIA_SSD300.anchors, "cxcywh")
+    anchors_xyxy = spec_default_boxes(NVIDIA_SSD300.anchors, "xyxy")
     locs = torch.randn(batch, 4, NUM_BOXES, generator=gen) * 0.3
     confs = torch.randn(batch, NUM_CLASSES, NUM_BOXES, generator=gen) * 0.7 - 1.0
     confs[:, 0] = 7.0 + 0.3 * torch.randn(batch, NUM_BOXES, generator=gen)
@@ -48,7 +39,7 @@ def synthetic_predictions(
             centre = 0.2 + 0.6 * torch.rand(2, generator=gen)
             size = 0.1 + 0.4 * torch.rand(2, generator=gen)
             target = torch.cat([centre - size / 2, centre + size / 2])
-            members = torch.nonzero(_iou(anchors_ltrb, target) > 0.35).flatten()
+            members = torch.nonzero(box_iou(anchors_xyxy, target[None])[:, 0] > 0.35).flatten()
             count = members.numel()
             d = anchors[members]
             # Offsets that move each member onto the object, plus noise: overlapping boxes for NMS to sort out.
@@ -69,7 +60,7 @@ def synthetic_predictions(
 
 def nvidia_style_decode(locs: torch.Tensor, confs: torch.Tensor) -> list[tuple[np.ndarray, ...]]:
     """The straightforward baseline: per image, per class, threshold, sort and a greedy loop (as NVIDIA does)."""
-    all_boxes = decode_boxes(locs, NVIDIA_SSD300.anchors, NVIDIA_SSD300.box_coder)
+    all_boxes = BoxCoder.from_spec(NVIDIA_SSD300).decode(locs)
     all_probs = confs.float().permute(0, 2, 1).softmax(dim=-1)
     results = []
     for boxes_in, probs in zip(all_boxes, all_probs):
@@ -84,7 +75,7 @@ def nvidia_style_decode(locs: torch.Tensor, confs: torch.Tensor) -> list[tuple[n
             while remaining.numel() > 0:
                 best = remaining[-1]
                 picked.append(best)
-                remaining = remaining[_iou(boxes[remaining], boxes[best]) < CRITERIA]
+                remaining = remaining[box_iou(boxes[remaining], boxes[best][None])[:, 0] < CRITERIA]
             picked = torch.stack(picked)
             boxes_out.append(boxes[picked])
             scores_out.append(scores[picked])

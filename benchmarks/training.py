@@ -18,7 +18,7 @@ import torch
 from benchmarks.timing import median_seconds
 from ssd.data.coco_format import CocoDetectionDataset
 from ssd.data.synthetic import make_shapes_dataset
-from ssd.models.ssd300_resnet50 import SSD300, nvidia_spec
+from ssd.models.ssd300_resnet50 import NVIDIA_SSD300, SSD300, nvidia_spec
 from ssd.training.augment import SSDAugmentation
 from ssd.training.loop import EncodingCollate, build_optimizer
 from ssd.training.loss import SSDLoss
@@ -32,7 +32,7 @@ def _batch(size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[st
     with tempfile.TemporaryDirectory() as folder:
         annotations = make_shapes_dataset(folder, size, image_size=300, seed=0)
         dataset = CocoDetectionDataset(annotations, f"{folder}/images", transform=SSDAugmentation(augment=True))
-        images, gloc, glabels, _ = EncodingCollate()([dataset[i] for i in range(size)])
+        images, gloc, glabels, _ = EncodingCollate(NVIDIA_SSD300)([dataset[i] for i in range(size)])
         return images, gloc, glabels, dataset.class_names
 
 
@@ -54,7 +54,7 @@ def measure_training(device: str = "cpu", batch_size: int = 4, precisions: Seque
         torch.manual_seed(0)
         # Fresh weights per precision, so that one configuration's updates do not feed the next.
         model = SSD300(nvidia_spec(class_names=tuple(names))).to(target, memory_format=memory_format).train()
-        loss_fn = SSDLoss().to(target)
+        loss_fn = SSDLoss(model.spec).to(target)
         optimizer = build_optimizer(model, 1e-3, 0.9, 5e-4)
         dtype = _DTYPES[precision]
 

@@ -7,13 +7,14 @@ import math
 
 import torch
 
+from .boxes import convert_boxes
 from .models.spec import AnchorSpec
 
-__all__ = ["default_boxes", "xywh_to_ltrb"]
+__all__ = ["default_boxes"]
 
 
 @functools.lru_cache(maxsize=16)
-def _default_boxes_xywh(spec: AnchorSpec) -> torch.Tensor:
+def _default_boxes_cxcywh(spec: AnchorSpec) -> torch.Tensor:
     boxes = []
     for k, cells in enumerate(spec.feature_sizes):
         small = spec.min_sizes[k] / spec.image_size
@@ -30,28 +31,29 @@ def _default_boxes_xywh(spec: AnchorSpec) -> torch.Tensor:
         else:
             pairs = ((shape, ij) for ij, shape in itertools.product(grid, shapes))
         boxes += [((j + 0.5) / cell, (i + 0.5) / cell, w, h) for (w, h), (i, j) in pairs]
-    xywh = torch.tensor(boxes, dtype=torch.float32)
-    return xywh.clamp_(0.0, 1.0) if spec.clamp else xywh
+    cxcywh = torch.tensor(boxes, dtype=torch.float32)
+    return cxcywh.clamp_(0.0, 1.0) if spec.clamp else cxcywh
 
 
-def xywh_to_ltrb(xywh: torch.Tensor) -> torch.Tensor:
-    """(centre x, centre y, width, height) to (left, top, right, bottom), on the last axis."""
-    half = xywh[..., 2:] / 2
-    return torch.cat([xywh[..., :2] - half, xywh[..., :2] + half], dim=-1)
+@functools.lru_cache(maxsize=16)
+def _default_boxes_xyxy(spec: AnchorSpec) -> torch.Tensor:
+    # From the clamped centre boxes, in NVIDIA's arithmetic (its dboxes_ltrb): the training targets rely on it.
+    return convert_boxes(_default_boxes_cxcywh(spec), "cxcywh", "xyxy")
 
 
-def default_boxes(spec: AnchorSpec, order: str = "xywh") -> torch.Tensor:
+def default_boxes(spec: AnchorSpec, fmt: str = "cxcywh") -> torch.Tensor:
     """The A x 4 default boxes of ``spec``, relative to the network input, as a new float32 tensor.
 
     Args:
         spec: the anchor layout (``model.spec.anchors``).
-        order: ``"xywh"`` for (centre x, centre y, width, height), ``"ltrb"`` for (left, top, right, bottom).
+        fmt: ``"cxcywh"`` for (centre x, centre y, width, height), ``"xyxy"`` for (left, top, right, bottom);
+            see :mod:`ssd.boxes`.
     """
     if not isinstance(spec, AnchorSpec):
         raise TypeError(f"spec: expected an AnchorSpec (model.spec.anchors), got {type(spec).__name__}")
-    xywh = _default_boxes_xywh(spec)
-    if order == "xywh":
-        return xywh.clone()
-    if order == "ltrb":
-        return xywh_to_ltrb(xywh)
-    raise ValueError(f"order: expected 'xywh' or 'ltrb', got {order!r}")
+    if fmt == "cxcywh":
+        return _default_boxes_cxcywh(spec).clone()
+    if fmt == "xyxy":
+        return _default_boxes_xyxy(spec).clone()
+    # "xywh" is refused rather than converted: it named centre boxes here before, COCO's top-left boxes now.
+    raise ValueError(f"fmt: expected 'cxcywh' or 'xyxy', got {fmt!r}")

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .box_coder import decode_boxes
+from .box_coder import BoxCoder
+from .boxes import box_iou
 from .models.spec import DetectorSpec, PostProcessSpec
 
 __all__ = ["Decoded", "check_predictions", "class_scores", "postprocess", "postprocess_decoded", "split_detections"]
@@ -242,12 +243,7 @@ def _suppression(boxes: Tensor, pos: Tensor, valid: Tensor, recipe: PostProcessS
     """S[g, i, j]: candidate i ranks above j in group g and j is dropped once i is kept."""
     b = boxes[pos]  # groups x P x 4
     # NVIDIA's calc_iou_tensor, operation for operation, in float32; IoU and the test are symmetric in i and j.
-    wh = torch.minimum(b[:, :, None, 2:], b[:, None, :, 2:]) - torch.maximum(b[:, :, None, :2], b[:, None, :, :2])
-    wh.clamp_(min=0)
-    inter = wh[..., 0] * wh[..., 1]
-    del wh
-    area = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
-    iou = inter.div_(area[:, :, None] + area[:, None, :] - inter)
+    iou = box_iou(b, b)
     # NVIDIA keeps iou < criteria, so a NaN IoU (two degenerate boxes) suppresses too ...
     suppress = ~(iou < recipe.iou_threshold) if recipe.suppress_equal else iou > recipe.iou_threshold
     del iou
@@ -367,7 +363,7 @@ def postprocess(predictions: Sequence[Tensor], spec: DetectorSpec, recipe: PostP
         raise TypeError(f"recipe: expected a PostProcessSpec, got {type(recipe).__name__}")
     locs, confs = check_predictions(predictions, spec)
     with _one_thread(locs.device):
-        return _finish(confs.float(), True, lambda: decode_boxes(locs, spec.anchors, spec.box_coder), spec, recipe)
+        return _finish(confs.float(), True, lambda: BoxCoder.from_spec(spec).decode(locs), spec, recipe)
 
 
 def _finish(scores: Tensor, logits: bool, all_boxes: Callable[[], Tensor], spec: DetectorSpec,
@@ -419,7 +415,7 @@ def postprocess_decoded(boxes: Tensor, scores: Tensor, spec: DetectorSpec, recip
     """:func:`postprocess` for outputs already decoded, as an exported graph gives them.
 
     Args:
-        boxes: N x A x 4 (left, top, right, bottom) relative to the input, unclipped (``decode_boxes``'s output).
+        boxes: N x A x 4 (left, top, right, bottom) relative to the input, unclipped (``BoxCoder.decode``'s output).
         scores: N x A x C class probabilities (softmax over the classes, background at 0).
         spec, recipe: as for :func:`postprocess`.
 

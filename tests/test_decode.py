@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-import ssd.box_coder as box_coder_module
 import ssd.postprocess as decode_module
 from ssd.anchors import default_boxes as spec_default_boxes
-from ssd.box_coder import decode_boxes as spec_decode_boxes
+from ssd.box_coder import BoxCoder
 from ssd.models import NVIDIA_SSD300
 from ssd.postprocess import Decoded, class_scores, postprocess, split_detections
 from ssd.postprocess import check_predictions as spec_check_predictions
@@ -19,12 +18,12 @@ from ssd.postprocess import check_predictions as spec_check_predictions
 NVIDIA_NAMES = {"iou_threshold": "criteria", "max_detections": "max_output", "candidates_per_class": "max_per_class"}
 
 
-def default_boxes(order="xywh"):
-    return spec_default_boxes(NVIDIA_SSD300.anchors, order)
+def default_boxes(fmt="cxcywh"):
+    return spec_default_boxes(NVIDIA_SSD300.anchors, fmt)
 
 
 def decode_boxes(locs):
-    return spec_decode_boxes(locs, NVIDIA_SSD300.anchors, NVIDIA_SSD300.box_coder)
+    return BoxCoder.from_spec(NVIDIA_SSD300).decode(locs)
 
 
 def check_predictions(predictions):
@@ -44,7 +43,7 @@ B = 8732
 
 
 def reference_boxes(locs: torch.Tensor) -> torch.Tensor:
-    d = default_boxes("xywh")
+    d = default_boxes("cxcywh")
     loc = locs.float().permute(0, 2, 1)
     xy = (0.1 * loc[..., :2]) * d[:, 2:] + d[:, :2]
     wh = (0.2 * loc[..., 2:]).exp() * d[:, 2:]
@@ -117,8 +116,8 @@ def background(n_images: int, generator: torch.Generator) -> tuple[torch.Tensor,
 
 
 def offsets_for(targets: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """The 4 x len(indices) offsets that decode default boxes `indices` to the ltrb `targets`."""
-    d = default_boxes("xywh")[indices]
+    """The 4 x len(indices) offsets that decode default boxes `indices` to the xyxy `targets`."""
+    d = default_boxes("cxcywh")[indices]
     centre = (targets[:, :2] + targets[:, 2:]) / 2
     size = targets[:, 2:] - targets[:, :2]
     return torch.cat([(centre - d[:, :2]) / (0.1 * d[:, 2:]), torch.log(size / d[:, 2:]) / 0.2], dim=1).t()
@@ -387,10 +386,10 @@ def test_creates_every_tensor_on_the_input_device():
 
 
 def test_default_boxes_are_cached_per_device_and_dtype():
-    anchors = NVIDIA_SSD300.anchors
-    first = box_coder_module.anchor_centres_sizes(anchors, torch.device("cpu"), torch.float32)
-    assert box_coder_module.anchor_centres_sizes(anchors, torch.device("cpu"), torch.float32) is first
-    assert box_coder_module.anchor_centres_sizes(anchors, torch.device("cpu"), torch.float64)[0].dtype == torch.float64
+    first = BoxCoder.from_spec(NVIDIA_SSD300).default_boxes(torch.device("cpu"), torch.float32)
+    # Shared by every coder of these anchors (postprocess builds one per call), keyed by device and dtype.
+    assert BoxCoder.from_spec(NVIDIA_SSD300).default_boxes("cpu") is first
+    assert BoxCoder.from_spec(NVIDIA_SSD300).default_boxes("cpu", torch.float64)[0].dtype == torch.float64
 
 
 def test_gradients_do_not_leak_into_detections():

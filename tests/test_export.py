@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ssd.box_coder import decode_boxes
+from ssd.box_coder import BoxCoder
 from ssd.inference.preprocess import preprocess_for_detection
 from ssd.models import SSD300, nvidia_spec
 from ssd.postprocess import class_scores
@@ -61,7 +61,7 @@ NVIDIA = nvidia_spec()
 def _reference(model: SSD300, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     with torch.inference_mode():
         locs, confs = model(batch)
-    return decode_boxes(locs, model.spec.anchors, model.spec.box_coder).numpy(), class_scores(confs).numpy()
+    return BoxCoder.from_spec(model.spec).decode(locs).numpy(), class_scores(confs).numpy()
 
 
 def _same_detections(got, expected) -> None:

@@ -99,7 +99,7 @@ def test_anchors_match_mmdetection(short):
     spec = MODELS[short]
     golden = np.load(GOLDEN / f"{short}_golden.npz")
     size = spec.anchors.image_size
-    pixels = default_boxes(spec.anchors, "ltrb").double().numpy() * size
+    pixels = default_boxes(spec.anchors, "xyxy").double().numpy() * size
     bounds = _level_bounds(spec)
     assert [b - a for a, b in bounds] == list(golden["anchors_count"])
     for level, (start, stop) in enumerate(bounds):
@@ -131,13 +131,13 @@ def test_detections_match_mmdetection(short, tmp_path_factory):
 @pytest.mark.parametrize("short", sorted(MODELS))
 def test_pre_nms_candidates_match_mmdetection(short, tmp_path_factory):
     """Score threshold, per-level top 1000, decode and clip, drop empty: the candidate count before NMS."""
-    from ssd.box_coder import decode_boxes
+    from ssd.box_coder import BoxCoder
 
     spec, golden, _, (locs, confs) = golden_run(short, tmp_path_factory)
     recipe = spec.postprocess
     hits = _hits_per_level(confs.float(), recipe.score_threshold, recipe.candidates_per_level,
                            spec.anchors.level_sizes)
-    boxes = decode_boxes(locs, spec.anchors, spec.box_coder)[hits.image, hits.box].clamp(0.0, 1.0)
+    boxes = BoxCoder.from_spec(spec).decode(locs)[hits.image, hits.box].clamp(0.0, 1.0)
     nonempty = int(((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).sum())
     # Scores within float rounding of 0.02 or of the 1000th pair could flip; none do for this image.
     assert abs(nonempty - int(golden["pre_nms_count"])) <= 2

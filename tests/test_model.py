@@ -39,13 +39,15 @@ def test_untrained_model_is_not_the_golden_one(forward_golden):
 
 def test_default_boxes_equal_reference(golden_dir):
     reference = np.load(golden_dir / "default_boxes_xywh.npy")
-    ours = default_boxes(NVIDIA_SSD300.anchors, "xywh").numpy()
+    ours = default_boxes(NVIDIA_SSD300.anchors, "cxcywh").numpy()
     assert ours.shape == (NVIDIA_SSD300.anchors.num_anchors, 4) == (8732, 4) == reference.shape
     np.testing.assert_allclose(ours, reference, atol=1e-7, rtol=0)
-    ltrb = default_boxes(NVIDIA_SSD300.anchors, "ltrb").numpy()
-    np.testing.assert_allclose((ltrb[:, :2] + ltrb[:, 2:]) / 2, ours[:, :2], atol=1e-6)
-    with pytest.raises(ValueError, match="order"):
-        default_boxes(NVIDIA_SSD300.anchors, "cxcywh")
+    xyxy = default_boxes(NVIDIA_SSD300.anchors, "xyxy").numpy()
+    np.testing.assert_allclose((xyxy[:, :2] + xyxy[:, 2:]) / 2, ours[:, :2], atol=1e-6)
+    # "xywh" (COCO's top-left boxes in ssd.boxes) is refused, not silently taken for the old centre boxes.
+    for fmt in ("xywh", "ltrb"):
+        with pytest.raises(ValueError, match="fmt: expected 'cxcywh' or 'xyxy'"):
+            default_boxes(NVIDIA_SSD300.anchors, fmt)
 
 
 def test_building_makes_no_network_connection(monkeypatch):

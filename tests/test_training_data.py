@@ -330,19 +330,18 @@ def test_coco_dataset_corrupt_image_and_collate(tmp_path):
 
 @pytest.mark.timeout(300)
 def test_ssd300_overfits_four_synthetic_images(tmp_path):
-    from ssd.models import SSD300
-    from ssd.training.loss import SSDLoss
-    from ssd.training.targets import encode_batch
+    from ssd.models import NVIDIA_SSD300, SSD300
+    from ssd.training import SSDLoss, encode_batch
 
     torch.manual_seed(0)
     annotation_file = make_shapes_dataset(tmp_path, 4, image_size=(300, 300), seed=0)
     dataset = CocoDetectionDataset(annotation_file, tmp_path / "images", transform=SSDAugmentation(augment=False))
     images, targets = DetectionCollate()([dataset[i] for i in range(len(dataset))])
-    boxes, labels = encode_batch([t["boxes"] for t in targets], [t["labels"] for t in targets])
+    boxes, labels = encode_batch([t["boxes"] for t in targets], [t["labels"] for t in targets], NVIDIA_SSD300)
     gloc = boxes.transpose(1, 2).contiguous()
     model = SSD300(num_classes=dataset.num_classes).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=5e-3, momentum=0.9)
-    loss_fn = SSDLoss()
+    loss_fn = SSDLoss(NVIDIA_SSD300)
     history = []
     # fp32: on one CPU thread bf16 autocast was no faster for this model. The first step mostly removes the random
     # heads' initial confidence error, so the test also asks for real progress after it (half of step 2's loss).

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..anchors import default_boxes
+from ..box_coder import BoxCoder
 from ..io.files import atomic_path
 from ..models.base import Detector
 from ..models.spec import DetectorSpec, PostProcessSpec, check_int
@@ -36,8 +36,8 @@ class DecodingWrapper(nn.Module):
     """``images -> (boxes N x A x 4, scores N x A x C)``: the network plus decoding and softmax, so that an
     exported graph needs none of this library to be read. Anchors are constant buffers (graph initializers).
 
-    The arithmetic follows :func:`ssd.box_coder.decode_boxes` and :func:`ssd.postprocess.class_scores` step for
-    step, so PyTorch runs of this module give their values to float32 rounding.
+    Decoding is :meth:`ssd.box_coder.BoxCoder.decode` and the scores :func:`ssd.postprocess.class_scores`'s
+    softmax, so PyTorch runs of this module give their values to float32 rounding.
     """
 
     def __init__(self, model: Detector) -> None:
@@ -45,21 +45,14 @@ class DecodingWrapper(nn.Module):
         spec = _spec_of(model)
         self.model = model
         self.spec = spec
-        xywh = default_boxes(spec.anchors, "xywh").t().contiguous()  # 4 x A
-        self.register_buffer("centres", xywh[None, :2].clone())
-        self.register_buffer("sizes", xywh[None, 2:].clone())
+        self.box_coder = BoxCoder.from_spec(spec)
+        centres, sizes = self.box_coder.default_boxes()
+        self.register_buffer("centres", centres.clone())  # 2 x A; own copies, not the shared cache
+        self.register_buffer("sizes", sizes.clone())
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         locs, confs = self.model(images)
-        coder = self.spec.box_coder
-        locs = locs.float()
-        xy = locs[:, :2] * coder.center_variance
-        log_size = locs[:, 2:] * coder.size_variance
-        if coder.max_log_size is not None:
-            log_size = log_size.clamp(-coder.max_log_size, coder.max_log_size)
-        xy = xy * self.sizes + self.centres
-        half = 0.5 * (log_size.exp() * self.sizes)
-        boxes = torch.cat([xy - half, xy + half], dim=1).transpose(1, 2)
+        boxes = self.box_coder.decode(locs, (self.centres, self.sizes))
         scores = confs.float().permute(0, 2, 1).softmax(dim=-1)
         return boxes, scores
 

@@ -227,6 +227,8 @@ class DetectorSpec:
 
     ``postprocess`` is the published evaluation protocol; ``detect_postprocess`` is what ``model.detect`` uses
     by default (a higher score threshold and clipped boxes for pictures, where the family's authors show one).
+    ``matching_iou`` is training's matching threshold: a default box takes a truth whose IoU with it is above it
+    (0.5 for NVIDIA's, mmdetection's and torchvision's SSDs).
     """
 
     name: str
@@ -237,6 +239,7 @@ class DetectorSpec:
     postprocess: PostProcessSpec
     detect_postprocess: PostProcessSpec
     description: str = ""
+    matching_iou: float = 0.5
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     @property

@@ -27,8 +27,8 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 
+from ..boxes import box_iou
 from ..models.ssd300_resnet50 import NVIDIA_SSD300
-from .targets import box_iou_ltrb
 
 __all__ = ["CROP_MIN_IOUS", "SSDAugmentation"]
 
@@ -140,7 +140,7 @@ class SSDAugmentation:
             left = self._uniform(0.0, 1.0 - w)
             top = self._uniform(0.0, 1.0 - h)
             patch = (left, top, left + w, top + h)
-            ious = box_iou_ltrb(boxes_rel, torch.tensor([patch]))
+            ious = box_iou(boxes_rel, torch.tensor([patch]))
             if not bool((ious > min_iou).all()):
                 continue
             inside = (

@@ -38,7 +38,7 @@ from torch import nn
 from .. import distributed
 from ..data.coco_format import CocoDetectionDataset, DetectionCollate
 from ..io.files import atomic_path
-from ..models.spec import check_int, check_real
+from ..models.spec import DetectorSpec, check_int, check_real
 from ..models.ssd300_resnet50 import NVIDIA_SSD300, SSD300, nvidia_spec
 from ..weights.checkpoints import read_state_dict
 from ..weights.metadata import load_except_heads, read_checkpoint_classes
@@ -191,14 +191,18 @@ def _device(config: TrainConfig) -> torch.device:
 
 
 class EncodingCollate:
-    """Collate that also encodes the targets, so that the matching runs in the DataLoader's workers.
+    """Collate that also encodes the targets against ``spec`` (the model's), so that the matching runs in the
+    DataLoader's workers.
 
-    Returns ``(images N x 3 x 300 x 300, gloc N x 4 x A, glabel N x A, targets)`` or None when every item was
+    Returns ``(images N x 3 x S x S, gloc N x 4 x A, glabel N x A, targets)`` or None when every item was
     dropped (see :class:`ssd.data.coco_format.DetectionCollate`).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, spec: DetectorSpec) -> None:
+        if not isinstance(spec, DetectorSpec):
+            raise TypeError(f"spec: expected a DetectorSpec (model.spec), got {type(spec).__name__}")
         self._collate = DetectionCollate()
+        self.spec = spec
 
     def __call__(
         self, batch: list[tuple[torch.Tensor, dict[str, Any]] | None]
@@ -209,7 +213,7 @@ class EncodingCollate:
         images, targets = collated
         # One image at a time: the batched matcher pads every image to the most crowded one and holds
         # N x T x 8732 IoUs, which for COCO's crowded images is gigabytes per worker; the results are identical.
-        encoded = [encode_targets(t["boxes"], t["labels"]) for t in targets]
+        encoded = [encode_targets(t["boxes"], t["labels"], self.spec) for t in targets]
         boxes = torch.stack([b for b, _ in encoded])
         labels = torch.stack([lab for _, lab in encoded])
         return images, boxes.transpose(1, 2).contiguous(), labels, targets
@@ -381,6 +385,8 @@ def train(config: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
     )
     if len(dataset) == 0:
         raise ValueError(f"annotations: expected at least one image in {os.fspath(config.annotations)!r}, got none")
+    # The dataset's names and category ids travel with the model, so detect and evaluate speak them.
+    model = SSD300(nvidia_spec(class_names=tuple(dataset.class_names), category_ids=tuple(dataset.category_ids)))
     sampler = None
     if world > 1:
         # Each process reads its own share; the sampler's seed makes the shares a partition of one permutation.
@@ -399,7 +405,7 @@ def train(config: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
         shuffle=sampler is None,
         sampler=sampler,
         num_workers=config.num_workers,
-        collate_fn=EncodingCollate(),
+        collate_fn=EncodingCollate(model.spec),
         generator=torch.Generator().manual_seed(config.seed),
         pin_memory=device.type == "cuda",
         persistent_workers=config.num_workers > 0,
@@ -408,8 +414,6 @@ def train(config: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
     if config.max_iters_per_epoch is not None:
         iters_per_epoch = min(iters_per_epoch, config.max_iters_per_epoch)
 
-    # The dataset's names and category ids travel with the model, so detect and evaluate speak them.
-    model = SSD300(nvidia_spec(class_names=tuple(dataset.class_names), category_ids=tuple(dataset.category_ids)))
     init = None
     if config.init_checkpoint is not None and resume_from is None:
         init = _initialise_from(model, config.init_checkpoint, config.init_source)
@@ -421,7 +425,7 @@ def train(config: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
         torch.manual_seed(config.seed + rank)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     model = model.to(device=device, memory_format=memory_format)
-    loss_fn = SSDLoss().to(device)
+    loss_fn = SSDLoss(model.spec).to(device)
     base_lr = config.base_lr(world)
     optimizer = build_optimizer(model, base_lr, config.momentum, config.weight_decay)
     milestones = config.epoch_milestones()

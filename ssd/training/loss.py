@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..anchors import default_boxes
-from ..models.ssd300_resnet50 import NVIDIA_SSD300
+from ..box_coder import BoxCoder
+from ..models.spec import DetectorSpec
 
 __all__ = ["SSDLoss"]
 
@@ -17,44 +17,29 @@ class SSDLoss(nn.Module):
     Per image: ``(loc_loss + conf_loss) / num_positives``, where the confidence loss covers the positives and the
     ``neg_pos_ratio * num_positives`` negatives with the highest cross-entropy; an image without positives adds 0.
     The result is the mean over the batch (images without positives still count in the denominator, as in NVIDIA's
-    training).
+    training). The regression targets are the spec's :class:`~ssd.box_coder.BoxCoder` encoding of the truths.
 
     Args:
-        anchors_xywh: A x 4 default boxes (centre x, centre y, width, height); NVIDIA's 8732 boxes when None.
+        spec: the model's spec (``model.spec``; ``NVIDIA_SSD300`` for NVIDIA's): default boxes and variances.
         neg_pos_ratio: negatives kept per positive.
     """
 
-    def __init__(self, anchors_xywh: torch.Tensor | None = None, neg_pos_ratio: int = 3) -> None:
+    def __init__(self, spec: DetectorSpec, neg_pos_ratio: int = 3) -> None:
         super().__init__()
-        if anchors_xywh is None:
-            anchors_xywh = default_boxes(NVIDIA_SSD300.anchors, "xywh")
-        if not isinstance(anchors_xywh, torch.Tensor) or not anchors_xywh.is_floating_point():
-            raise TypeError(f"anchors_xywh: expected a floating-point tensor, got {type(anchors_xywh).__name__}")
-        if anchors_xywh.ndim != 2 or anchors_xywh.shape[1] != 4 or anchors_xywh.shape[0] == 0:
-            raise ValueError(f"anchors_xywh: expected shape (A, 4) with A > 0, got {tuple(anchors_xywh.shape)}")
-        if not bool((anchors_xywh[:, 2:] > 0).all()):
-            raise ValueError("anchors_xywh: expected positive widths and heights, got a box with size <= 0")
+        if not isinstance(spec, DetectorSpec):
+            raise TypeError(f"spec: expected a DetectorSpec (model.spec, or NVIDIA_SSD300 for NVIDIA's), "
+                            f"got {type(spec).__name__}")
         if isinstance(neg_pos_ratio, bool) or not isinstance(neg_pos_ratio, int) or neg_pos_ratio < 0:
             raise ValueError(f"neg_pos_ratio: expected a non-negative int, got {neg_pos_ratio!r}")
         self.neg_pos_ratio = neg_pos_ratio
-        # NVIDIA's scale_xy = 1 / 0.1 and scale_wh = 1 / 0.2, computed the same way so the float values agree.
-        self.scale_xy = 1.0 / NVIDIA_SSD300.box_coder.center_variance
-        self.scale_wh = 1.0 / NVIDIA_SSD300.box_coder.size_variance
-        # Not persistent: the anchors are a constant of the architecture, not state to checkpoint.
-        self.register_buffer("anchors", anchors_xywh.to(torch.float32).t().unsqueeze(0).contiguous(), persistent=False)
-
-    def encode_offsets(self, gloc: torch.Tensor) -> torch.Tensor:
-        """N x 4 x A xywh truths -> the regression targets the network predicts (SSD's offset encoding)."""
-        anchors = self.anchors
-        gxy = self.scale_xy * (gloc[:, :2, :] - anchors[:, :2, :]) / anchors[:, 2:, :]
-        gwh = self.scale_wh * (gloc[:, 2:, :] / anchors[:, 2:, :]).log()
-        return torch.cat((gxy, gwh), dim=1)
+        # The default boxes come from the coder's per-device cache, so the module holds no state to move or save.
+        self.box_coder = BoxCoder.from_spec(spec)
 
     def _check(self, ploc: torch.Tensor, plabel: torch.Tensor, gloc: torch.Tensor, glabel: torch.Tensor) -> None:
         for name, value in (("ploc", ploc), ("plabel", plabel), ("gloc", gloc), ("glabel", glabel)):
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
-        num_anchors = self.anchors.shape[2]
+        num_anchors = self.box_coder.num_anchors
         n = ploc.shape[0] if ploc.ndim else -1
         if ploc.ndim != 3 or ploc.shape[1:] != (4, num_anchors):
             raise ValueError(f"ploc: expected shape (N, 4, {num_anchors}), got {tuple(ploc.shape)}")
@@ -75,7 +60,7 @@ class SSDLoss(nn.Module):
         Args:
             ploc: N x 4 x A predicted offsets (the model's ``locs``).
             plabel: N x C x A class logits (the model's ``confs``).
-            gloc: N x 4 x A xywh truth boxes per default box (``encode_batch``'s boxes, transposed).
+            gloc: N x 4 x A cxcywh truth boxes per default box (``encode_batch``'s boxes, transposed).
             glabel: N x A int64 labels per default box, 0 for background.
         """
         self._check(ploc, plabel, gloc, glabel)
@@ -85,7 +70,7 @@ class SSDLoss(nn.Module):
         positive = glabel > 0
         num_pos = positive.sum(dim=1)
 
-        target = self.encode_offsets(gloc.float())
+        target = self.box_coder.encode(gloc)
         loc_loss = F.smooth_l1_loss(ploc, target, reduction="none").sum(dim=1)
         # where, not multiply: a negative's target may be non-finite and inf * 0 would poison the sum.
         loc_loss = torch.where(positive, loc_loss, 0.0).sum(dim=1)
