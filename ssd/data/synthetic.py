@@ -13,7 +13,9 @@ import pathlib
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 
+from ..boxes import box_iou
 from ..io.files import atomic_open
 
 __all__ = ["SHAPES", "make_shapes_dataset"]
@@ -60,12 +62,10 @@ def _shape_area(kind: str, size: float) -> float:
     return {"circle": math.pi * size * size / 4, "square": size * size}.get(kind, size * size / 2)
 
 
-def _iou(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union
+def _overlaps(box: tuple[float, float, float, float], others: list[tuple[float, float, float, float]]) -> bool:
+    """Whether ``box`` overlaps any of ``others`` by more than the allowed IoU (in float64, like Python floats)."""
+    ious = box_iou(torch.tensor([box], dtype=torch.float64), torch.tensor(others, dtype=torch.float64).reshape(-1, 4))
+    return bool((ious > _MAX_OVERLAP).any())
 
 
 def _render(
@@ -86,7 +86,7 @@ def _render(
             left = float(rng.uniform(0, width - size))
             top = float(rng.uniform(0, height - size))
             box = (left, top, left + size, top + size)
-            if all(_iou(box, other) <= _MAX_OVERLAP for _, other, _ in objects):
+            if not _overlaps(box, [other for _, other, _ in objects]):
                 break
         else:
             continue
