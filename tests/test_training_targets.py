@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from ssd.anchors import default_boxes as spec_default_boxes
+from ssd.box_coder import BoxCoder
 from ssd.boxes import box_iou
-from ssd.models import NVIDIA_SSD300
+from ssd.models import MMDET_SSD300, MMDET_SSD512, MMDET_SSDLITE320, NVIDIA_SSD300
 from ssd.models.spec import AnchorSpec
 from ssd.training import SSDLoss, encode_batch, encode_targets
 
@@ -163,6 +164,27 @@ def test_loss_is_zero_without_positives_and_finite_under_bf16():
     assert loss.dtype == torch.float32 and torch.isfinite(loss) and loss.item() > 0
 
 
+@pytest.mark.parametrize("spec", [NVIDIA_SSD300, MMDET_SSD300, MMDET_SSD512, MMDET_SSDLITE320], ids=lambda s: s.name)
+def test_loss_regresses_to_the_specs_encoding(spec):
+    # Truths from the spec's own matcher; at the offsets its BoxCoder encodes them to, the localisation loss is at
+    # its minimum (0): moving the positives' offsets either way raises the loss, moving the negatives' does not.
+    generator = torch.Generator().manual_seed(0)
+    corner = torch.rand(2, 3, 2, generator=generator) * 0.5
+    truths = torch.cat([corner, corner + 0.1 + 0.4 * torch.rand(2, 3, 2, generator=generator)], dim=-1)
+    gboxes, glabels = encode_batch(list(truths), [torch.tensor([1, 2, 3])] * 2, spec)
+    gloc = gboxes.transpose(1, 2)
+    positive = (glabels > 0).unsqueeze(1)
+    assert positive.any()
+    target = BoxCoder.from_spec(spec).encode(gloc)
+    plabel = torch.randn(2, 4, spec.anchors.num_anchors, generator=generator)
+    loss_fn = SSDLoss(spec)
+    at_target = loss_fn(target, plabel, gloc, glabels)
+    noise = torch.randn(target.shape, generator=generator)
+    assert loss_fn(torch.where(positive, target, target + noise), plabel, gloc, glabels) == at_target
+    for step in (0.1, -0.1):
+        assert loss_fn(torch.where(positive, target + step, target), plabel, gloc, glabels) > at_target
+
+
 @pytest.mark.parametrize(
     ("which", "error", "message"),
     [
@@ -188,3 +210,17 @@ def test_loss_rejects_bad_shapes(which, error, message):
     args[which] = bad[which]
     with pytest.raises(error, match=message):
         SSDLoss(NVIDIA_SSD300)(**args)
+
+
+def test_training_package_exports_the_documented_names():
+    import ssd.training
+    from ssd.training.augment import SSDAugmentation
+    from ssd.training.loop import train
+
+    assert sorted(ssd.training.__all__) == ["SSDAugmentation", "SSDLoss", "encode_batch", "encode_targets", "train"]
+    assert (ssd.training.SSDAugmentation, ssd.training.train) == (SSDAugmentation, train)
+    assert (ssd.training.SSDLoss, ssd.training.encode_batch) == (SSDLoss, encode_batch)
+    with pytest.raises(AttributeError, match="has no attribute 'box_iou_ltrb'"):
+        ssd.training.box_iou_ltrb  # noqa: B018
+    with pytest.raises(TypeError, match="spec: expected a DetectorSpec"):
+        SSDLoss(NVIDIA_SSD300.anchors)
