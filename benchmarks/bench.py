@@ -36,8 +36,8 @@ from benchmarks.load import measure_cold_load  # noqa: E402
 from benchmarks.prepare import measure_prepare_input  # noqa: E402
 from benchmarks.timing import median_seconds  # noqa: E402
 from benchmarks.weights import detecting_model  # noqa: E402
-from ssd.inference.preprocess import preprocess_for_detection, to_tensor_chw  # noqa: E402
 from ssd.models import SSD300  # noqa: E402
+from ssd.transforms import preprocess_for_detection, to_tensor_chw  # noqa: E402
 
 
 def cpu_name() -> str:
@@ -136,7 +136,8 @@ def measure_detect(device: torch.device, batch: int, configs: list[tuple[str | N
         detect_s = median_seconds(lambda p=precision, m=model: m.detect(images, batch_size=batch, precision=p),
                                   repeats, 1, device)
         tensors = [to_tensor_chw(image) for image in images]
-        prep_s = median_seconds(lambda t=tensors: preprocess_for_detection(t, device=device), repeats * 3, 1, device)
+        prep_s = median_seconds(lambda t=tensors, m=model: preprocess_for_detection(t, m.spec.input, device=device),
+                                repeats * 3, 1, device)
         rows.append({"precision": precision or "fp32", "channels_last": channels_last, "batch": batch,
                      "forward_ms": forward_s * 1e3 / batch,
                      "detect_ms": detect_s * 1e3 / batch, "preprocess_ms": prep_s * 1e3 / batch,

@@ -22,8 +22,8 @@ import torch
 from benchmarks.timing import median_seconds
 from benchmarks.weights import detecting_model
 from ssd.inference.plan import usable_cores
-from ssd.inference.preprocess import preprocess_for_detection
 from ssd.io.files import atomic_open
+from ssd.transforms import preprocess_for_detection
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
 # torch.compile of a ResNet-50 trunk is minutes on a small CPU; beyond this it is not "reasonable" here.
@@ -39,7 +39,7 @@ def sample_photos(count: int) -> list[np.ndarray]:
 
 
 def _batch(images: list[np.ndarray], spec: Any) -> torch.Tensor:
-    return preprocess_for_detection([torch.from_numpy(p).permute(2, 0, 1) for p in images], input_spec=spec.input)
+    return preprocess_for_detection([torch.from_numpy(p).permute(2, 0, 1) for p in images], spec.input)
 
 
 def _eager(model: torch.nn.Module, channels_last: bool, bf16: bool) -> tuple[Callable[[torch.Tensor], Any], Any]:

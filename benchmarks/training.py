@@ -31,7 +31,8 @@ _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 def _batch(size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
     with tempfile.TemporaryDirectory() as folder:
         annotations = make_shapes_dataset(folder, size, image_size=300, seed=0)
-        dataset = CocoDetectionDataset(annotations, f"{folder}/images", transform=SSDAugmentation(augment=True))
+        transform = SSDAugmentation(NVIDIA_SSD300.input, augment=True)
+        dataset = CocoDetectionDataset(annotations, f"{folder}/images", transform=transform)
         images, gloc, glabels, _ = EncodingCollate(NVIDIA_SSD300)([dataset[i] for i in range(size)])
         return images, gloc, glabels, dataset.class_names
 

@@ -12,8 +12,8 @@ from skimage import data
 from torchvision.ops import box_iou
 
 from ssd.inference.detect import Detections
-from ssd.inference.preprocess import preprocess_for_detection, to_tensor_chw
 from ssd.models import SSD300
+from ssd.transforms import preprocess_for_detection, to_tensor_chw
 from utils import decode_results, pick_best
 
 from helpers.checkpoints import detecting_state_dict
@@ -34,7 +34,7 @@ def chelsea() -> np.ndarray:
 def test_boxes_are_decoded_relative_boxes_scaled_to_the_image(model, chelsea):
     height, width = chelsea.shape[:2]
     [found] = model.detect(chelsea, threshold=0.3, max_detections=20)
-    batch = preprocess_for_detection([to_tensor_chw(chelsea)])
+    batch = preprocess_for_detection([to_tensor_chw(chelsea)], model.spec.input)
     with torch.inference_mode():
         predictions = model(batch)
     boxes, labels, scores = pick_best(decode_results(predictions, criteria=0.5, max_output=20)[0], 0.3)

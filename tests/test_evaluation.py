@@ -141,6 +141,25 @@ def test_bf16_channels_last_runs_the_same_pipeline(model, tmp_path):
     assert {d["image_id"] for d in result.detections} == {100, 101}
 
 
+def test_a_float_resize_rule_is_evaluated_on_whole_images(model, tmp_path):
+    # torch_bilinear (torchvision's models) has no lossless uint8 form: the workers ship the images whole, and the
+    # evaluation resizes them in the main process as detect does, in batches of mixed sizes.
+    import copy
+    from dataclasses import replace
+
+    other = copy.deepcopy(model)
+    other.spec = replace(model.spec, input=replace(model.spec.input, resize="torch_bilinear"))
+    sample = CocoImages(IMAGES, ANNOTATIONS, input_spec=other.spec.input)[0]
+    assert sample.error is None and tuple(sample.pixels.shape) == (3, sample.height, sample.width) != (3, 300, 300)
+    data = annotations()
+    data["images"] = data["images"][:2]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in (100, 101)]
+    assert len({(i["width"], i["height"]) for i in data["images"]}) == 2
+    result = evaluate(other, IMAGES, write_json(tmp_path / "two.json", data), batch_size=2, progress=False,
+                      verbose=False)
+    assert result.images == 2 and {d["image_id"] for d in result.detections} == {100, 101}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The command line, one process and torchrun
 
@@ -504,13 +523,13 @@ def test_no_detections_at_all_scores_zero():
 def test_resize_uint8_gives_the_pixels_preprocessing_normalises(rule):
     from dataclasses import replace
 
-    from ssd.inference.preprocess import preprocess_for_detection, resize_uint8
+    from ssd.transforms import preprocess_for_detection, resize_uint8
 
     spec = replace(NVIDIA_SSD300.input, resize=rule)
     image = torch.from_numpy(np.random.RandomState(0).randint(0, 256, (3, 97, 141), dtype=np.uint8))
     small = resize_uint8(image, spec)
     assert small.dtype == torch.uint8 and small.shape == (3, 300, 300)
-    torch.testing.assert_close(preprocess_for_detection([small], input_spec=spec),
-                               preprocess_for_detection([image], input_spec=spec), rtol=0, atol=0)
+    torch.testing.assert_close(preprocess_for_detection([small], spec),
+                               preprocess_for_detection([image], spec), rtol=0, atol=0)
     with pytest.raises(ValueError, match="image: expected a 3 x H x W uint8 CPU tensor"):
         resize_uint8(image.float(), spec)

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from ssd.box_coder import BoxCoder
-from ssd.inference.preprocess import preprocess_for_detection
 from ssd.models import SSD300, nvidia_spec
 from ssd.postprocess import class_scores
+from ssd.transforms import preprocess_for_detection
 
 from helpers import SAMPLE_PHOTOS, photo
 from helpers.checkpoints import detecting_state_dict, save_detecting_checkpoint
@@ -52,7 +52,7 @@ def photos() -> list[np.ndarray]:
 
 def _batch(photos: list[np.ndarray], n: int) -> torch.Tensor:
     tensors = [torch.from_numpy(p).permute(2, 0, 1) for p in photos[:n]]
-    return preprocess_for_detection(tensors, input_spec=NVIDIA.input)
+    return preprocess_for_detection(tensors, NVIDIA.input)
 
 
 NVIDIA = nvidia_spec()

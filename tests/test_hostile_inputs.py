@@ -305,11 +305,12 @@ def test_preprocessing_peaks_well_below_five_times_the_decoded_batch(tmp_path):
     # tracemalloc does not see) count in it.
     script = """
 import resource, numpy as np, torch
-from ssd.inference.preprocess import preprocess_for_detection
+from ssd.models import NVIDIA_SSD300
+from ssd.transforms import preprocess_for_detection
 images = [np.random.default_rng(i).integers(0, 256, (2000, 3000, 3), dtype=np.uint8) for i in range(4)]
 tensors = [torch.from_numpy(a).permute(2, 0, 1) for a in images]
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-preprocess_for_detection(tensors)
+preprocess_for_detection(tensors, NVIDIA_SSD300.input)
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print((after - before) * 1024 / sum(a.nbytes for a in images))
 """

@@ -6,9 +6,9 @@ import pytest
 import torch
 from skimage import data
 
-from ssd.inference.preprocess import _resize_like_cv2, preprocess_for_detection, to_tensor_chw
 from ssd.models import NETWORKS
 from ssd.postprocess import postprocess
+from ssd.transforms import _resize_like_cv2, preprocess_for_detection, to_tensor_chw
 from ssd.weights.mmdet import convert_mmdet_state_dict
 
 from helpers.mmdet import GOLDEN, MODELS, ORIGINAL_WH, TOP_N, golden_run, iou_matrix, mmdet_state_dict
@@ -42,7 +42,7 @@ def test_torch_bilinear_is_not_cv2():
 @pytest.mark.parametrize("short", sorted(MODELS))
 def test_detect_from_the_raw_image_matches_mmdetection(short, tmp_path_factory):
     spec, golden, x_golden, _ = golden_run(short, tmp_path_factory)
-    x = preprocess_for_detection([to_tensor_chw(astronaut_crop())], input_spec=spec.input)
+    x = preprocess_for_detection([to_tensor_chw(astronaut_crop())], spec.input)
     # Same pixels; only the normalisation's float rounding (a fused multiply-add) may differ.
     np.testing.assert_allclose(x.numpy(), x_golden.numpy(), rtol=0, atol=1e-5)
     if short != "ssdlite":

@@ -14,7 +14,8 @@ from ssd.io.images import ImageLoadError
 from ssd.models import NVIDIA_SSD300
 from ssd.training.augment import SSDAugmentation
 
-IMAGENET_MEAN, IMAGENET_STD = NVIDIA_SSD300.input.mean, NVIDIA_SSD300.input.std
+NVIDIA_INPUT = NVIDIA_SSD300.input
+IMAGENET_MEAN, IMAGENET_STD = NVIDIA_INPUT.mean, NVIDIA_INPUT.std
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
@@ -61,7 +62,7 @@ def _mark_mask(image: torch.Tensor) -> torch.Tensor:
 
 def test_eval_path_resizes_and_normalises(astronaut):
     boxes = torch.tensor([[100.0, 50.0, 300.0, 256.0]])
-    image, out_boxes, labels = SSDAugmentation(augment=False)(astronaut, boxes, torch.tensor([3]))
+    image, out_boxes, labels = SSDAugmentation(NVIDIA_INPUT, augment=False)(astronaut, boxes, torch.tensor([3]))
     assert image.shape == (3, 300, 300) and image.dtype == torch.float32
     torch.testing.assert_close(out_boxes, boxes / 512)
     assert labels.tolist() == [3]
@@ -71,8 +72,8 @@ def test_eval_path_resizes_and_normalises(astronaut):
 
 def test_flip_maps_boxes(marked):
     image, boxes, labels = marked
-    plain = SSDAugmentation(augment=False)(image, boxes, labels)
-    aug = SSDAugmentation(crop_min_ious=(None,), flip_p=1.0, color_jitter=False)
+    plain = SSDAugmentation(NVIDIA_INPUT, augment=False)(image, boxes, labels)
+    aug = SSDAugmentation(NVIDIA_INPUT, crop_min_ious=(None,), flip_p=1.0, color_jitter=False)
     flipped, flipped_boxes, flipped_labels = aug(image, boxes, labels)
     left, top, right, bottom = plain[1][0].tolist()
     torch.testing.assert_close(flipped_boxes[0], torch.tensor([1 - right, top, 1 - left, bottom]))
@@ -87,7 +88,7 @@ def test_flip_maps_boxes(marked):
 @pytest.mark.parametrize("seed", range(12))
 def test_crop_keeps_boxes_on_their_pixels(marked, seed):
     image, boxes, labels = marked
-    aug = SSDAugmentation(generator=torch.Generator().manual_seed(seed), color_jitter=False)
+    aug = SSDAugmentation(NVIDIA_INPUT, generator=torch.Generator().manual_seed(seed), color_jitter=False)
     out, out_boxes, out_labels = aug(image, boxes, labels)
     assert out.shape == (3, 300, 300)
     # A single box: every accepted crop contains its centre, so it is always kept.
@@ -109,7 +110,8 @@ def test_crop_drops_boxes_whose_centre_leaves(astronaut):
     labels = torch.tensor([1, 2, 3, 4])
     seen = set()
     for seed in range(40):
-        aug = SSDAugmentation(generator=torch.Generator().manual_seed(seed), crop_min_ious=(-math.inf,), flip_p=0.0)
+        aug = SSDAugmentation(NVIDIA_INPUT, generator=torch.Generator().manual_seed(seed), crop_min_ious=(-math.inf,),
+                              flip_p=0.0)
         out, out_boxes, out_labels = aug(astronaut, boxes, labels)
         seen.add(len(out_labels))
         assert out_boxes.shape == (len(out_labels), 4)
@@ -122,21 +124,21 @@ def test_augmented_output_in_range_and_seedable(astronaut):
     labels = torch.tensor([1, 2])
     low, high = (0 - MEAN) / STD, (1 - MEAN) / STD
     for seed in range(8):
-        a = SSDAugmentation(generator=torch.Generator().manual_seed(seed))(astronaut, boxes, labels)
-        b = SSDAugmentation(generator=torch.Generator().manual_seed(seed))(torch.from_numpy(astronaut).permute(2, 0, 1),
-                                                                          boxes.numpy(), labels.numpy())
+        a = SSDAugmentation(NVIDIA_INPUT, generator=torch.Generator().manual_seed(seed))(astronaut, boxes, labels)
+        b = SSDAugmentation(NVIDIA_INPUT, generator=torch.Generator().manual_seed(seed))(
+            torch.from_numpy(astronaut).permute(2, 0, 1), boxes.numpy(), labels.numpy())
         for x, y in zip(a, b):
             assert torch.equal(x, y)
         assert bool(((a[0] >= low - 1e-5) & (a[0] <= high + 1e-5)).all())
     torch.manual_seed(3)
-    first = SSDAugmentation()(astronaut, boxes, labels)
+    first = SSDAugmentation(NVIDIA_INPUT)(astronaut, boxes, labels)
     torch.manual_seed(3)
-    second = SSDAugmentation()(astronaut, boxes, labels)
+    second = SSDAugmentation(NVIDIA_INPUT)(astronaut, boxes, labels)
     assert all(torch.equal(x, y) for x, y in zip(first, second))
 
 
 def test_augmentation_without_boxes(astronaut):
-    out, boxes, labels = SSDAugmentation(generator=torch.Generator().manual_seed(0))(
+    out, boxes, labels = SSDAugmentation(NVIDIA_INPUT, generator=torch.Generator().manual_seed(0))(
         astronaut, torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64)
     )
     assert out.shape == (3, 300, 300) and boxes.shape == (0, 4) and labels.shape == (0,)
@@ -154,7 +156,31 @@ def test_augmentation_without_boxes(astronaut):
 )
 def test_augmentation_rejects_bad_input(image, boxes, labels, error, message):
     with pytest.raises(error, match=message):
-        SSDAugmentation()(image, boxes, labels)
+        SSDAugmentation(NVIDIA_INPUT)(image, boxes, labels)
+
+
+def test_augmentation_reads_the_models_input_spec(astronaut):
+    from ssd.models.spec import InputSpec
+    from ssd.models.ssdlite_mobilenetv2 import MMDET_SSDLITE320
+    from ssd.transforms import preprocess_for_detection
+
+    boxes, labels = torch.tensor([[100.0, 50.0, 300.0, 256.0]]), torch.tensor([1])
+    chw = torch.from_numpy(astronaut).permute(2, 0, 1)
+    # mmdetection's SSDLite: 320 x 320, cv2's bilinear resize, 0..255 values. The same pixels as detect's, normalised
+    # with float32 roundings of values up to ~2.2 (detect folds the formula into one multiply-add): within 1e-5.
+    out, out_boxes, _ = SSDAugmentation(MMDET_SSDLITE320.input, augment=False)(astronaut, boxes, labels)
+    assert out.shape == (3, 320, 320)
+    torch.testing.assert_close(out, preprocess_for_detection([chw], MMDET_SSDLITE320.input)[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(out_boxes, boxes / 512)
+    # torchvision's float rule: normalised, then resized, exactly as detect does.
+    torchvision_like = InputSpec(size=200, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), resize="torch_bilinear")
+    out, _, _ = SSDAugmentation(torchvision_like, augment=False)(astronaut, boxes, labels)
+    assert torch.equal(out, preprocess_for_detection([chw], torchvision_like)[0])
+    jittered, _, _ = SSDAugmentation(torchvision_like, generator=torch.Generator().manual_seed(0))(astronaut, boxes,
+                                                                                                   labels)
+    assert jittered.shape == (3, 200, 200) and bool(((jittered >= -1 - 1e-6) & (jittered <= 1 + 1e-6)).all())
+    with pytest.raises(TypeError, match="input_spec: expected an InputSpec"):
+        SSDAugmentation(300)
 
 
 # ---------------------------------------------------------------------------------------------- synthetic data
@@ -310,10 +336,11 @@ def test_coco_dataset_corrupt_image_and_collate(tmp_path):
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
     path, image_dir = _write_coco(tmp_path, [_ann(1, 1, 3, [1, 1, 20, 20])], images=images)
-    dataset = CocoDetectionDataset(path, image_dir, transform=SSDAugmentation(augment=False))
+    dataset = CocoDetectionDataset(path, image_dir, transform=SSDAugmentation(NVIDIA_INPUT, augment=False))
     with pytest.raises(ImageLoadError, match="bad.jpg"):
         dataset[1]
-    lenient = CocoDetectionDataset(path, image_dir, transform=SSDAugmentation(augment=False), skip_bad_images=True)
+    lenient = CocoDetectionDataset(path, image_dir, transform=SSDAugmentation(NVIDIA_INPUT, augment=False),
+                                   skip_bad_images=True)
     assert lenient[1] is None
     collate = DetectionCollate()
     images_batch, targets = collate([lenient[0], lenient[1]])
@@ -335,7 +362,8 @@ def test_ssd300_overfits_four_synthetic_images(tmp_path):
 
     torch.manual_seed(0)
     annotation_file = make_shapes_dataset(tmp_path, 4, image_size=(300, 300), seed=0)
-    dataset = CocoDetectionDataset(annotation_file, tmp_path / "images", transform=SSDAugmentation(augment=False))
+    dataset = CocoDetectionDataset(annotation_file, tmp_path / "images",
+                                   transform=SSDAugmentation(NVIDIA_INPUT, augment=False))
     images, targets = DetectionCollate()([dataset[i] for i in range(len(dataset))])
     boxes, labels = encode_batch([t["boxes"] for t in targets], [t["labels"] for t in targets], NVIDIA_SSD300)
     gloc = boxes.transpose(1, 2).contiguous()

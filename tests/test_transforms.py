@@ -11,12 +11,17 @@ import skimage.data
 import torch
 from PIL import Image
 
+from ssd import transforms
 from ssd.compat.nvidia import crop_center, normalize, prepare_input, rescale, seed_preprocess
-from ssd.inference.preprocess import preprocess_for_detection, to_tensor_chw
 from ssd.io.images import load_rgb
 from ssd.models import NVIDIA_SSD300
+from ssd.models.spec import InputSpec
+from ssd.models.ssd_vgg16 import MMDET_SSD300
+from ssd.transforms import preprocess_for_detection, to_tensor_chw
 
-IMAGENET_MEAN, IMAGENET_STD = NVIDIA_SSD300.input.mean, NVIDIA_SSD300.input.std
+NVIDIA_INPUT = NVIDIA_SSD300.input
+IMAGENET_MEAN, IMAGENET_STD = NVIDIA_INPUT.mean, NVIDIA_INPUT.std
+MMDET_INPUT = MMDET_SSD300.input
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -246,21 +251,22 @@ def test_to_tensor_chw_shares_memory(chelsea):
 
 def test_preprocess_shapes_dtypes_and_layouts(chelsea):
     images = [to_tensor_chw(chelsea), to_tensor_chw(skimage.data.astronaut())]
-    out = preprocess_for_detection(images)
+    out = preprocess_for_detection(images, NVIDIA_INPUT)
     assert out.shape == (2, 3, 300, 300) and out.dtype == torch.float32 and out.is_contiguous()
-    half = preprocess_for_detection(images, dtype=torch.float16, memory_format=torch.channels_last)
+    half = preprocess_for_detection(images, NVIDIA_INPUT, dtype=torch.float16, memory_format=torch.channels_last)
     assert half.dtype == torch.float16 and half.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(half.float(), out, atol=2e-3, rtol=1e-3)
-    small = preprocess_for_detection(images, size=64, device="cpu")
+    small = preprocess_for_detection(images, NVIDIA_INPUT, size=64, device="cpu")
     assert small.shape == (2, 3, 64, 64)
-    assert preprocess_for_detection([]).shape == (0, 3, 300, 300)
+    assert preprocess_for_detection([], NVIDIA_INPUT).shape == (0, 3, 300, 300)
     batch = torch.stack([images[0], images[0]])
-    torch.testing.assert_close(preprocess_for_detection(batch), preprocess_for_detection([images[0]] * 2))
+    torch.testing.assert_close(preprocess_for_detection(batch, NVIDIA_INPUT),
+                               preprocess_for_detection([images[0]] * 2, NVIDIA_INPUT))
 
 
 def test_preprocess_uint8_and_float_agree(chelsea):
-    as_uint8 = preprocess_for_detection([to_tensor_chw(chelsea)])
-    as_float = preprocess_for_detection([to_tensor_chw(chelsea).float() / 255])
+    as_uint8 = preprocess_for_detection([to_tensor_chw(chelsea)], NVIDIA_INPUT)
+    as_float = preprocess_for_detection([to_tensor_chw(chelsea).float() / 255], NVIDIA_INPUT)
     # uint8 is resized as uint8 (PIL's rounding to whole levels), float in float: at most one level apart.
     level = 1 / 255 / min(IMAGENET_STD)
     assert (as_float - as_uint8).abs().max() <= level * 1.001
@@ -269,9 +275,10 @@ def test_preprocess_uint8_and_float_agree(chelsea):
 def test_preprocess_mixed_sizes_equal_one_by_one(chelsea):
     images = [to_tensor_chw(chelsea), to_tensor_chw(skimage.data.coffee()), to_tensor_chw(chelsea),
               to_tensor_chw(skimage.data.camera()), to_tensor_chw(chelsea).float() / 255]
-    together = preprocess_for_detection(images)
+    together = preprocess_for_detection(images, NVIDIA_INPUT)
     for i, image in enumerate(images):
-        torch.testing.assert_close(together[i], preprocess_for_detection([image])[0], atol=0, rtol=0)
+        torch.testing.assert_close(together[i], preprocess_for_detection([image], NVIDIA_INPUT)[0], atol=0,
+                                   rtol=0)
 
 
 def test_preprocess_matches_torchvision_and_pil():
@@ -279,7 +286,7 @@ def test_preprocess_matches_torchvision_and_pil():
 
     for name in ["astronaut", "rocket"]:
         img = getattr(skimage.data, name)()
-        ours = preprocess_for_detection([to_tensor_chw(img)])[0]
+        ours = preprocess_for_detection([to_tensor_chw(img)], NVIDIA_INPUT)[0]
         # The uint8 image is resized as uint8, exactly as torchvision's transforms resize it.
         resized = tvf.resize(to_tensor_chw(img), [300, 300], antialias=True)
         tv = tvf.normalize(resized.float() / 255, list(IMAGENET_MEAN), list(IMAGENET_STD))
@@ -298,23 +305,23 @@ def test_preprocess_matches_torchvision_and_pil():
 
 def test_preprocess_rejects_bad_images():
     with pytest.raises(ValueError, match=r"images\[1\]: expected a tensor of shape 3 x H x W"):
-        preprocess_for_detection([torch.zeros(3, 4, 4), torch.zeros(4, 4, 3)])
+        preprocess_for_detection([torch.zeros(3, 4, 4), torch.zeros(4, 4, 3)], NVIDIA_INPUT)
     with pytest.raises(TypeError, match="int64"):
-        preprocess_for_detection([torch.zeros(3, 4, 4, dtype=torch.int64)])
+        preprocess_for_detection([torch.zeros(3, 4, 4, dtype=torch.int64)], NVIDIA_INPUT)
     with pytest.raises(TypeError, match="ndarray"):
-        preprocess_for_detection([np.zeros((3, 4, 4))])
+        preprocess_for_detection([np.zeros((3, 4, 4))], NVIDIA_INPUT)
     with pytest.raises(ValueError, match="size"):
-        preprocess_for_detection([torch.zeros(3, 4, 4)], size=0)
+        preprocess_for_detection([torch.zeros(3, 4, 4)], NVIDIA_INPUT, size=0)
 
 
 @cuda
 def test_preprocess_on_cuda_matches_cpu(chelsea):
     images = [to_tensor_chw(chelsea), to_tensor_chw(skimage.data.coffee()), to_tensor_chw(chelsea)]
-    cpu = preprocess_for_detection(images)
-    gpu = preprocess_for_detection(images, device="cuda", memory_format=torch.channels_last)
+    cpu = preprocess_for_detection(images, NVIDIA_INPUT)
+    gpu = preprocess_for_detection(images, NVIDIA_INPUT, device="cuda", memory_format=torch.channels_last)
     assert gpu.device.type == "cuda" and gpu.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=0)
-    on_device = preprocess_for_detection([t.cuda() for t in images])
+    on_device = preprocess_for_detection([t.cuda() for t in images], NVIDIA_INPUT)
     assert on_device.device.type == "cuda"
     torch.testing.assert_close(on_device.cpu(), cpu, atol=1e-4, rtol=0)
 
@@ -323,3 +330,94 @@ def test_load_rgb_of_prepare_input_source_is_consistent(tmp_path, chelsea):
     # prepare_input is seed_preprocess(load_rgb(...)): the two public entry points agree.
     path = png_file(tmp_path, "cat.png", chelsea)
     np.testing.assert_array_equal(prepare_input(path), seed_preprocess(load_rgb(path)))
+
+
+# ---------------------------------------------------------------- the resize rules
+
+# torchvision's two COCO SSDs feed GeneralizedRCNNTransform with these (torchvision/models/detection/ssd.py and
+# ssdlite.py): pixels in [0, 1], (x - mean) / std, a fixed square size, no padding (size_divisible=1).
+TORCHVISION_INPUTS = {
+    "ssd300_vgg16": InputSpec(size=300, mean=(0.48235, 0.45882, 0.40784), std=(1 / 255, 1 / 255, 1 / 255),
+                              resize="torch_bilinear"),
+    "ssdlite320": InputSpec(size=320, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), resize="torch_bilinear"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TORCHVISION_INPUTS))
+def test_torch_bilinear_is_torchvisions_generalized_rcnn_transform(name):
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+    from torchvision.transforms.functional import convert_image_dtype
+
+    spec = TORCHVISION_INPUTS[name]
+    size = spec.size
+    theirs = GeneralizedRCNNTransform(size, size, list(spec.mean), list(spec.std), size_divisible=1,
+                                      fixed_size=(size, size)).eval()
+    images = [to_tensor_chw(skimage.data.astronaut()), to_tensor_chw(skimage.data.chelsea())]
+    expected = theirs([convert_image_dtype(image, torch.float32) for image in images])[0].tensors
+    assert expected.shape == (2, 3, size, size)
+    # The same operations in the same order on the same float32 values: equal, not merely close.
+    torch.testing.assert_close(preprocess_for_detection(images, spec), expected, rtol=0, atol=0)
+    as_float = [convert_image_dtype(image, torch.float32) for image in images]
+    torch.testing.assert_close(preprocess_for_detection(as_float, spec), expected, rtol=0, atol=0)
+
+
+def test_torch_bilinear_has_no_uint8_form():
+    spec = TORCHVISION_INPUTS["ssdlite320"]
+    image = to_tensor_chw(skimage.data.chelsea())
+    assert not transforms.has_uint8_resize(spec) and transforms.has_uint8_resize(NVIDIA_INPUT)
+    with pytest.raises(ValueError, match="input_spec.resize: expected a rule with a lossless uint8 result"):
+        transforms.resize_uint8(image, spec)
+    # It resizes float pixels (uint8 as 0..255 floats): the values keep their scale.
+    out = transforms.resize(image, 64, "torch_bilinear")
+    assert out.dtype == torch.float32 and out.shape == (3, 64, 64) and 0 <= float(out.min()) < float(out.max()) <= 255
+
+
+@pytest.mark.parametrize("name", ["astronaut", "chelsea", "coffee"])
+def test_antialias_exact_is_pil_and_fast_is_within_one_level(name):
+    img = getattr(skimage.data, name)()
+    pil = torch.from_numpy(np.array(Image.fromarray(img).resize((300, 300), Image.BILINEAR))).permute(2, 0, 1)
+    exact = transforms.resize(to_tensor_chw(img), 300, "antialias", exact=True)
+    assert exact.dtype == torch.uint8 and torch.equal(exact, pil)
+    assert torch.equal(transforms.resize_uint8(to_tensor_chw(img), NVIDIA_INPUT, exact=True), pil)
+    fast = transforms.resize(to_tensor_chw(img), 300, "antialias")
+    assert fast.dtype == torch.uint8
+    diff = (fast.int() - pil.int()).abs()
+    assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 0.01
+    # A batch is resized image by image; an image already at the size is returned as it is.
+    batch = torch.stack([to_tensor_chw(img)] * 2)
+    assert torch.equal(transforms.resize(batch, 300, "antialias", exact=True), torch.stack([pil, pil]))
+    assert torch.equal(transforms.resize(pil, 300, "antialias", exact=True), pil)
+
+
+def test_resize_and_normalize_refuse_bad_arguments():
+    image = torch.zeros(3, 8, 8, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="rule: expected one of 'antialias', 'bilinear', 'torch_bilinear', got 'ne"):
+        transforms.resize(image, 4, "nearest")
+    with pytest.raises(ValueError, match="size: expected a positive integer, got 0"):
+        transforms.resize(image, 0, "bilinear")
+    with pytest.raises(ValueError, match="exact: PIL's filter resizes 3-channel uint8 CPU images"):
+        transforms.resize(image.float(), 4, "antialias", exact=True)
+    with pytest.raises(ValueError, match="images: expected a 3 x H x W or N x 3 x H x W tensor"):
+        transforms.normalize(torch.zeros(2, 8, 8), NVIDIA_INPUT)
+    with pytest.raises(TypeError, match="int64"):
+        transforms.normalize(torch.zeros(3, 8, 8, dtype=torch.int64), NVIDIA_INPUT)
+    with pytest.raises(TypeError, match="input_spec: expected an InputSpec"):
+        preprocess_for_detection([image], None)
+    with pytest.raises(ValueError, match="InputSpec.resize: expected one of"):
+        InputSpec(size=300, mean=(0, 0, 0), std=(1, 1, 1), resize="bicubic")
+
+
+def test_normalize_is_the_specs_formula():
+    pixels = torch.arange(256, dtype=torch.uint8).repeat(3, 1)[:, None, :]  # every grey level, 3 x 1 x 256
+    for spec in (NVIDIA_INPUT, MMDET_INPUT, TORCHVISION_INPUTS["ssd300_vgg16"]):
+        mean = torch.tensor(spec.mean, dtype=torch.float64).view(3, 1, 1)
+        std = torch.tensor(spec.std, dtype=torch.float64).view(3, 1, 1)
+        expected = (pixels.double() / 255 * spec.value_range - mean) / std
+        # A few float32 roundings (2**-24 relative) of operands of at most 1 (x / 255, mean), scaled by 1 / std
+        # (at most 255), plus the result's own rounding (values up to ~151): below 1e-4.
+        for given in (pixels, pixels.float() / 255):
+            torch.testing.assert_close(transforms.normalize(given, spec).double(), expected, rtol=0, atol=1e-4)
+    # NVIDIA's training arithmetic, bit for bit: (x / 255 - mean) / std in float32.
+    mean = torch.tensor(NVIDIA_INPUT.mean).view(3, 1, 1)
+    std = torch.tensor(NVIDIA_INPUT.std).view(3, 1, 1)
+    assert torch.equal(transforms.normalize(pixels, NVIDIA_INPUT), (pixels.float() / 255.0 - mean) / std)

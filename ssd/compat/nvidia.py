@@ -3,7 +3,7 @@
 :func:`prepare_input` reproduces NVIDIA's torch.hub ``prepare_input`` (scikit-image resize so that the shorter side
 is 300, centre crop 300 x 300, ``(x * 256 - 128) / 128``) to ~1e-15, but much faster: see :func:`seed_preprocess`.
 The one-call detection API preprocesses differently (the whole image, ImageNet statistics): see
-:mod:`ssd.inference.preprocess`.
+:mod:`ssd.transforms`.
 """
 from __future__ import annotations
 

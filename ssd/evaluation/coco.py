@@ -32,6 +32,7 @@ from ..io.files import write_json
 from ..io.images import load_uint8
 from ..models.spec import ClassSpec, DetectorSpec, InputSpec, check_int
 from ..postprocess import postprocess, split_detections
+from ..transforms import has_uint8_resize, preprocess_for_detection, resize_uint8
 
 __all__ = [
     "STAT_NAMES",
@@ -243,7 +244,7 @@ class CocoBatch(NamedTuple):
     """Samples collated: the images that loaded, stacked (pinned by the DataLoader for CUDA), and the failures."""
 
     samples: list[CocoSample]  # the good ones, pixels dropped (they are in ``pixels``)
-    pixels: torch.Tensor | None  # N x 3 x S x S uint8, or None when nothing loaded
+    pixels: torch.Tensor | list[torch.Tensor] | None  # N x 3 x S x S uint8 (or a list of 3 x H x W), None if none
     failed: list[CocoSample]
 
 
@@ -265,7 +266,9 @@ class CocoImages(Dataset):
         images_dir: the folder the annotation file's ``file_name`` entries are relative to.
         annotations: a COCO JSON path, a parsed dict or a ``COCO`` object (see :func:`load_annotations`).
         input_spec: when given (``model.spec.input``), images are also resized to its S x S as uint8, with the
-            filter of the published protocol (PIL's bilinear for NVIDIA's model), in the data-loader workers.
+            filter of the published protocol (PIL's bilinear for NVIDIA's model), in the data-loader workers. A
+            rule without a lossless uint8 result (``"torch_bilinear"``) leaves them whole: the evaluation then
+            resizes them in the main process, exactly as ``detect`` does.
         include_empty: keep images without annotations (NVIDIA's protocol skips them, so by default they are).
         skip_errors: record images missing on disk instead of raising (their samples carry the error).
 
@@ -315,26 +318,11 @@ class CocoImages(Dataset):
         except (OSError, ValueError, TypeError) as exc:
             return CocoSample(index, image_id, str(path), height or 0, width or 0, None, exc)
         height, width = pixels.shape[:2]
-        if self.input_spec is not None:
-            pixels = _resized(pixels, self.input_spec)
-        tensor = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
-        return CocoSample(index, image_id, str(path), height, width, tensor, None)
-
-
-def _resized(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
-    """H x W x 3 uint8 to the spec's S x S x 3 uint8, with the resize its published accuracy was measured with."""
-    if spec.resize == "antialias":
-        # NVIDIA's protocol is torchvision's Resize on a PIL image, i.e. PIL's own bilinear filter. torch's
-        # antialiased kernel differs by one grey level on ~0.1% of pixels: harmless for pictures, but this path
-        # exists to reproduce published numbers, and with PIL's filter the scores match NVIDIA's exactly.
-        from PIL import Image
-
-        if pixels.shape[:2] == (spec.size, spec.size):
-            return pixels
-        return np.array(Image.fromarray(pixels).resize((spec.size, spec.size), Image.BILINEAR))
-    from ..inference.preprocess import resize_uint8
-
-    return resize_uint8(torch.from_numpy(pixels).permute(2, 0, 1), spec).permute(1, 2, 0).numpy()
+        tensor = torch.from_numpy(pixels).permute(2, 0, 1)
+        if self.input_spec is not None and has_uint8_resize(self.input_spec):
+            # exact: the filter the published accuracy was measured with (PIL's own for NVIDIA's model).
+            tensor = resize_uint8(tensor, self.input_spec, exact=True)
+        return CocoSample(index, image_id, str(path), height, width, tensor.contiguous(), None)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -409,21 +397,27 @@ def _rows(decoded: list, samples: Sequence[CocoSample], label_to_cat: np.ndarray
 
 def _infer(model: torch.nn.Module, spec: DetectorSpec, loader: DataLoader, plan: Any, label_to_cat: np.ndarray,
            skip_errors: bool, bar: Any) -> tuple[list[np.ndarray], list[int], list[tuple[str, str]]]:
-    from ..inference.preprocess import preprocess_for_detection
-
     rows, done, skipped = [], [], []
     non_blocking = plan.device.type == "cuda"
     started = time.perf_counter()
-    for batch in loader:  # CocoBatch: the dataset resizes, so every image has the same size
+    for batch in loader:
+        if isinstance(batch, list):
+            # Images of several sizes: the spec's rule has no lossless uint8 resize for the workers to do, so
+            # preprocess_for_detection resizes them here, as detect does.
+            good = [s for s in batch if s.error is None]
+            batch = CocoBatch([s._replace(pixels=None) for s in good], [s.pixels for s in good],
+                              [s for s in batch if s.error is not None])
         for sample in batch.failed:
             if not skip_errors:
                 raise sample.error
             skipped.append((sample.file, str(sample.error)))
         if batch.samples:
-            # Pinned by the DataLoader on CUDA, so this copy overlaps with the work still queued on the device.
-            images = batch.pixels.to(plan.device, non_blocking=non_blocking)
-            inputs = preprocess_for_detection(images, device=plan.device, dtype=plan.input_dtype,
-                                              memory_format=plan.memory_format, input_spec=spec.input)
+            images = batch.pixels
+            if isinstance(images, torch.Tensor):
+                # Pinned by the DataLoader on CUDA, so this copy overlaps with the work still queued on the device.
+                images = images.to(plan.device, non_blocking=non_blocking)
+            inputs = preprocess_for_detection(images, spec.input, device=plan.device, dtype=plan.input_dtype,
+                                              memory_format=plan.memory_format)
             with torch.inference_mode(), plan.autocast():
                 predictions = model(inputs)
             decoded = split_detections(postprocess(predictions, spec, spec.postprocess))

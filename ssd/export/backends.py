@@ -1,6 +1,6 @@
 """Exported detectors with the PyTorch models' ``detect`` API: onnxruntime and OpenVINO runners.
 
-Loading, batching, preprocessing (``ssd.inference.preprocess``), post-processing (``ssd.postprocess``) and the
+Loading, batching, preprocessing (``ssd.transforms``), post-processing (``ssd.postprocess``) and the
 ``Detections`` results are the library's own, shared with ``model.detect``; only the network (and, for graphs
 exported with ``nms=True``, the post-processing) runs in the other runtime. The spec comes from the file's
 metadata, so a file made for another input size, or by someone else, is refused rather than run wrongly.

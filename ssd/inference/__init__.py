@@ -1,4 +1,4 @@
-"""Inference pipelines built on the networks: preprocessing, ``detect``, the ``Detections`` result, drawing."""
+"""Inference pipelines built on the networks: ``detect``, the ``Detections`` result, drawing."""
 from .detect import detect, detect_iter
 from .detections import DetectionBatch, Detections, StageTimes
 

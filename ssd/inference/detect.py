@@ -13,10 +13,10 @@ import torch
 from ..io.images import ImageSource, load_uint8
 from ..models.spec import MAX_DETECTIONS_LIMIT, DetectorSpec, PostProcessSpec, check_int
 from ..postprocess import Decoded, postprocess, split_detections
+from ..transforms import preprocess_for_detection
 from .batching import prefetched_batches
 from .detections import DetectionBatch, Detections, StageTimes
 from .plan import InferencePlan, plan_for, thread_plan
-from .preprocess import preprocess_for_detection
 
 __all__ = ["Runner", "detect", "detect_iter", "detect_with", "detection_recipe"]
 
@@ -177,8 +177,8 @@ def _detect_batch(runner: Runner, spec: DetectorSpec, good: list, plan: Inferenc
                   runner_times: bool) -> list[tuple[int, Detections]]:
     started = time.perf_counter()
     tensors = [torch.from_numpy(pixels).permute(2, 0, 1) for _, pixels, _ in good]
-    batch = preprocess_for_detection(tensors, device=plan.device, dtype=plan.input_dtype,
-                                     memory_format=plan.memory_format, input_spec=spec.input)
+    batch = preprocess_for_detection(tensors, spec.input, device=plan.device, dtype=plan.input_dtype,
+                                     memory_format=plan.memory_format)
     _sync(batch.device)
     preprocessed = time.perf_counter()
     decoded = runner(batch)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar
 
 __all__ = [
     "AnchorSpec",
@@ -150,9 +150,13 @@ class InputSpec:
     """What the network expects: the whole image resized to ``size`` x ``size`` (aspect ratio not kept), RGB
     values scaled to [0, ``value_range``], then ``(x - mean) / std`` per channel.
 
-    ``resize`` names the interpolation the weights were evaluated with: ``"antialias"`` (PIL's bilinear on uint8,
-    NVIDIA) or ``"bilinear"`` (cv2's INTER_LINEAR without antialiasing, mmdetection).
+    ``resize`` names the interpolation the weights were evaluated with (:mod:`ssd.transforms` implements each):
+    ``"antialias"`` (PIL's bilinear on uint8, NVIDIA), ``"bilinear"`` (cv2's INTER_LINEAR without antialiasing,
+    mmdetection) or ``"torch_bilinear"`` (``F.interpolate`` bilinear on float pixels after the normalisation,
+    torchvision's ``GeneralizedRCNNTransform`` with a fixed size).
     """
+
+    RESIZE_RULES: ClassVar[tuple[str, ...]] = ("antialias", "bilinear", "torch_bilinear")
 
     size: int
     mean: tuple[float, float, float]
@@ -161,8 +165,9 @@ class InputSpec:
     resize: str = "antialias"
 
     def __post_init__(self) -> None:
-        if self.resize not in ("antialias", "bilinear"):
-            raise ValueError(f"InputSpec.resize: expected 'antialias' or 'bilinear', got {self.resize!r}")
+        if self.resize not in self.RESIZE_RULES:
+            raise ValueError(f"InputSpec.resize: expected one of {', '.join(map(repr, self.RESIZE_RULES))}, "
+                             f"got {self.resize!r}")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""NVIDIA's SSD training augmentation: random IoU-constrained crop, horizontal flip, colour jitter, resize, normalise.
+"""NVIDIA's SSD training augmentation: random IoU-constrained crop, horizontal flip, resize, colour jitter, normalise.
 
 The steps and their parameters follow NVIDIA's ``SSDTransformer`` (DeepLearningExamples, PyTorch/Detection/SSD):
 
@@ -10,9 +10,15 @@ The steps and their parameters follow NVIDIA's ``SSDTransformer`` (DeepLearningE
    uncropped, so the time per image is bounded. Images without boxes are never cropped (no patch can satisfy
    the centre rule, in NVIDIA's code either).
 2. Horizontal flip with probability 0.5.
-3. Resize to ``size`` x ``size`` (bilinear, antialiased, like PIL's resize that NVIDIA uses).
+3. Resize to the model's input size with its resize rule (:func:`ssd.transforms.resize`, the fast variant; for
+   NVIDIA's spec the antialiased bilinear resize of uint8 pixels that matches PIL's, which NVIDIA uses).
 4. Colour jitter: brightness 0.125, contrast 0.5, saturation 0.5, hue 0.05, applied in a random order.
-5. Scale to [0, 1] and normalise with the ImageNet mean and std.
+5. Normalise as the model's spec says (:func:`ssd.transforms.normalize`; NVIDIA: [0, 1], ImageNet mean and std).
+
+Everything about the input comes from the ``InputSpec`` given (``model.spec.input``): size, resize rule, value
+range, mean and std. Rules with whole grey levels (``"antialias"``, ``"bilinear"``) jitter the resized uint8 pixels,
+as NVIDIA does; ``"torch_bilinear"`` jitters float pixels in [0, 1] before resizing, then normalises and resizes as
+``detect`` does (without jitter the output is ``preprocess_for_detection``'s, exactly).
 
 The patch is sampled in relative coordinates, as NVIDIA does, and then rounded to whole pixels; boxes are cropped
 with the rounded window so that they stay aligned with the pixels actually kept. Every random draw goes through
@@ -28,7 +34,8 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 
 from ..boxes import box_iou
-from ..models.ssd300_resnet50 import NVIDIA_SSD300
+from ..models.spec import InputSpec
+from ..transforms import normalize, resize
 
 __all__ = ["CROP_MIN_IOUS", "SSDAugmentation"]
 
@@ -72,7 +79,7 @@ class SSDAugmentation:
     """Callable ``(image, boxes, labels) -> (image, boxes, labels)`` for SSD training.
 
     Args:
-        size: output side in pixels (300 for SSD300).
+        input_spec: the model's input (``model.spec.input``): output size, resize rule and normalisation.
         augment: False gives the evaluation path: resize and normalise only.
         generator: source of randomness; the global torch RNG when None.
         max_trials: patches tried per crop option before giving up on cropping.
@@ -81,14 +88,14 @@ class SSDAugmentation:
         color_jitter: False leaves colours alone (geometry-only augmentation).
 
     Call with ``image`` as an H x W x 3 uint8 numpy array or a 3 x H x W uint8 tensor, ``boxes`` an n x 4 array or
-    tensor of ltrb pixel coordinates and ``labels`` n integers. Returns a 3 x size x size float32 tensor
-    normalised with the ImageNet mean and std, the kept boxes as ltrb relative to the output (0..1, float32) and
+    tensor of ltrb pixel coordinates and ``labels`` n integers. Returns a 3 x S x S float32 tensor normalised as
+    ``input_spec`` says, the kept boxes as ltrb relative to the output (0..1, float32) and
     their labels (int64).
     """
 
     def __init__(
         self,
-        size: int = 300,
+        input_spec: InputSpec,
         augment: bool = True,
         generator: torch.Generator | None = None,
         max_trials: int = 50,
@@ -96,8 +103,8 @@ class SSDAugmentation:
         flip_p: float = 0.5,
         color_jitter: bool = True,
     ) -> None:
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"size: expected a positive int, got {size!r}")
+        if not isinstance(input_spec, InputSpec):
+            raise TypeError(f"input_spec: expected an InputSpec (model.spec.input), got {type(input_spec).__name__}")
         if isinstance(max_trials, bool) or not isinstance(max_trials, int) or max_trials < 1:
             raise ValueError(f"max_trials: expected a positive int, got {max_trials!r}")
         if generator is not None and not isinstance(generator, torch.Generator):
@@ -106,7 +113,8 @@ class SSDAugmentation:
             raise ValueError("crop_min_ious: expected at least one option, got none")
         if isinstance(flip_p, bool) or not isinstance(flip_p, (int, float)) or not 0.0 <= flip_p <= 1.0:
             raise ValueError(f"flip_p: expected a probability in [0, 1], got {flip_p!r}")
-        self.size = size
+        self.input_spec = input_spec
+        self.size = input_spec.size
         self.augment = bool(augment)
         self.generator = generator
         self.max_trials = max_trials
@@ -117,8 +125,6 @@ class SSDAugmentation:
         self.hue = 0.05
         self.flip_p = float(flip_p)
         self.color_jitter = bool(color_jitter)
-        self._mean = torch.tensor(NVIDIA_SSD300.input.mean).view(3, 1, 1)
-        self._std = torch.tensor(NVIDIA_SSD300.input.std).view(3, 1, 1)
 
     def _uniform(self, low: float, high: float) -> float:
         return low + (high - low) * float(torch.rand((), generator=self.generator))
@@ -202,10 +208,22 @@ class SSDAugmentation:
                 bboxes = TF.horizontal_flip(bboxes)
 
         crop_h, crop_w = int(img.shape[1]), int(img.shape[2])
-        img = TF.resize(img, [self.size, self.size], antialias=True)
-        if self.augment and self.color_jitter:
-            img = self._jitter(img)
-        out = (img.to(torch.float32) / 255.0 - self._mean) / self._std
+        jitter = self.augment and self.color_jitter
+        if self.input_spec.resize == "torch_bilinear":
+            # A float rule: jitter the [0, 1] pixels (before resizing, as torchvision's recipe distorts colours
+            # first), then normalise and resize exactly as detect does.
+            img = img.float() / 255
+            if jitter:
+                img = self._jitter(img)
+            out = resize(normalize(img, self.input_spec), self.size, "torch_bilinear")
+        else:
+            img = resize(img, self.size, self.input_spec.resize)
+            if img.dtype != torch.uint8:
+                # A CUDA image: torch has no uint8 antialiased kernel there. Jitter whole levels, as on the CPU.
+                img = img.round_().clamp_(0, 255).to(torch.uint8)
+            if jitter:
+                img = self._jitter(img)
+            out = normalize(img, self.input_spec)
 
         # Relative to the (cropped) canvas: resizing does not change relative coordinates. Clamp because a
         # box may stick out of the original image; the crop already clipped the ones it kept.

@@ -380,13 +380,14 @@ def train(config: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
     dataset = CocoDetectionDataset(
         config.annotations,
         config.images,
-        transform=SSDAugmentation(augment=config.augment),
+        transform=None,  # set below from the model's input spec, before the loader's workers start
         skip_bad_images=config.skip_bad_images,
     )
     if len(dataset) == 0:
         raise ValueError(f"annotations: expected at least one image in {os.fspath(config.annotations)!r}, got none")
     # The dataset's names and category ids travel with the model, so detect and evaluate speak them.
     model = SSD300(nvidia_spec(class_names=tuple(dataset.class_names), category_ids=tuple(dataset.category_ids)))
+    dataset.transform = SSDAugmentation(model.spec.input, augment=config.augment)
     sampler = None
     if world > 1:
         # Each process reads its own share; the sampler's seed makes the shares a partition of one permutation.

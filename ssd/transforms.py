@@ -1,10 +1,20 @@
-"""The detection transform: H x W x 3 pixels in, the network's N x 3 x S x S input out, as the model's spec says.
+"""Every input transform of the library: the resize rules of an :class:`~ssd.models.spec.InputSpec`, the
+normalisation, and the detection preprocessing. detect, the evaluation datasets and training augmentation all call
+this module, and all take the model's ``InputSpec`` (``model.spec.input``): nothing here defaults to one model.
 
-The whole image (no crop, so boxes cover the full picture) is resized to S x S and normalised with the spec's mean
-and std. uint8 images on the CPU are resized as uint8 with antialiasing, which reproduces PIL's bilinear resize (the
-protocol NVIDIA evaluated with) to one grey level on ~0.1% of pixels; a float resize does not. A spec whose resize is
-``"bilinear"`` (mmdetection, cv2's INTER_LINEAR) gets cv2's fixed-point arithmetic on uint8 images, pixel for pixel,
-and a plain bilinear resize without antialiasing on float images.
+The whole image (no crop, so boxes cover the full picture) is resized to S x S by the spec's ``resize`` rule:
+
+* ``"antialias"`` (NVIDIA): bilinear with antialiasing, as PIL's ``Image.resize(BILINEAR)``. Two implementations:
+  torch's uint8 antialiased kernel (fast; detect and training), which reproduces PIL to one grey level on ~0.1% of
+  pixels, and PIL itself (``exact=True``; evaluation, which reproduces published numbers).
+* ``"bilinear"`` (mmdetection): cv2's INTER_LINEAR without antialiasing, reproduced bit for bit on uint8 images with
+  cv2's fixed-point arithmetic (a plain bilinear resize on float images).
+* ``"torch_bilinear"`` (torchvision's detection models): ``F.interpolate(mode="bilinear", antialias=False,
+  align_corners=False)`` on float pixels in [0, 1], after the normalisation, in the order and arithmetic of
+  torchvision's ``GeneralizedRCNNTransform`` with a fixed size (uint8 becomes float as ``convert_image_dtype`` does).
+
+The normalisation is ``(x / 255 * value_range - mean) / std`` per channel for 0..255 pixels (``x * value_range``
+for float pixels in [0, 1]).
 """
 from __future__ import annotations
 
@@ -14,9 +24,21 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..models.spec import InputSpec
+from .models.spec import InputSpec
 
-__all__ = ["preprocess_for_detection", "resize_uint8", "to_tensor_chw"]
+__all__ = [
+    "RESIZE_RULES",
+    "has_uint8_resize",
+    "normalize",
+    "preprocess_for_detection",
+    "resize",
+    "resize_uint8",
+    "to_tensor_chw",
+]
+
+RESIZE_RULES: tuple[str, ...] = InputSpec.RESIZE_RULES
+# Rules whose uint8 result on the CPU is whole grey levels: images can be resized as uint8 without loss.
+_UINT8_RULES = ("antialias", "bilinear")
 
 
 def to_tensor_chw(img: np.ndarray) -> torch.Tensor:
@@ -83,25 +105,22 @@ def _gather_contiguous(group: list[torch.Tensor]) -> torch.Tensor:
 
 def preprocess_for_detection(
     images: Sequence[torch.Tensor] | torch.Tensor,
+    input_spec: InputSpec,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
     size: int | None = None,
     memory_format: torch.memory_format = torch.contiguous_format,
-    input_spec: InputSpec | None = None,
 ) -> torch.Tensor:
     """Batch 3 x H x W images (uint8 0..255 or float 0..1, any sizes) into the N x 3 x size x size model input.
 
-    ``input_spec`` (``model.spec.input``; NVIDIA's SSD300 by default) gives the size, the interpolation and the
-    normalisation; ``size`` overrides its size. Images go to ``device`` (default: that of the first image) before
-    conversion, uint8 when they are uint8 (4x less to copy), through pinned memory when the target is CUDA. Images of
-    the same size share one resize call. Float inputs are not range-checked here (that would synchronise the device):
-    ``detect`` checks them when it loads them. Returns ``dtype`` in ``memory_format``; an N x 3 x H x W tensor may be
-    passed instead of a list.
+    ``input_spec`` (``model.spec.input``) gives the size, the resize rule and the normalisation; ``size`` overrides
+    its size. Images go to ``device`` (default: that of the first image) before conversion, uint8 when they are
+    uint8 (4x less to copy), through pinned memory when the target is CUDA. Images of the same size share one resize
+    call. Float inputs are not range-checked here (that would synchronise the device): ``detect`` checks them when
+    it loads them. Returns ``dtype`` in ``memory_format``; an N x 3 x H x W tensor may be passed instead of a list.
     """
-    if input_spec is None:
-        from ..models.ssd300_resnet50 import NVIDIA_SSD300
-
-        input_spec = NVIDIA_SSD300.input
+    if not isinstance(input_spec, InputSpec):
+        raise TypeError(f"input_spec: expected an InputSpec (model.spec.input), got {type(input_spec).__name__}")
     if size is None:
         size = input_spec.size
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
@@ -126,20 +145,19 @@ def preprocess_for_detection(
     for i, image in enumerate(images):
         groups.setdefault((image.shape[1], image.shape[2], image.dtype), []).append(i)
 
-    # x / 255 * value_range then (x - mean) / std, folded into one multiply-add per channel after the resize.
-    std = torch.tensor(input_spec.std, device=target, dtype=torch.float32).view(1, 3, 1, 1)
-    mean = torch.tensor(input_spec.mean, device=target, dtype=torch.float32).view(1, 3, 1, 1)
     out = None
-    for (_, _, src_dtype), indices in groups.items():
+    for indices in groups.values():
         group = [images[i] for i in indices]
         if target.type == "cpu" and all(t.device.type == "cpu" for t in group):
             batch = _gather_contiguous(group)
         else:
             # Contiguous while still uint8: a quarter of the bytes to shuffle, and the fast layout for resizing.
             batch = _stack_to_device(group, target).contiguous()
-        batch = _resize(batch, size, input_spec.resize)
-        unit = 1.0 / 255.0 if src_dtype == torch.uint8 else 1.0
-        batch = torch.addcmul(-mean / std, batch, unit * input_spec.value_range / std)
+        if input_spec.resize == "torch_bilinear":
+            # torchvision's order: normalise the float image, then resize it.
+            batch = resize(normalize(batch, input_spec), size, "torch_bilinear")
+        else:
+            batch = _normalize_folded(resize(batch, size, input_spec.resize).float(), batch.dtype, input_spec)
         if len(groups) == 1:
             return batch.to(dtype).contiguous(memory_format=memory_format)
         if out is None:
@@ -148,19 +166,100 @@ def preprocess_for_detection(
     return out
 
 
-def _resize(batch: torch.Tensor, size: int, rule: str) -> torch.Tensor:
-    """N x 3 x H x W (uint8 or float) to float32 N x 3 x size x size by ``rule`` (see the module docstring)."""
+def _per_channel(values: tuple[float, float, float], like: torch.Tensor) -> torch.Tensor:
+    """Three per-channel numbers shaped to broadcast over C x H x W or N x C x H x W."""
+    return torch.tensor(values, device=like.device, dtype=torch.float32).view(3, 1, 1)
+
+
+def normalize(images: torch.Tensor, input_spec: InputSpec) -> torch.Tensor:
+    """``(x / 255 * value_range - mean) / std`` per channel, as float32: ``images`` are 3 x H x W or N x 3 x H x W,
+    uint8 in 0..255 or float in [0, 1] (then ``x * value_range``).
+
+    Computed as torchvision computes it (uint8 divided by 255 as ``convert_image_dtype`` does, then
+    ``(x - mean) / std``), which is also NVIDIA's training arithmetic.
+    """
+    if not isinstance(images, torch.Tensor) or images.ndim not in (3, 4) or images.shape[-3] != 3:
+        got = f"shape {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images: expected a 3 x H x W or N x 3 x H x W tensor, got {got}")
+    value_range = input_spec.value_range
+    if images.dtype == torch.uint8:
+        # 0..255 pixels wanted as 0..255 (mmdetection) need no arithmetic at all, so none that could round.
+        x = images.float() if value_range == 255 else images.float() / 255
+        scale = 1.0 if value_range == 255 else value_range
+    elif images.dtype.is_floating_point:
+        x, scale = images.float(), value_range
+    else:
+        raise TypeError(f"images: expected a uint8 (0..255) or float (0..1) tensor, got {images.dtype}")
+    if scale != 1:
+        x = x * scale
+    return (x - _per_channel(input_spec.mean, x)) / _per_channel(input_spec.std, x)
+
+
+def _normalize_folded(batch: torch.Tensor, source_dtype: torch.dtype, input_spec: InputSpec) -> torch.Tensor:
+    """:func:`normalize` of an already float N x 3 x H x W batch (0..255 values when ``source_dtype`` is uint8),
+    folded into one multiply-add per channel: the detection path's arithmetic, which its golden data was made
+    with; it differs from :func:`normalize` by float rounding only."""
+    std = _per_channel(input_spec.std, batch)
+    mean = _per_channel(input_spec.mean, batch)
+    unit = 1.0 / 255.0 if source_dtype == torch.uint8 else 1.0
+    return torch.addcmul(-mean / std, batch, unit * input_spec.value_range / std)
+
+
+def resize(images: torch.Tensor, size: int, rule: str, *, exact: bool = False) -> torch.Tensor:
+    """``images`` (C x H x W or N x C x H x W) resized to ``size`` x ``size`` by ``rule`` (see the module docstring).
+
+    Values keep their scale. uint8 comes back uint8 where the rule gives whole grey levels: ``"bilinear"`` on any
+    device, ``"antialias"`` on the CPU; everything else comes back float32 (uint8 as 0..255). ``exact=True``
+    resizes uint8 CPU images under ``"antialias"`` with PIL's own filter (the published protocol); the other rules
+    are exact by construction, and float or CUDA images have no PIL twin (refused).
+    """
+    if not isinstance(images, torch.Tensor) or images.ndim not in (3, 4):
+        got = f"shape {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images: expected a C x H x W or N x C x H x W tensor, got {got}")
+    if rule not in RESIZE_RULES:
+        raise ValueError(f"rule: expected one of {', '.join(map(repr, RESIZE_RULES))}, got {rule!r}")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"size: expected a positive integer, got {size!r}")
+    batch = images if images.ndim == 4 else images[None]
     if tuple(batch.shape[-2:]) == (size, size):
-        return batch.float()
+        out = batch if batch.dtype == torch.uint8 and rule in _UINT8_RULES else batch.float()
+    elif exact and rule == "antialias":
+        if batch.dtype != torch.uint8 or batch.device.type != "cpu" or batch.shape[1] != 3:
+            raise ValueError(f"exact: PIL's filter resizes 3-channel uint8 CPU images, got a {batch.dtype} tensor "
+                             f"of shape {tuple(images.shape)} on {batch.device}")
+        out = _resize_like_pil(batch, size)
+    else:
+        out = _resize(batch.contiguous(), size, rule)
+    return out if images.ndim == 4 else out[0]
+
+
+def _resize(batch: torch.Tensor, size: int, rule: str) -> torch.Tensor:
+    """N x C x H x W (uint8 or float) to N x C x size x size by ``rule``, uint8 where :func:`resize` says."""
     interpolate = torch.nn.functional.interpolate
     if rule == "antialias":
         if batch.dtype == torch.uint8 and batch.device.type == "cpu":
             # torch's uint8 antialiased kernel rounds like PIL's; the result is exact PIL-style uint8 pixels.
-            return interpolate(batch, size=(size, size), mode="bilinear", antialias=True, align_corners=False).float()
+            return interpolate(batch, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         return interpolate(batch.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    if batch.dtype == torch.uint8:
-        return _resize_like_cv2(batch, size).float()
+    if rule == "bilinear" and batch.dtype == torch.uint8:
+        return _resize_like_cv2(batch, size)
+    # "torch_bilinear", and "bilinear" on float pixels: one plain bilinear interpolation.
     return interpolate(batch.float(), size=(size, size), mode="bilinear", antialias=False, align_corners=False)
+
+
+def _resize_like_pil(batch: torch.Tensor, size: int) -> torch.Tensor:
+    """PIL's ``Image.resize((size, size), BILINEAR)`` of each N x 3 x H x W uint8 image: NVIDIA's evaluation
+    protocol (torchvision's ``Resize`` on a PIL image), which torch's kernel misses by a grey level on ~0.1% of
+    pixels. Harmless for pictures, but evaluation reproduces published numbers, and with PIL they match exactly."""
+    from PIL import Image
+
+    out = torch.empty((batch.shape[0], 3, size, size), dtype=torch.uint8)
+    for slot, image in zip(out, batch):
+        # An H x W x 3 view: a tensor made from an H x W x 3 array goes back to PIL without a copy.
+        pixels = np.ascontiguousarray(image.permute(1, 2, 0).numpy())
+        resized = Image.fromarray(pixels).resize((size, size), Image.BILINEAR)
+        slot.permute(1, 2, 0).numpy()[...] = np.asarray(resized)
+    return out
 
 
 # cv2's INTER_LINEAR on uint8 works in fixed point: 11-bit coefficients (INTER_RESIZE_COEF_BITS).
@@ -226,15 +325,22 @@ def _resize_like_cv2(batch: torch.Tensor, size: int) -> torch.Tensor:
     return ((total + 2) >> 2).clamp_(0, 255).to(torch.uint8)
 
 
-def resize_uint8(image: torch.Tensor, input_spec: InputSpec) -> torch.Tensor:
+def resize_uint8(image: torch.Tensor, input_spec: InputSpec, *, exact: bool = False) -> torch.Tensor:
     """A 3 x H x W (or N x 3 x H x W) uint8 CPU image resized to the spec's S x S as uint8, exactly the pixels
-    :func:`preprocess_for_detection` would normalise: both rules give whole grey levels on the CPU, so this is
-    lossless and lets data-loader workers resize (in parallel) and ship 300 x 300 bytes instead of photos."""
+    :func:`preprocess_for_detection` would normalise (with ``exact=False``; ``exact=True`` gives PIL's, see
+    :func:`resize`): lossless, so data-loader workers can resize (in parallel) and ship S x S bytes instead of
+    photos. Rules without whole grey levels (``"torch_bilinear"``) are refused: resize their images as floats."""
     if not isinstance(image, torch.Tensor) or image.dtype != torch.uint8 or image.ndim not in (3, 4) \
             or image.shape[-3] != 3 or image.device.type != "cpu":
         got = f"a {image.dtype} tensor of shape {tuple(image.shape)} on {image.device}" \
             if isinstance(image, torch.Tensor) else type(image).__name__
         raise ValueError(f"image: expected a 3 x H x W uint8 CPU tensor, got {got}")
-    batch = image if image.ndim == 4 else image[None]
-    resized = _resize(batch.contiguous(), input_spec.size, input_spec.resize).round_().to(torch.uint8)
-    return resized if image.ndim == 4 else resized[0]
+    if input_spec.resize not in _UINT8_RULES:
+        raise ValueError(f"input_spec.resize: expected a rule with a lossless uint8 result "
+                         f"({', '.join(map(repr, _UINT8_RULES))}), got {input_spec.resize!r}")
+    return resize(image, input_spec.size, input_spec.resize, exact=exact)
+
+
+def has_uint8_resize(input_spec: InputSpec) -> bool:
+    """Whether :func:`resize_uint8` can resize for ``input_spec`` (its rule gives whole grey levels)."""
+    return input_spec.resize in _UINT8_RULES
