@@ -307,7 +307,7 @@ def test_coco_dataset_drops_clips_and_counts(tmp_path):
 def test_coco_dataset_missing_and_invalid_files(tmp_path):
     (tmp_path / "images").mkdir()
     missing = tmp_path / "nope.json"
-    with pytest.raises(AnnotationFileError, match="nope.json"):
+    with pytest.raises(FileNotFoundError, match="nope.json"):
         CocoDetectionDataset(missing, tmp_path / "images")
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
@@ -321,10 +321,10 @@ def test_coco_dataset_missing_and_invalid_files(tmp_path):
 
 def test_coco_dataset_unknown_category_and_image(tmp_path):
     path, image_dir = _write_coco(tmp_path, [_ann(1, 10, 99, [1, 1, 5, 5])])
-    with pytest.raises(ValueError, match="category id 99"):
+    with pytest.raises(AnnotationFileError, match=r"annotations\[0\] \(id 1\): expected 'category_id' .* got 99"):
         CocoDetectionDataset(path, image_dir)
     path, image_dir = _write_coco(tmp_path, [_ann(1, 12345, 3, [1, 1, 5, 5])], name="other.json")
-    with pytest.raises(ValueError, match="other.json.*unknown image id 12345"):
+    with pytest.raises(ValueError, match=r"other.json.*'image_id' to be the id of one of the 'images', got 12345"):
         CocoDetectionDataset(path, image_dir)
 
 

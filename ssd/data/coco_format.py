@@ -1,6 +1,33 @@
-"""A training dataset over a COCO-format annotation file and its image folder.
+"""COCO detection annotations: the one reader and validator of annotation files, serving training and evaluation
+alike, and the training dataset over them.
 
-How imperfect annotations are handled (each case is counted in ``dataset.stats``):
+Reading (:func:`read_annotation_file`): the path must be a regular file (a FIFO or a device is refused before a byte
+is read, so nothing hangs or fills memory) of at most :data:`MAX_ANNOTATION_BYTES`; invalid JSON, bytes that are not
+UTF-8 and JSON nested too deeply to parse each give one ``ValueError`` line naming the file.
+
+Validation (:func:`parse_annotations`), the same checks for every consumer, each error naming the file and the
+entry (``annotations[3] (id 17)``):
+
+* ``images``, ``annotations`` and ``categories`` are lists; at least one image and one category.
+* ids (of images, annotations and categories), ``image_id`` and ``category_id`` are integers in [0, 2**53) (JSON
+  ``true`` is not 1, ``"3"`` is not 3), distinct within their list, and every reference names a listed entry.
+* an image has a non-empty ``file_name`` and both or neither of ``width`` and ``height`` (positive integers): the
+  size of the picture as viewers show it, i.e. with its EXIF orientation applied (see :func:`check_image_size`).
+* a category has a non-empty string ``name``.
+* an annotation has a ``bbox`` of 4 finite numbers ``[x, y, width, height]`` (top-left corner, pixels of the upright
+  picture); ``iscrowd``, when given, is 0 or 1 (``"0"`` is refused: it would count as a crowd); ``area``, when
+  given, a finite number >= 0. Missing ``id``, ``iscrowd`` and ``area`` are filled in as COCO defines them (unused
+  ids, 0, the box area), which is what pycocotools' COCOeval reads.
+
+Options say what a consumer needs on top: ``require_annotations`` (evaluation: an empty set has nothing to score)
+and ``require_size`` (training clips boxes to the declared size). The validated entries keep only the fields above,
+so large or deeply nested extras (segmentations, ``info``) are not carried along.
+
+Labels, one rule for the whole library: label ``k`` (1..K) is the ``k``-th category in ascending id order, 0 is
+background (:attr:`CocoAnnotations.classes`). A model trained on a file carries those names and ids, and evaluation
+maps its labels back to the file's ids.
+
+The training dataset (:class:`CocoDetectionDataset`) counts how it treats imperfect annotations in ``stats``:
 
 * ``empty_dropped``: boxes of zero or negative width or height are dropped.
 * ``clipped``: boxes reaching outside the image (as declared by the image's ``width``/``height``) are clipped to it;
@@ -10,33 +37,51 @@ How imperfect annotations are handled (each case is counted in ``dataset.stats``
 * ``images_without_boxes``: images with no usable annotation are kept as all-background examples, which teaches the
   detector what not to detect (COCO's own training sets contain such images).
 
-Structural errors raise ``AnnotationFileError`` (a ``ValueError``) naming the file: a missing or unreadable file,
-invalid JSON, missing keys, duplicate ids, an annotation referencing an unknown image or a category id not listed in
-``categories``. A corrupt image file makes ``__getitem__`` raise :class:`ssd.images.ImageLoadError`, unless the
+Images are loaded as ``detect`` and ``evaluate`` load them (:func:`ssd.io.images.load_uint8`, EXIF orientation
+applied), and a decoded size differing from the declared one is refused with the message evaluation gives. A
+corrupt image makes ``__getitem__`` raise :class:`ssd.io.images.ImageLoadError` naming the file, unless the
 dataset was built with ``skip_bad_images=True``: then it returns None, which :class:`DetectionCollate` drops.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import pathlib
-from collections.abc import Callable, Sequence
+import stat
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..io.images import ImageLoadError, load_rgb
+from ..io.images import ImageLoadError, load_uint8, open_regular_file
+from ..models.spec import ClassSpec
 
-__all__ = ["AnnotationFileError", "CocoDetectionDataset", "DetectionCollate"]
+__all__ = [
+    "MAX_ANNOTATION_BYTES",
+    "AnnotationFileError",
+    "CocoAnnotations",
+    "CocoDetectionDataset",
+    "DetectionCollate",
+    "check_image_size",
+    "parse_annotations",
+    "read_annotation_file",
+]
+
+# The largest annotation file read. COCO's largest, instances_train2017.json, is 448 MB and LVIS v1's training file
+# about 1.1 GB; 2 GiB leaves room for sets of that kind while bounding what one file can make us hold (parsed JSON
+# takes several times its size in memory). Read at call time, so it can be changed (or patched in tests).
+MAX_ANNOTATION_BYTES = 2 * 2**30
+# Ids travel through pycocotools' float64 result arrays; integers beyond 2**53 would come back rounded.
+_MAX_ID = 2**53 - 1
 
 Transform = Callable[[np.ndarray, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 class AnnotationFileError(ValueError):
-    """A COCO annotation file that cannot be used; the message names the file."""
+    """A COCO annotation file (or dict) that cannot be used; the message names the file and the entry."""
 
 
 def _is_number(value: object) -> bool:
@@ -44,42 +89,326 @@ def _is_number(value: object) -> bool:
 
 
 def _is_id(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_ID
 
 
-def _read_json(path: pathlib.Path) -> dict[str, Any]:
+def _source_name(path: str | os.PathLike[str]) -> str:
+    return f"annotations {os.fspath(path)!r}"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_annotation_file(path: str | os.PathLike[str], *, max_bytes: int | None = None) -> Any:
+    """The parsed JSON of an annotation file, read under the guards of the module docstring.
+
+    ``max_bytes`` defaults to :data:`MAX_ANNOTATION_BYTES`.
+
+    Raises:
+        FileNotFoundError / IsADirectoryError: the path does not exist / is a folder.
+        AnnotationFileError (ValueError): not a regular file, larger than ``max_bytes``, not UTF-8, not JSON, or
+            nested too deeply (one line naming the file).
+        OSError: the file cannot be read (permissions...).
+    """
+    name = _source_name(path)
+    limit = MAX_ANNOTATION_BYTES if max_bytes is None else max_bytes
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise AnnotationFileError(f"{path}: annotation file not found") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise AnnotationFileError(f"{path}: cannot read the annotation file: {exc}") from exc
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{name}: expected a COCO JSON file, got a path that does not exist") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise IsADirectoryError(f"{name}: expected a COCO JSON file, got a directory")
+    with open_regular_file(path, name, kind="COCO JSON file", error=AnnotationFileError) as fp:
+        size = os.fstat(fp.fileno()).st_size
+        if size > limit:
+            raise AnnotationFileError(f"{name}: expected a COCO JSON file of at most {limit:,} bytes, got {size:,} "
+                                      "bytes (see ssd.data.coco_format.MAX_ANNOTATION_BYTES)")
+        # Its size, and one byte more to notice growth: read(n) allocates n bytes before reading anything.
+        data = fp.read(size + 1)
+    if len(data) != size:
+        raise AnnotationFileError(f"{name}: expected a file that stays the same while it is read, got {len(data):,} "
+                                  f"bytes where it had {size:,} (is something writing it?)")
+    return _parse_json(data, name)
+
+
+def _parse_json(data: bytes, name: str) -> Any:
+    import json
+
     try:
-        document = json.loads(text)
+        # utf-8-sig: a byte-order mark, as some Windows tools write, is not an error.
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise AnnotationFileError(f"{name}: expected a COCO JSON file, got bytes that are not UTF-8 text "
+                                  f"(at byte {exc.start})") from None
+    del data  # the bytes are not needed while the (larger) parsed objects are built
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise AnnotationFileError(f"{path}: invalid JSON: {exc}") from exc
-    if not isinstance(document, dict):
-        raise AnnotationFileError(f"{path}: expected a JSON object at the top level, got {type(document).__name__}")
+        raise AnnotationFileError(f"{name}: expected a COCO JSON file, got invalid JSON ({exc})") from None
+    except RecursionError:
+        raise AnnotationFileError(f"{name}: expected a COCO JSON file, got JSON nested too deeply to parse") from None
+    except ValueError as exc:  # e.g. an integer literal beyond Python's digit limit
+        raise AnnotationFileError(f"{name}: expected a COCO JSON file, got invalid JSON ({exc})") from None
+    except MemoryError:
+        raise AnnotationFileError(f"{name}: not enough memory to parse {len(text):,} characters of JSON") from None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Validation
+
+
+@dataclass(frozen=True, eq=False)
+class CocoAnnotations:
+    """A validated COCO detection set (see the module docstring): its entries, with only the fields the library
+    reads, and the one label rule. ``name`` is how messages name the source (``annotations '/data/val.json'``);
+    ``path`` is the file, None for a dict."""
+
+    name: str
+    path: str | None
+    images: list[dict[str, Any]]
+    annotations: list[dict[str, Any]]
+    categories: list[dict[str, Any]]
+
+    @property
+    def category_ids(self) -> list[int]:
+        """The category ids in label order (ascending): label ``k`` is ``category_ids[k - 1]``."""
+        return sorted(c["id"] for c in self.categories)
+
+    @property
+    def class_names(self) -> list[str]:
+        names = {c["id"]: c["name"] for c in self.categories}
+        return [names[i] for i in self.category_ids]
+
+    @property
+    def classes(self) -> ClassSpec:
+        """The labels as a model's :class:`~ssd.models.spec.ClassSpec`: names and ids in ascending id order."""
+        return ClassSpec(tuple(self.class_names), tuple(self.category_ids))
+
+    @property
+    def label_of_category(self) -> dict[int, int]:
+        """Category id -> label (1..K); 0 is background."""
+        return {cid: label for label, cid in enumerate(self.category_ids, start=1)}
+
+    def dataset(self) -> dict[str, list[dict[str, Any]]]:
+        """The set as a COCO dict (``images``, ``annotations``, ``categories``), e.g. for ``pycocotools``."""
+        return {"images": self.images, "annotations": self.annotations, "categories": self.categories}
+
+    def to_coco(self) -> Any:
+        """A ``pycocotools.coco.COCO`` over :meth:`dataset` (indexed; pycocotools' progress output silenced), with
+        ``source`` and ``source_path`` attributes naming where it came from."""
+        import contextlib
+        import io
+
+        from pycocotools.coco import COCO
+
+        coco = COCO()
+        coco.dataset = self.dataset()
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco.createIndex()
+        coco.source, coco.source_path = self.name, self.path
+        return coco
+
+
+def parse_annotations(source: str | os.PathLike[str] | Mapping[str, Any], *, require_annotations: bool = False,
+                      require_size: bool = False, max_bytes: int | None = None) -> CocoAnnotations:
+    """A COCO annotation file (read with :func:`read_annotation_file`) or an already parsed dict, validated.
+
+    Args:
+        require_annotations: refuse a set without annotations (evaluation: nothing to score).
+        require_size: every image must declare ``width`` and ``height`` (training clips boxes to them).
+        max_bytes: the file size cap (default :data:`MAX_ANNOTATION_BYTES`).
+
+    Raises:
+        FileNotFoundError / IsADirectoryError / OSError: see :func:`read_annotation_file`.
+        AnnotationFileError (ValueError): the file or an entry breaks a rule of the module docstring; the message
+            names the file and the entry.
+        TypeError: ``source`` is neither a path nor a dict.
+    """
+    if isinstance(source, Mapping):
+        name, path, document = "annotations", None, source
+    elif isinstance(source, (str, os.PathLike)):
+        name, path = _source_name(source), os.fspath(source)
+        document = read_annotation_file(source, max_bytes=max_bytes)
+    else:
+        raise TypeError(f"annotations: expected a path to a COCO JSON file or a dict, got {type(source).__name__}")
+    lists = _top_level(document, name)
+    if not lists["images"]:
+        raise AnnotationFileError(f"{name}: expected at least one image, got an empty 'images' list")
+    if require_annotations and not lists["annotations"]:
+        raise AnnotationFileError(f"{name}: expected at least one annotation, got an empty 'annotations' list (an "
+                                  "empty annotation set has nothing to evaluate)")
+    if not lists["categories"]:
+        raise AnnotationFileError(f"{name}: expected at least one category, got an empty 'categories' list")
+    categories = _categories(lists["categories"], name)
+    images = _images(lists["images"], name, require_size)
+    annotations = _annotations(lists["annotations"], name, {i["id"] for i in images},
+                               {c["id"] for c in categories})
+    return CocoAnnotations(name, path, images, annotations, categories)
+
+
+def _top_level(document: Any, name: str) -> dict[str, list]:
+    if not isinstance(document, Mapping):
+        raise AnnotationFileError(f"{name}: expected a COCO annotation object with 'images', 'annotations' and "
+                                  f"'categories', got a JSON {_json_type(document)}")
     for key in ("images", "annotations", "categories"):
         if not isinstance(document.get(key), list):
-            raise AnnotationFileError(f"{path}: expected a list under {key!r}, got {type(document.get(key)).__name__}")
-    return document
+            got = "nothing" if key not in document else f"a JSON {_json_type(document[key])}"
+            raise AnnotationFileError(f"{name}: expected a list under {key!r}, got {got}")
+    return {key: document[key] for key in ("images", "annotations", "categories")}
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _where(kind: str, index: int, entry: Any) -> str:
+    """``annotations[3] (id 17)``: the entry as a message names it (its id when it has a usable one)."""
+    entry_id = entry.get("id") if isinstance(entry, Mapping) else None
+    return f"{kind}[{index}]" + (f" (id {entry_id})" if _is_id(entry_id) else "")
+
+
+def _entry(kind: str, index: int, entry: Any, name: str) -> Mapping[str, Any]:
+    if not isinstance(entry, Mapping):
+        raise AnnotationFileError(f"{name}: {kind}[{index}]: expected a JSON object, got a JSON {_json_type(entry)}")
+    return entry
+
+
+def _id_field(entry: Mapping[str, Any], key: str, where: str, name: str) -> int:
+    value = entry.get(key)
+    if not _is_id(value):
+        got = "nothing" if key not in entry else repr(value)
+        raise AnnotationFileError(f"{name}: {where}: expected {key!r} to be an integer in [0, 2**53), got {got}")
+    return value
+
+
+def _distinct(kind: str, entries: list[dict[str, Any]], name: str) -> None:
+    seen: set[int] = set()
+    for index, entry in enumerate(entries):
+        if "id" in entry:
+            if entry["id"] in seen:
+                raise AnnotationFileError(f"{name}: {kind}[{index}] (id {entry['id']}): expected distinct ids, got "
+                                          f"id {entry['id']} twice")
+            seen.add(entry["id"])
+
+
+def _categories(entries: list, name: str) -> list[dict[str, Any]]:
+    out = []
+    for index, raw in enumerate(entries):
+        entry = _entry("categories", index, raw, name)
+        where = _where("categories", index, entry)
+        category = {"id": _id_field(entry, "id", where, name)}
+        if not isinstance(entry.get("name"), str) or not entry["name"].strip():
+            raise AnnotationFileError(f"{name}: {where}: expected a non-empty string 'name', "
+                                      f"got {entry.get('name')!r}")
+        category["name"] = entry["name"]
+        if isinstance(entry.get("supercategory"), str):
+            category["supercategory"] = entry["supercategory"]
+        out.append(category)
+    _distinct("categories", out, name)
+    return out
+
+
+def _images(entries: list, name: str, require_size: bool) -> list[dict[str, Any]]:
+    out = []
+    for index, raw in enumerate(entries):
+        entry = _entry("images", index, raw, name)
+        where = _where("images", index, entry)
+        image = {"id": _id_field(entry, "id", where, name)}
+        if not isinstance(entry.get("file_name"), str) or not entry["file_name"]:
+            raise AnnotationFileError(f"{name}: {where}: expected a non-empty string 'file_name', "
+                                      f"got {entry.get('file_name')!r}")
+        image["file_name"] = entry["file_name"]
+        declared = [key for key in ("width", "height") if key in entry]
+        if (require_size and len(declared) < 2) or len(declared) == 1:
+            missing = " and ".join(repr(k) for k in ("width", "height") if k not in entry)
+            raise AnnotationFileError(f"{name}: {where}: expected 'width' and 'height' (the upright picture's size), "
+                                      f"got no {missing}")
+        for key in declared:
+            value = entry[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise AnnotationFileError(f"{name}: {where}: expected {key!r} to be a positive integer, got {value!r}")
+            image[key] = value
+        out.append(image)
+    _distinct("images", out, name)
+    return out
+
+
+def _annotations(entries: list, name: str, image_ids: set[int], category_ids: set[int]) -> list[dict[str, Any]]:
+    out = []
+    for index, raw in enumerate(entries):
+        entry = _entry("annotations", index, raw, name)
+        where = _where("annotations", index, entry)
+        ann: dict[str, Any] = {}
+        if "id" in entry:
+            ann["id"] = _id_field(entry, "id", where, name)
+        for key, known, kind in (("image_id", image_ids, "images"), ("category_id", category_ids, "categories")):
+            value = _id_field(entry, key, where, name)
+            if value not in known:
+                raise AnnotationFileError(f"{name}: {where}: expected {key!r} to be the id of one of the {kind!r}, "
+                                          f"got {value!r}")
+            ann[key] = value
+        bbox = entry.get("bbox")
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+            raise AnnotationFileError(f"{name}: {where}: expected a 'bbox' of 4 numbers [x, y, width, height] "
+                                      f"(finite), got {bbox!r}")
+        ann["bbox"] = [float(v) for v in bbox]
+        crowd = entry.get("iscrowd", 0)
+        if isinstance(crowd, bool) or not isinstance(crowd, int) or crowd not in (0, 1):
+            # "0" is truthy: pycocotools and a plain `if` would both take it for a crowd and ignore the box.
+            raise AnnotationFileError(f"{name}: {where}: expected 'iscrowd' to be 0 or 1, got {crowd!r}")
+        ann["iscrowd"] = crowd
+        area = entry.get("area")
+        if area is not None and not (_is_number(area) and area >= 0):
+            raise AnnotationFileError(f"{name}: {where}: expected 'area' to be a finite number >= 0, got {area!r}")
+        # COCOeval reads the area (small/medium/large ranges); for a box-only truth COCO's own is the box area.
+        ann["area"] = float(area) if area is not None else ann["bbox"][2] * ann["bbox"][3]
+        out.append(ann)
+    _distinct("annotations", out, name)
+    # Missing ids get numbers no other annotation uses (COCOeval matches truths by id).
+    next_id = max((a["id"] for a in out if "id" in a), default=0) + 1
+    for ann in out:
+        if "id" not in ann:
+            ann["id"], next_id = next_id, next_id + 1
+    return out
+
+
+def check_image_size(declared: Mapping[str, Any], height: int, width: int, path: str | os.PathLike[str]) -> None:
+    """The one rule for a decoded image against its annotation entry, in training and evaluation alike: a declared
+    ``width`` x ``height`` must be the decoded picture's, with its EXIF orientation applied (the upright picture
+    viewers show, which :func:`ssd.io.images.load_uint8` returns). Raises ValueError naming the file."""
+    want_w, want_h = declared.get("width"), declared.get("height")
+    if want_w is None or (want_h, want_w) == (height, width):
+        return
+    hint = ""
+    if (want_h, want_w) == (width, height):
+        hint = (" (width and height swapped: annotations must describe the upright picture, with the file's EXIF "
+                "orientation applied)")
+    raise ValueError(f"{os.fspath(path)}: expected a {want_w} x {want_h} image as the annotations say, got "
+                     f"{width} x {height}{hint}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The training dataset
 
 
 class CocoDetectionDataset(Dataset):
     """Images and their boxes from a COCO-format detection annotation file.
 
     Args:
-        annotation_file: the COCO ``instances``-style JSON (``images``, ``annotations``, ``categories``).
+        annotation_file: the COCO ``instances``-style JSON (``images``, ``annotations``, ``categories``), validated
+            by :func:`parse_annotations` (every image must declare its ``width`` and ``height``).
         image_dir: folder that ``file_name`` of each image is relative to.
         transform: optional callable ``(image HxWx3 uint8, boxes n x 4 pixel ltrb, labels) -> (image, boxes,
             labels)``, e.g. :class:`ssd.training.augment.SSDAugmentation` (which returns relative boxes).
-        skip_bad_images: return None for an unreadable image instead of raising (see :class:`DetectionCollate`).
+        skip_bad_images: return None for an unreadable image, or one whose size is not the declared one, instead
+            of raising (see :class:`DetectionCollate`).
 
     Items are ``(image, target)``: without a transform, ``image`` is a 3 x H x W uint8 tensor and ``target`` holds
     ``boxes`` (n x 4 float32, pixel ltrb), ``labels`` (n int64, contiguous 1..K in the order of the sorted category
-    ids, 0 being background), ``image_id`` (int) and ``size`` ((H, W) of the file). With a transform, image,
-    boxes and labels are what it returns.
+    ids, 0 being background), ``image_id`` (int) and ``size`` ((H, W) of the upright picture). With a transform,
+    image, boxes and labels are what it returns.
     """
 
     def __init__(
@@ -107,82 +436,50 @@ class CocoDetectionDataset(Dataset):
             "crowd_ignored": 0,
             "images_without_boxes": 0,
         }
-        self._parse(_read_json(self.annotation_file))
-
-    def _fail(self, message: str) -> AnnotationFileError:
-        return AnnotationFileError(f"{self.annotation_file}: {message}")
-
-    def _parse(self, document: dict[str, Any]) -> None:
-        names: dict[int, str] = {}
-        for entry in document["categories"]:
-            if not isinstance(entry, dict) or not _is_id(entry.get("id")):
-                raise self._fail(f"expected each category to have an integer 'id', got {entry!r}")
-            if entry["id"] in names:
-                raise self._fail(f"duplicate category id {entry['id']}")
-            names[entry["id"]] = str(entry.get("name", entry["id"]))
-        if not names:
-            raise self._fail("expected at least one category, got none")
-        self.category_ids: list[int] = sorted(names)
-        self.class_names: list[str] = [names[i] for i in self.category_ids]
+        parsed = parse_annotations(self.annotation_file, require_size=True)
+        self.classes: ClassSpec = parsed.classes
+        self.category_ids: list[int] = list(self.classes.category_ids)
+        self.class_names: list[str] = list(self.classes.names)
         # Label 0 is background, so the model needs len(category_ids) + 1 classes.
-        self.label_of_category: dict[int, int] = {cid: i + 1 for i, cid in enumerate(self.category_ids)}
+        self.label_of_category: dict[int, int] = parsed.label_of_category
+        self._records = self._boxes(parsed)
 
-        images: dict[int, dict[str, Any]] = {}
-        for entry in document["images"]:
-            if not isinstance(entry, dict) or not _is_id(entry.get("id")):
-                raise self._fail(f"expected each image to have an integer 'id', got {entry!r}")
-            if not isinstance(entry.get("file_name"), str):
-                raise self._fail(f"image {entry['id']}: expected a string 'file_name', got {entry.get('file_name')!r}")
-            for key in ("width", "height"):
-                if not (_is_number(entry.get(key)) and entry[key] > 0):
-                    raise self._fail(f"image {entry['id']}: expected a positive {key!r}, got {entry.get(key)!r}")
-            if entry["id"] in images:
-                raise self._fail(f"duplicate image id {entry['id']}")
-            images[entry["id"]] = entry
-
+    def _boxes(self, parsed: CocoAnnotations) -> list[tuple[dict[str, Any], np.ndarray, np.ndarray]]:
+        """Per image (by ascending id): its entry, its training boxes (pixel ltrb) and labels, counted in stats."""
+        images = {image["id"]: image for image in parsed.images}
         boxes: dict[int, list[list[float]]] = {image_id: [] for image_id in images}
         labels: dict[int, list[int]] = {image_id: [] for image_id in images}
-        for entry in document["annotations"]:
+        for ann in parsed.annotations:
             self.stats["annotations"] += 1
-            if not isinstance(entry, dict):
-                raise self._fail(f"expected each annotation to be an object, got {entry!r}")
-            image_id, category_id = entry.get("image_id"), entry.get("category_id")
-            if image_id not in images:
-                raise self._fail(f"annotation {entry.get('id')!r} refers to unknown image id {image_id!r}")
-            if category_id not in self.label_of_category:
-                raise self._fail(
-                    f"annotation {entry.get('id')!r} has category id {category_id!r}, which is not in 'categories'"
-                )
-            bbox = entry.get("bbox")
-            if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
-                raise self._fail(f"annotation {entry.get('id')!r}: expected 'bbox' [x, y, w, h] numbers, got {bbox!r}")
-            if entry.get("iscrowd", 0):
+            if ann["iscrowd"]:
                 self.stats["crowd_ignored"] += 1
                 continue
-            x, y, w, h = (float(v) for v in bbox)
+            x, y, w, h = ann["bbox"]
             if w <= 0 or h <= 0:
                 self.stats["empty_dropped"] += 1
                 continue
-            width, height = float(images[image_id]["width"]), float(images[image_id]["height"])
+            image = images[ann["image_id"]]
+            width, height = float(image["width"]), float(image["height"])
             box = [max(x, 0.0), max(y, 0.0), min(x + w, width), min(y + h, height)]
             if box != [x, y, x + w, y + h]:
                 if box[2] <= box[0] or box[3] <= box[1]:
                     self.stats["outside_dropped"] += 1
                     continue
                 self.stats["clipped"] += 1
-            boxes[image_id].append(box)
-            labels[image_id].append(self.label_of_category[category_id])
+            boxes[ann["image_id"]].append(box)
+            labels[ann["image_id"]].append(self.label_of_category[ann["category_id"]])
 
         # Sorted by id so that the order (and hence any sampler's order) does not depend on the file's order.
-        self._records: list[tuple[int, str, np.ndarray, np.ndarray]] = []
+        records = []
         for image_id in sorted(images):
             box_array = np.asarray(boxes[image_id], dtype=np.float32).reshape(-1, 4)
             label_array = np.asarray(labels[image_id], dtype=np.int64)
             if len(label_array) == 0:
                 self.stats["images_without_boxes"] += 1
             self.stats["boxes"] += len(label_array)
-            self._records.append((image_id, images[image_id]["file_name"], box_array, label_array))
-        self.stats["images"] = len(self._records)
+            records.append((images[image_id], box_array, label_array))
+        self.stats["images"] = len(records)
+        return records
 
     @property
     def num_classes(self) -> int:
@@ -193,21 +490,16 @@ class CocoDetectionDataset(Dataset):
         return len(self._records)
 
     def image_path(self, index: int) -> pathlib.Path:
-        return self.image_dir / self._records[index][1]
-
-    def _load(self, path: pathlib.Path) -> np.ndarray:
-        pixels = load_rgb(path)
-        if pixels.dtype != np.uint8:
-            # 16-bit and float sources come back as float in [0, 1]; training works on 8-bit images.
-            pixels = np.clip(np.rint(pixels * 255.0), 0, 255).astype(np.uint8)
-        return pixels
+        return self.image_dir / self._records[index][0]["file_name"]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]] | None:
-        image_id, _, box_array, label_array = self._records[index]
+        image, box_array, label_array = self._records[index]
         path = self.image_path(index)
         try:
-            pixels = self._load(path)
-        except (ImageLoadError, OSError):
+            # As detect and evaluate see it: EXIF orientation applied, 16-bit and float sources rounded to 8 bits.
+            pixels, _ = load_uint8(path)
+            check_image_size(image, pixels.shape[0], pixels.shape[1], path)
+        except (ImageLoadError, OSError, ValueError):
             if self.skip_bad_images:
                 return None
             raise
@@ -215,10 +507,10 @@ class CocoDetectionDataset(Dataset):
         labels = torch.from_numpy(label_array.copy())
         size = (int(pixels.shape[0]), int(pixels.shape[1]))
         if self.transform is not None:
-            image, boxes, labels = self.transform(pixels, boxes, labels)
+            pixels, boxes, labels = self.transform(pixels, boxes, labels)
         else:
-            image = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).contiguous()
-        return image, {"boxes": boxes, "labels": labels, "image_id": image_id, "size": size}
+            pixels = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).contiguous()
+        return pixels, {"boxes": boxes, "labels": labels, "image_id": image["id"], "size": size}
 
 
 class DetectionCollate:

@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
-import math
 import os
 import pathlib
 import re
@@ -28,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .. import distributed
+from ..data.coco_format import check_image_size, parse_annotations
 from ..io.files import write_json
 from ..io.images import load_uint8
 from ..models.spec import ClassSpec, DetectorSpec, InputSpec, check_int
@@ -66,109 +65,30 @@ def _quiet() -> contextlib.AbstractContextManager:
 # Annotations
 
 
-def _check_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _validate(data: Any, name: str) -> dict:
-    """The annotation dict, checked for what evaluation reads; missing ``area``/``iscrowd`` are filled in."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{name}: expected a COCO annotation object with 'images', 'annotations' and 'categories', "
-                         f"got a JSON {type(data).__name__}")
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(data.get(key), list):
-            got = "nothing" if key not in data else f"a {type(data[key]).__name__}"
-            raise ValueError(f"{name}: expected a list under {key!r}, got {got}")
-    if not data["images"]:
-        raise ValueError(f"{name}: expected at least one image, got an empty 'images' list")
-    if not data["annotations"]:
-        raise ValueError(f"{name}: expected at least one annotation, got an empty 'annotations' list (an empty "
-                         "annotation set has nothing to evaluate)")
-    if not data["categories"]:
-        raise ValueError(f"{name}: expected at least one category, got an empty 'categories' list")
-    image_ids = set()
-    for i, image in enumerate(data["images"]):
-        if not isinstance(image, dict) or not isinstance(image.get("id"), int) or isinstance(image.get("id"), bool) \
-                or not isinstance(image.get("file_name"), str) or not image["file_name"]:
-            raise ValueError(f"{name}: expected images[{i}] to have an integer 'id' and a 'file_name', got {image!r}")
-        for key in ("width", "height"):
-            if key in image and not (isinstance(image[key], int) and image[key] > 0):
-                raise ValueError(f"{name}: expected images[{i}].{key} to be a positive integer, got {image[key]!r}")
-        if image["id"] in image_ids:
-            raise ValueError(f"{name}: expected distinct image ids, got id {image['id']} twice")
-        image_ids.add(image["id"])
-    category_ids = set()
-    for i, category in enumerate(data["categories"]):
-        if not isinstance(category, dict) or not isinstance(category.get("id"), int) \
-                or not isinstance(category.get("name"), str):
-            raise ValueError(f"{name}: expected categories[{i}] to have an integer 'id' and a 'name', "
-                             f"got {category!r}")
-        if category["id"] in category_ids:
-            raise ValueError(f"{name}: expected distinct category ids, got id {category['id']} twice")
-        category_ids.add(category["id"])
-    annotations = []
-    for i, ann in enumerate(data["annotations"]):
-        bbox = ann.get("bbox") if isinstance(ann, dict) else None
-        if not isinstance(ann, dict) or not isinstance(bbox, list) or len(bbox) != 4 \
-                or not all(_check_number(v) for v in bbox):
-            raise ValueError(f"{name}: expected annotations[{i}] to have a 'bbox' of 4 numbers, got {ann!r}")
-        if ann.get("image_id") not in image_ids:
-            raise ValueError(f"{name}: expected annotations[{i}].image_id to be one of the images' ids, "
-                             f"got {ann.get('image_id')!r}")
-        if ann.get("category_id") not in category_ids:
-            raise ValueError(f"{name}: expected annotations[{i}].category_id to be one of the categories' ids, "
-                             f"got {ann.get('category_id')!r}")
-        # COCOeval reads area (for the small/medium/large ranges), iscrowd and id; hand-made sets often lack
-        # them, and the box area is what COCO itself would use for a box-only truth.
-        filled = {"area": float(bbox[2]) * float(bbox[3]), "iscrowd": 0, "id": i + 1, **ann}
-        annotations.append(filled)
-    if len({a["id"] for a in annotations}) != len(annotations):
-        raise ValueError(f"{name}: expected distinct annotation ids, got duplicates")
-    return {**data, "annotations": annotations}
-
-
 def load_annotations(annotations: str | os.PathLike | Mapping[str, Any]) -> Any:
     """A validated ``pycocotools.coco.COCO`` from an annotation file (or an already-parsed dict).
 
+    The file is read and checked by :func:`ssd.data.coco_format.parse_annotations`, the parser training uses too
+    (a regular file under a size cap; ids, references, boxes, ``iscrowd`` and sizes checked), with at least one
+    annotation required; missing ``area``/``iscrowd``/``id`` are filled in as COCO defines them.
+
     Raises:
         FileNotFoundError / IsADirectoryError: the path does not exist / is a folder.
-        ValueError: not JSON, or not a COCO detection set with at least one image, annotation and category
-            (each message names the file and what was wrong).
+        ValueError: not a regular file, too large, not JSON, or not a COCO detection set with at least one image,
+            annotation and category (each message names the file and the entry that was wrong).
     """
-    from pycocotools.coco import COCO
-
-    if isinstance(annotations, Mapping):
-        name, data = "annotations", copy.deepcopy(dict(annotations))
-    elif isinstance(annotations, (str, os.PathLike)):
-        path = pathlib.Path(annotations)
-        name = f"annotations {str(path)!r}"
-        if path.is_dir():
-            raise IsADirectoryError(f"{name}: expected a COCO JSON file, got a directory")
-        if not path.exists():
-            raise FileNotFoundError(f"{name}: expected a COCO JSON file, got a path that does not exist")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as exc:
-            raise ValueError(f"{name}: expected a COCO JSON file, got bytes that are not UTF-8 text ({exc})") from None
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{name}: expected a COCO JSON file, got invalid JSON ({exc})") from None
-    else:
-        raise TypeError(f"annotations: expected a path to a COCO JSON file or a dict, got {type(annotations).__name__}")
-    coco = COCO()
-    coco.dataset = _validate(data, name)
-    with _quiet():
-        coco.createIndex()
-    coco.source = name  # for messages
-    coco.source_path = None if isinstance(annotations, Mapping) else str(annotations)
+    coco = parse_annotations(annotations, require_annotations=True).to_coco()
+    coco.validated_by_ssd = True
     return coco
 
 
 def _as_coco(annotations: Any) -> Any:
-    """A ``COCO`` object as given (pycocotools' own, or from :func:`load_annotations`), else loaded and checked."""
-    if hasattr(annotations, "imgToAnns") and hasattr(annotations, "dataset"):
-        if not hasattr(annotations, "source"):
-            annotations.source, annotations.source_path = "annotations", None
+    """A ``COCO`` object from :func:`load_annotations` as given; anything else (a path, a dict, pycocotools' own
+    ``COCO``) loaded and checked."""
+    if getattr(annotations, "validated_by_ssd", False):
         return annotations
+    if hasattr(annotations, "imgToAnns") and hasattr(annotations, "dataset"):
+        return load_annotations(annotations.dataset)
     return load_annotations(annotations)
 
 
@@ -309,14 +229,11 @@ class CocoImages(Dataset):
         image_id = self.image_ids[index]
         info = self.coco.imgs[image_id]
         path = self.path(image_id)
-        height, width = info.get("height"), info.get("width")
         try:
             pixels, _ = load_uint8(path)
-            if (height, width) != (None, None) and pixels.shape[:2] != (height, width):
-                raise ValueError(f"{path}: expected a {width} x {height} image as the annotations say, got "
-                                 f"{pixels.shape[1]} x {pixels.shape[0]}")
+            check_image_size(info, pixels.shape[0], pixels.shape[1], path)
         except (OSError, ValueError, TypeError) as exc:
-            return CocoSample(index, image_id, str(path), height or 0, width or 0, None, exc)
+            return CocoSample(index, image_id, str(path), info.get("height", 0), info.get("width", 0), None, exc)
         height, width = pixels.shape[:2]
         tensor = torch.from_numpy(pixels).permute(2, 0, 1)
         if self.input_spec is not None and has_uint8_resize(self.input_spec):

@@ -47,6 +47,7 @@ __all__ = [
     "load_image",
     "load_rgb",
     "load_uint8",
+    "open_regular_file",
     "readable_extensions",
 ]
 
@@ -356,26 +357,35 @@ def _open_regular_file(path: pathlib.Path, name: str) -> Any:
         raise FileNotFoundError(errno.ENOENT, "image file not found", str(path)) from None
     if stat.S_ISDIR(info.st_mode):
         raise IsADirectoryError(errno.EISDIR, "expected an image file, got a directory", str(path))
-    _require_regular(info.st_mode, name)
+    return open_regular_file(path, name)
+
+
+def open_regular_file(path: str | os.PathLike[str], name: str, *, kind: str = "image file",
+                      error: type[ValueError] = ImageLoadError) -> io.BufferedReader:
+    """``path`` opened for binary reading if it is a regular file, else ``error`` ("``name``: expected a regular
+    ``kind``, got a FIFO (named pipe)"...): FIFOs, devices and sockets are refused before a byte is read, since
+    reading them may never end (or never stop growing, as ``/dev/zero``). Every file the library reads as data
+    (images, annotation files) is opened here."""
+    _require_regular(os.stat(path).st_mode, name, kind, error)
     # O_NONBLOCK: should the path turn into a FIFO between stat and open, opening it cannot block, and the fstat
     # below refuses it. It changes nothing for regular files.
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     try:
-        _require_regular(os.fstat(fd).st_mode, name)
+        _require_regular(os.fstat(fd).st_mode, name, kind, error)
         return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
         raise
 
 
-def _require_regular(mode: int, name: str) -> None:
+def _require_regular(mode: int, name: str, kind: str = "image file", error: type[ValueError] = ImageLoadError) -> None:
     if stat.S_ISREG(mode):
         return
-    kinds = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
-             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
-    kind = next((label for test, label in kinds if test(mode)), "not a regular file")
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    got = next((label for test, label in kinds if test(mode)), "not a regular file")
     # Reading a pipe or /dev/zero may never end (or never stop growing): refuse before the first byte.
-    raise ImageLoadError(f"{name}: expected a regular image file, got {kind}")
+    raise error(f"{name}: expected a regular {kind}, got {got}")
 
 
 def _from_array(arr: np.ndarray, name: str) -> np.ndarray:
