@@ -330,6 +330,10 @@ def _bad_annotation_cases(tmp_path: pathlib.Path) -> dict[str, tuple[pathlib.Pat
     unknown["annotations"][0]["category_id"] = 500
     dangling = annotations()
     dangling["annotations"][0]["category_id"] = 12  # a COCO gap: no such category in the file
+    contradicting = annotations()
+    for category in contradicting["categories"]:
+        if category["id"] == 18:
+            category["name"] = "hound"  # COCO's id of "dog", under a name the model does not know
     not_json = tmp_path / "not.json"
     not_json.write_text("{ this is not json")
     return {
@@ -343,6 +347,8 @@ def _bad_annotation_cases(tmp_path: pathlib.Path) -> dict[str, tuple[pathlib.Pat
         "no images": (write_json(tmp_path / "noimages.json", {**data, "images": [], "annotations": []}), ValueError,
                       "at least one image"),
         "unknown category": (write_json(tmp_path / "unknown.json", unknown), ValueError, "500 'unicorn'"),
+        "contradicting name": (write_json(tmp_path / "contradicting.json", contradicting), ValueError,
+                               "agree with the model's for the same ids, got 1 that do not: 18 'hound'"),
         "dangling category": (write_json(tmp_path / "dangling.json", dangling), ValueError, "got 12"),
         "bad bbox": (write_json(tmp_path / "bbox.json", {**data, "annotations": [{**data["annotations"][0],
                                                                                    "bbox": [1, 2]}]}),
@@ -351,7 +357,7 @@ def _bad_annotation_cases(tmp_path: pathlib.Path) -> dict[str, tuple[pathlib.Pat
 
 
 CASES = ["missing file", "directory", "invalid json", "not an object", "no images key", "empty annotations",
-         "no images", "unknown category", "dangling category", "bad bbox"]
+         "no images", "unknown category", "contradicting name", "dangling category", "bad bbox"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -362,7 +368,8 @@ def test_bad_annotation_files(model, tmp_path, case):
     assert path.name in str(caught.value)
 
 
-@pytest.mark.parametrize("case", ["missing file", "invalid json", "empty annotations", "unknown category"])
+@pytest.mark.parametrize("case", ["missing file", "invalid json", "empty annotations", "unknown category",
+                                  "contradicting name"])
 def test_cli_bad_annotations_one_line_and_status_2(fast_cli, tmp_path, capsys, case):
     path, _, message = _bad_annotation_cases(tmp_path)[case]
     code = main(["evaluate", "--images", str(IMAGES), "--annotations", str(path), "--out", str(tmp_path / "o")])
@@ -407,9 +414,11 @@ def test_category_map_by_id_by_name_and_errors():
     assert category_map(coco, cats) == {17: 18, 1: 1}
     # Own numbering 1..n with COCO names: ids 1 and 2 exist in COCO too, but the names say otherwise.
     assert category_map(coco, [{"id": 1, "name": "dog"}, {"id": 2, "name": "Person"}]) == {17: 1, 1: 2}
-    # Known ids, a differently spelled name that matches nothing: by id, with a warning.
-    with pytest.warns(UserWarning, match="name"):
-        assert category_map(coco, [{"id": 72, "name": "tvmonitor"}, {"id": 1, "name": "person"}]) == {63: 72, 1: 1}
+    # Known ids whose names contradict them without naming another class (VOC's "tvmonitor" for COCO's "tv"): an
+    # error, not a silent match by id.
+    with pytest.raises(ValueError, match=r"agree with the model's .* 72 'tvmonitor' \(the model's 72 is 'tv'\)"):
+        category_map(coco, [{"id": 72, "name": "tvmonitor"}, {"id": 1, "name": "person"}])
+    assert category_map(coco, [{"id": 72, "name": "TV"}, {"id": 1, "name": "person"}]) == {63: 72, 1: 1}
     with pytest.raises(ValueError, match=r"1 unknown: 500 'unicorn'"):
         category_map(coco, [{"id": 1, "name": "person"}, {"id": 500, "name": "unicorn"}])
     numbered = ClassSpec.numbered(3)

@@ -16,7 +16,6 @@ import pathlib
 import re
 import sys
 import time
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -103,12 +102,16 @@ def category_map(classes: ClassSpec, categories: Sequence[Mapping[str, Any]], so
                  ) -> dict[int, int]:
     """Model label (1..K) -> the annotation file's category id, for every category of the file.
 
-    COCO models are matched by id (``classes.category_ids``): the published ids are what COCO files use, and a
-    name that differs in spelling (``tv`` / ``tvmonitor``) then only warns. When some file id is not one of the
-    model's, or the ids agree but the names tell another story (a file numbering its own categories 1..n), the
-    categories are matched by name (case, spaces, ``_`` and ``-`` ignored). A category that neither matches is an
-    error: the model cannot be scored on a class it does not predict. Model classes absent from the file are left
-    out (their detections are not scored, as COCOeval would ignore them anyway).
+    Names are compared with case, spaces, ``_`` and ``-`` ignored. Categories are matched by id
+    (``classes.category_ids``; COCO models carry COCO's official ids, which COCO files use) when every file id is
+    one of the model's and every name agrees with the model's for that id, or the model's names are placeholders
+    (``class_1``...: a model built with only ``num_classes`` has no names to compare). They are matched by name
+    when the ids are not the model's, or the names contradict them, and every name is one of the model's (a file
+    numbering its own categories 1..n). Anything else is an error: a category the model knows neither by id nor
+    by name (it cannot be scored on a class it does not predict), and a name that contradicts its id without
+    naming another class (VOC's ``tvmonitor`` for COCO's ``tv``): one of the two is wrong, and scoring by id would
+    hide it. Model classes absent from the file are left out (their detections are not scored, as COCOeval would
+    ignore them anyway).
     """
     by_id = {cid: label for label, cid in enumerate(classes.category_ids, start=1)}
     by_name: dict[str, int] = {}
@@ -121,12 +124,7 @@ def category_map(classes: ClassSpec, categories: Sequence[Mapping[str, Any]], so
     differing = [(cid, name) for cid, name in file_cats
                  if cid in by_id and _normalise(name) != _normalise(classes.names[by_id[cid] - 1])]
     names_known = all(_normalise(name) in by_name for _, name in file_cats)
-    if ids_known and (placeholders or not differing or not names_known):
-        if differing and not placeholders:
-            warnings.warn(f"{source}: matching categories to the model's by id, although "
-                          f"{len(differing)} name(s) differ: " + _some(
-                              [f"{cid} {name!r} vs {classes.names[by_id[cid] - 1]!r}" for cid, name in differing]),
-                          UserWarning, stacklevel=3)
+    if ids_known and (placeholders or not differing):
         return {by_id[cid]: cid for cid, _ in file_cats}
     if names_known:
         mapping: dict[int, int] = {}
@@ -137,6 +135,12 @@ def category_map(classes: ClassSpec, categories: Sequence[Mapping[str, Any]], so
                                  f"{mapping[label]} and {cid}")
             mapping[label] = cid
         return mapping
+    if ids_known:
+        contradicting = [f"{cid} {name!r} (the model's {cid} is {classes.names[by_id[cid] - 1]!r})"
+                         for cid, name in differing]
+        raise ValueError(f"{source}: expected category names that agree with the model's for the same ids, got "
+                         f"{len(differing)} that do not: {_some(contradicting)}; rename them as the model names "
+                         "its classes (model.names)")
     unknown = [f"{cid} {name!r}" for cid, name in file_cats if cid not in by_id and _normalise(name) not in by_name]
     if not unknown:  # every category matches one way or the other, but not all the same way
         unknown = [f"{cid} {name!r}" for cid, name in file_cats if _normalise(name) not in by_name]
