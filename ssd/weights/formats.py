@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..models.base import with_num_classes
 from ..models.entry import ModelEntry
 from ..models.spec import ClassSpec, DetectorSpec
 from .loader import InvalidCheckpointError, load_file
@@ -111,7 +112,7 @@ def checkpoint_of(state_dict: dict[str, torch.Tensor], classes: ClassSpec | None
             f"{entry.class_predictor.format(level=0, param='weight')!r} scores {count - 1} (plus background); "
             f"refusing a file that contradicts itself"
         )
-    check_fits(meta_network(entry, _spec_with_count(entry.spec, count)), state_dict, source)
+    check_fits(meta_network(entry, with_num_classes(entry.spec, count)), state_dict, source)
     return Checkpoint(state_dict, classes, count, source)
 
 
@@ -129,9 +130,9 @@ def training_model(obj: object, source: str) -> str | None:
         return _V1_MODEL
     if fmt == TRAIN_FORMAT:
         name = obj.get("model")
-        if not isinstance(name, str) or not name:
+        if not isinstance(name, str) or not name or len(name) > 100:
             raise InvalidCheckpointError(f"checkpoint {source!r}: key 'model': expected the model's name, got "
-                                         f"{type(name).__name__}")
+                                         f"{_brief(name)}")
         return name
     if isinstance(fmt, str) and fmt.startswith("ssd"):
         raise InvalidCheckpointError(f"checkpoint {source!r}: format {fmt[:40]!r} is not one this version reads "
@@ -263,12 +264,6 @@ def head_classes(state_dict: Mapping[str, torch.Tensor], entry: ModelEntry, sour
         f"checkpoint {source!r}: key {key!r}: expected a class predictor of {per_cell} x (classes + 1) output "
         f"channels with at least one class, got shape {shape}"
     )
-
-
-def _spec_with_count(spec: DetectorSpec, num_classes: int) -> DetectorSpec:
-    if num_classes == spec.num_classes:
-        return spec
-    return spec.with_classes(ClassSpec.numbered(num_classes - 1))
 
 
 def stored_classes(checkpoint: Checkpoint, model: ModelEntry | str) -> ClassSpec:
