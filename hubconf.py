@@ -1,4 +1,5 @@
-"""torch.hub entrypoints for NVIDIA's SSD300 (ResNet-50) COCO detector and its processing utilities.
+"""torch.hub entrypoints: NVIDIA's SSD300 (ResNet-50) COCO detector and its processing utilities, and mmdetection's
+SSD300, SSD512 and SSDLite. Each model entrypoint is ``ssd.registry.build_model`` for its name.
 
     model = torch.hub.load("OWNER/REPO", "nvidia_ssd", model_math="fp32")
     utils = torch.hub.load("OWNER/REPO", "nvidia_ssd_processing_utils")
@@ -115,10 +116,11 @@ def nvidia_ssd(pretrained: bool = True, model_math: str = "fp32", **kwargs):
         checkpoint (str or Path): a local file, an http(s) URL or a file:// URL to load instead; the
             SSD_CHECKPOINT environment variable does the same (this argument wins). Training checkpoints and bare
             state dicts both work. See docs/troubleshooting-downloads.md for what each failure raises.
-        force_download (bool): fetch the checkpoint again even if cached (``force_reload`` is accepted too).
+        force_download (bool): fetch the checkpoint again even if cached.
         progress (bool): show a download progress bar (default True).
         num_classes (int), class_names (list of str): fine-tune on other classes (num_classes counts the
-            background): new classification heads, everything else from the checkpoint.
+            background): new classification heads, everything else from the checkpoint. A checkpoint written by
+            ``ssd train`` brings its own classes.
 
     Returns:
         An ``SSD300`` module in eval mode. ``model(x)`` with x of shape N x 3 x 300 x 300 returns
@@ -133,17 +135,7 @@ def nvidia_ssd(pretrained: bool = True, model_math: str = "fp32", **kwargs):
         >>> detections = model.detect("photo.jpg")
         >>> print(detections[0])
     """
-    # torch.hub.load consumes force_reload itself; accept it too when this function is called directly.
-    force_download, force_reload = kwargs.pop("force_download", False), kwargs.pop("force_reload", False)
-    force_download = force_download or force_reload
-    options = {k: kwargs.pop(k) for k in ("weights", "checkpoint", "progress", "num_classes", "class_names")
-               if k in kwargs}
-    if kwargs:
-        raise TypeError(
-            f"nvidia_ssd: unexpected keyword argument(s) {sorted(kwargs)}; expected pretrained, model_math, "
-            "weights, checkpoint, force_download, progress, num_classes, class_names"
-        )
-    return _package("ssd").zoo.build_ssd300(pretrained, model_math, force_download=force_download, **options)
+    return _package("ssd").registry.build_model("nvidia_ssd", pretrained, model_math=model_math, **kwargs)
 
 
 def nvidia_ssd_processing_utils():
@@ -166,25 +158,21 @@ def nvidia_ssd_processing_utils():
     return _package("utils").Processing()
 
 
-def _mmdet(name: str, pretrained: bool, kwargs: dict):
-    force_download = kwargs.pop("force_download", False) or kwargs.pop("force_reload", False)
-    options = {k: kwargs.pop(k) for k in ("checkpoint", "progress", "num_classes") if k in kwargs}
-    if kwargs:
-        raise TypeError(f"{name}: unexpected keyword argument(s) {sorted(kwargs)}; expected pretrained, checkpoint, "
-                        "force_download, progress, num_classes")
-    return _package("ssd").zoo.build_mmdet(name, pretrained, force_download=force_download, **options)
-
-
 def ssd300_vgg16(pretrained: bool = True, **kwargs):
     """SSD300 with a VGG16 backbone, trained on COCO by mmdetection (box AP 25.5 on COCO val2017; 300 x 300 input).
 
     Args:
         pretrained (bool): load mmdetection's published checkpoint (default True; sha256-checked, cached with
             the other checkpoints); False gives the untrained model.
-        checkpoint (str or Path): an mmdetection-format file or URL to load instead.
+        checkpoint (str or Path): a local file, an http(s) URL or a file:// URL to load instead: an
+            mmdetection-format ``.pth`` (its meta's class names become the model's) or a checkpoint written by
+            ``ssd train`` for this model; the SSD_CHECKPOINT environment variable does the same (this argument wins).
         force_download (bool): fetch the checkpoint again even if cached.
         progress (bool): show a download progress bar (default True).
-        num_classes (int): classes plus background, for fine-tuning (new classification heads).
+        num_classes (int), class_names (list of str): other classes (num_classes counts the background), for
+            fine-tuning: new classification heads, everything else from the checkpoint.
+        model_math (str) or half (bool): 'fp16' / True converts the weights to half precision, BatchNorm kept in
+            float32 (for CUDA).
 
     Returns:
         A module in eval mode: ``model(x)`` (x: N x 3 x 300 x 300, RGB minus mean [123.675, 116.28, 103.53])
@@ -195,7 +183,7 @@ def ssd300_vgg16(pretrained: bool = True, **kwargs):
         >>> model = torch.hub.load("OWNER/REPO", "ssd300_vgg16")
         >>> print(model.detect("photo.jpg", threshold=0.4)[0])
     """
-    return _mmdet("ssd300_vgg16", pretrained, kwargs)
+    return _package("ssd").registry.build_model("ssd300_vgg16", pretrained, **kwargs)
 
 
 def ssd512_vgg16(pretrained: bool = True, **kwargs):
@@ -208,7 +196,7 @@ def ssd512_vgg16(pretrained: bool = True, **kwargs):
         >>> model = torch.hub.load("OWNER/REPO", "ssd512_vgg16")
         >>> print(model.detect("photo.jpg", threshold=0.4)[0])
     """
-    return _mmdet("ssd512_vgg16", pretrained, kwargs)
+    return _package("ssd").registry.build_model("ssd512_vgg16", pretrained, **kwargs)
 
 
 def ssdlite320_mobilenet_v2(pretrained: bool = True, **kwargs):
@@ -221,4 +209,4 @@ def ssdlite320_mobilenet_v2(pretrained: bool = True, **kwargs):
         >>> model = torch.hub.load("OWNER/REPO", "ssdlite320_mobilenet_v2")
         >>> print(model.detect("photo.jpg", threshold=0.4)[0])
     """
-    return _mmdet("ssdlite320_mobilenet_v2", pretrained, kwargs)
+    return _package("ssd").registry.build_model("ssdlite320_mobilenet_v2", pretrained, **kwargs)

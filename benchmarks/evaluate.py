@@ -27,7 +27,7 @@ import torch
 from benchmarks.weights import detecting_state_dict
 from ssd.evaluation import evaluate
 from ssd.inference.detect import detect
-from ssd.zoo import build_ssd300
+from ssd.registry import build_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MINICOCO = ROOT / "tests" / "data" / "golden" / "minicoco"  # its photographs and truths, read as data
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         # Speed does not depend on the weights' values: the benchmarks' own detecting weights, NVIDIA's format.
         checkpoint = root / "detecting.pt"
         torch.save({"model": detecting_state_dict()}, checkpoint)
-        model = build_ssd300(checkpoint=str(checkpoint))
+        model = build_model("nvidia_ssd", checkpoint=str(checkpoint))
         local = in_process(model, images_dir, annotations, options.repeats)
         launched = processes(checkpoint, images_dir, annotations, root)
     threads = os.environ.get("OMP_NUM_THREADS")

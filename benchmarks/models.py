@@ -18,7 +18,8 @@ import time
 
 import torch
 
-from ssd.models import NETWORKS, Detector
+from ssd.models import Detector
+from ssd.registry import build_model, list_models
 
 
 def count_gflops(model: Detector, size: int) -> float:
@@ -61,9 +62,8 @@ def time_forward(model: Detector, size: int, batch: int, precision: str, device:
 def measure(names: list[str], batch: int, device: torch.device, repeats: int) -> list[dict]:
     rows = []
     for name in names:
-        cls, spec = NETWORKS[name]
-        model = cls(spec).eval()
-        size = spec.input.size
+        model = build_model(name, pretrained=False)
+        size = model.spec.input.size
         row = {"model": name, "input": size, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
                "gflops": count_gflops(model, size)}
         model = model.to(device)
@@ -79,7 +79,7 @@ def measure(names: list[str], batch: int, device: torch.device, repeats: int) ->
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="*", default=list(NETWORKS), choices=list(NETWORKS))
+    parser.add_argument("--models", nargs="*", default=list_models(), choices=list_models())
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)

@@ -90,10 +90,10 @@ def bench_cli(folder: pathlib.Path, cli_repos: list[pathlib.Path]) -> None:
         inner = done.stdout.strip().splitlines()[-1]
         print(f"  python -m ssd detect ({repo}): {wall:6.2f} s wall, {1000 * wall / 16:6.0f} ms/image  [{inner}]")
     os.environ["SSD_CHECKPOINT"] = str(checkpoint)
-    from ssd.zoo import build_ssd300
+    from ssd.registry import build_model
 
     start = time.perf_counter()
-    model = build_ssd300()
+    model = build_model("nvidia_ssd")
     built = time.perf_counter()
     batch = model.detect(sorted(photos.iterdir()), batch_size=8)
     detected = time.perf_counter()

@@ -1,14 +1,43 @@
-"""SSD object detectors for torch.hub: NVIDIA's SSD300 (ResNet-50) with its published checkpoints, and the
-pipelines around it (detection, drawing, checkpoints, the command line).
+"""SSD object detectors: NVIDIA's SSD300 (ResNet-50) and mmdetection's SSD300, SSD512 and SSDLite, with the
+pipelines around them (detection, evaluation, training, checkpoints, the command line).
 
-Layout: ``ssd.models`` (networks and their specs), ``ssd.anchors``, ``ssd.box_coder``, ``ssd.postprocess``,
-``ssd.weights`` (checkpoints), ``ssd.io`` (images, HTTP), ``ssd.inference`` (``detect``), ``ssd.compat`` (NVIDIA's
-notebook transforms), ``ssd.data`` (class vocabularies), ``ssd.zoo`` (model builders), ``ssd.cli``.
+The public API is small and loaded lazily, so that ``import ssd`` does not import torch (``ssd --version`` stays
+fast): :func:`build_model` and :func:`list_models` (the registry), :func:`detect`, :func:`evaluate`, :func:`train`,
+:class:`Detections` / :class:`DetectionBatch` (results), :class:`DetectorSpec` and :class:`DownloadError`.
 """
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.2.0"  # read by pyproject.toml (setuptools' attr:), so the package and `ssd --version` agree
 
-from .inference.detections import DetectionBatch, Detections  # noqa: E402
-from .models import SSD300, DetectorSpec  # noqa: E402
-from .zoo import build_ssd300  # noqa: E402
+# Public name -> (module relative to this package, attribute).
+_LAZY = {
+    "build_model": (".registry", "build_model"),
+    "list_models": (".registry", "list_models"),
+    "detect": (".inference.detect", "detect"),
+    "evaluate": (".evaluation", "evaluate"),
+    "train": (".training.loop", "train"),
+    "Detections": (".inference.detections", "Detections"),
+    "DetectionBatch": (".inference.detections", "DetectionBatch"),
+    "DetectorSpec": (".models.spec", "DetectorSpec"),
+    "DownloadError": (".io.http", "DownloadError"),
+}
 
-__all__ = ["SSD300", "DetectionBatch", "Detections", "DetectorSpec", "build_ssd300"]
+__all__ = ["DetectionBatch", "Detections", "DetectorSpec", "DownloadError", "__version__", "build_model", "detect",
+           "evaluate", "list_models", "train"]
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: the module is imported at first use of the name, then the value is kept like any global.
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, attribute = _LAZY[name]
+    value = getattr(importlib.import_module(module, __name__), attribute)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

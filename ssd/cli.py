@@ -20,9 +20,9 @@ from .inference.jsonl import run_streaming_detect
 from .io.files import UniqueNames, write_json
 from .io.images import is_image_file, readable_extensions
 from .models.spec import check_int, check_real
+from .registry import build_model, list_models
 from .training import cli as training_cli
-from .weights.checkpoints import CheckpointUnavailableError, InvalidCheckpointError
-from .zoo import MMDET_MODELS, build_model
+from .weights import CheckpointUnavailableError, InvalidCheckpointError
 
 SAMPLE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")  # scikit-image's bundled photographs
 _PROGRESS_FROM = 5  # images; fewer finish before a bar would be useful
@@ -79,7 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true",
                      help="with JSON Lines: skip inputs an earlier (interrupted) run into OUT already did")
     run.add_argument("--model", default=None, metavar="NAME_OR_FILE",
-                     help=f"nvidia_ssd (default), {', '.join(MMDET_MODELS)}, or an exported .onnx / OpenVINO .xml file")
+                     help=f"{', '.join(list_models())} (default nvidia_ssd), or an exported .onnx / OpenVINO .xml "
+                          "file")
     run.add_argument("--backend", choices=("onnxruntime", "openvino"), default=None,
                      help="runtime for --model FILE (default: onnxruntime for .onnx, openvino for .xml)")
     evaluate_cli.add_parser(commands)
@@ -281,7 +282,7 @@ def run_detect(args: argparse.Namespace) -> int:
         if exported:
             model = export_cli.load_exported(args.model, args.backend)
         else:
-            model = build_model(args.model or "nvidia_ssd", model_math="fp16" if args.precision == "fp16" else "fp32",
+            model = build_model(args.model or "nvidia_ssd", half=args.precision == "fp16",
                                 checkpoint=args.checkpoint).to(device)
             if args.precision == "bf16":
                 # bf16 already rounds differently from fp32; channels_last adds speed (2.7x fp32 on an AVX-512

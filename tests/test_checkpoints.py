@@ -9,12 +9,12 @@ import warnings
 import pytest
 import torch
 
-from ssd.weights import checkpoints
-from ssd.weights.checkpoints import CheckpointUnavailableError, CheckpointVariant, InvalidCheckpointError
-from ssd.zoo import build_ssd300
+from ssd.models.ssd300_resnet50 import NVIDIA_WEIGHTS
+from ssd.registry import build_model
+from ssd.weights import CheckpointUnavailableError, InvalidCheckpointError, checkpoints
 
 from helpers import forward_error
-from helpers.checkpoints import golden_state_dict, training_checkpoint
+from helpers.checkpoints import golden_state_dict, serve_published, training_checkpoint
 
 
 def checkpoint_bytes(distributed: bool = False, salt: int = 0) -> bytes:
@@ -30,16 +30,8 @@ def good_bytes() -> bytes:
 
 @pytest.fixture()
 def local_variants(monkeypatch, http_server):
-    """Point the published variants at the local server: one URL for fp32 and fp16, two for amp."""
-    variants = {
-        name: CheckpointVariant(
-            name, variant.file_name, tuple(http_server.url(f"/{name}/{i}/{variant.file_name}")
-                                           for i in range(len(variant.urls)))
-        )
-        for name, variant in checkpoints.VARIANTS.items()
-    }
-    monkeypatch.setattr(checkpoints, "VARIANTS", variants)
-    return variants
+    """Point the published weights at the local server: one URL for fp32 and fp16, two for amp."""
+    return serve_published(monkeypatch, http_server)
 
 
 def cache_files(hub_dir: pathlib.Path) -> list[str]:
@@ -48,7 +40,7 @@ def cache_files(hub_dir: pathlib.Path) -> list[str]:
 
 
 def test_variant_table_holds_the_published_files():
-    table = checkpoints.VARIANTS
+    table = NVIDIA_WEIGHTS
     assert set(table) == {"fp32", "fp16", "amp"}
     assert table["fp32"].urls[0].endswith("/ssdpyt_fp32/versions/2/files/nvidia_ssdpyt_fp32_190826.pt")
     assert len(table["amp"].urls) == 2
@@ -63,7 +55,7 @@ def test_training_checkpoint_through_environment_variable(tmp_path, hub_dir, mon
     path = tmp_path / "trained.pt"
     path.write_bytes(checkpoint_bytes(distributed=distributed))
     monkeypatch.setenv("SSD_CHECKPOINT", str(path))
-    model = build_ssd300()
+    model = build_model("nvidia_ssd")
     assert model.checkpoint_source == str(path)
     assert forward_error(model, forward_golden) < 1e-4
     assert cache_files(hub_dir) == []
@@ -72,7 +64,7 @@ def test_training_checkpoint_through_environment_variable(tmp_path, hub_dir, mon
 def test_argument_wins_over_environment_variable(tmp_path, hub_dir, monkeypatch, good_bytes, forward_golden):
     (tmp_path / "good.pt").write_bytes(good_bytes)
     monkeypatch.setenv("SSD_CHECKPOINT", str(tmp_path / "missing.pt"))
-    model = build_ssd300(checkpoint=tmp_path / "good.pt")
+    model = build_model("nvidia_ssd", checkpoint=tmp_path / "good.pt")
     assert forward_error(model, forward_golden) < 1e-4
 
 
@@ -80,7 +72,7 @@ def test_half_checkpoint_loads_into_a_float32_model(tmp_path, hub_dir, forward_g
     path = tmp_path / "half.pt"
     torch.save({"model": {k: (v.half() if v.is_floating_point() else v) for k, v in golden_state_dict().items()}},
                path)
-    model = build_ssd300(checkpoint=path)
+    model = build_model("nvidia_ssd", checkpoint=path)
     tensors = list(model.parameters()) + list(model.buffers())
     assert all(t.device.type == "cpu" for t in tensors)  # nothing left on the meta device
     assert all(p.dtype == torch.float32 and p.requires_grad for p in model.parameters())
@@ -90,19 +82,19 @@ def test_half_checkpoint_loads_into_a_float32_model(tmp_path, hub_dir, forward_g
 def test_bare_state_dict_with_module_1_prefix(tmp_path, hub_dir, forward_golden):
     path = tmp_path / "bare.pt"
     torch.save({"module.1." + k: v for k, v in golden_state_dict().items()}, path)
-    assert forward_error(build_ssd300(checkpoint=str(path)), forward_golden) < 1e-4
+    assert forward_error(build_model("nvidia_ssd", checkpoint=str(path)), forward_golden) < 1e-4
 
 
 def test_variant_downloads_into_cache_then_is_reused_offline(http_server, local_variants, hub_dir, good_bytes,
                                                              forward_golden):
     url = http_server.add("/amp/0/nvidia_ssdpyt_amp_200703.pt", good_bytes,
                           headers={"Content-Type": "application/octet-stream"})
-    model = build_ssd300(weights="amp", progress=False)
+    model = build_model("nvidia_ssd", weights="amp", progress=False)
     assert model.checkpoint_source == url
     assert cache_files(hub_dir) == ["nvidia_ssdpyt_amp_200703.pt"]
     assert forward_error(model, forward_golden) < 1e-4
     http_server.stop()
-    again = build_ssd300(weights="amp", progress=False)
+    again = build_model("nvidia_ssd", weights="amp", progress=False)
     assert again.checkpoint_source == str(hub_dir / "checkpoints" / "nvidia_ssdpyt_amp_200703.pt")
     assert http_server.hits == {"/amp/0/nvidia_ssdpyt_amp_200703.pt": 1}
 
@@ -111,17 +103,17 @@ def test_published_file_name_in_cache_is_used_without_network(hub_dir, local_var
     # Nothing is served: the route through the cache must not need the network at all.
     (hub_dir / "checkpoints").mkdir(parents=True)
     (hub_dir / "checkpoints" / "nvidia_ssdpyt_fp32_190826.pt").write_bytes(good_bytes)
-    model = build_ssd300(model_math="fp32")
+    model = build_model("nvidia_ssd", model_math="fp32")
     assert forward_error(model, forward_golden) < 1e-4
 
 
 def test_force_download_fetches_again(http_server, local_variants, hub_dir, good_bytes):
     path = "/fp32/0/nvidia_ssdpyt_fp32_190826.pt"
     http_server.add(path, good_bytes)
-    build_ssd300(progress=False)
-    build_ssd300(progress=False)
+    build_model("nvidia_ssd", progress=False)
+    build_model("nvidia_ssd", progress=False)
     assert http_server.hits[path] == 1
-    build_ssd300(progress=False, force_download=True)
+    build_model("nvidia_ssd", progress=False, force_download=True)
     assert http_server.hits[path] == 2
 
 
@@ -142,18 +134,18 @@ def test_failed_download_leaves_nothing_and_names_the_url(http_server, hub_dir, 
             "junk": b"\x00not a checkpoint" * 100}[body_kind]
     url = http_server.add("/files/model.pt", body, status=status, headers=headers, behaviour=behaviour)
     with pytest.raises(CheckpointUnavailableError, match=reason) as info:
-        build_ssd300(checkpoint=url, progress=False)
+        build_model("nvidia_ssd", checkpoint=url, progress=False)
     message = str(info.value)
     assert url in message and "SSD_CHECKPOINT" in message
     assert cache_files(hub_dir) == []
     # Then the server is fixed: the same URL downloads, is cached under a name keyed by the whole URL (ending in
     # its last path segment), and is reused.
     http_server.add("/files/model.pt", good_bytes)
-    build_ssd300(checkpoint=url, progress=False)
+    build_model("nvidia_ssd", checkpoint=url, progress=False)
     assert cache_files(hub_dir) == [checkpoints.url_cache_name(url)]
     assert checkpoints.url_cache_name(url).endswith("-model.pt")
     http_server.stop()
-    model = build_ssd300(checkpoint=url, progress=False)
+    model = build_model("nvidia_ssd", checkpoint=url, progress=False)
     assert model.checkpoint_source == str(hub_dir / "checkpoints" / checkpoints.url_cache_name(url))
 
 
@@ -163,7 +155,7 @@ def test_trickling_server_is_abandoned(http_server, hub_dir, good_bytes, monkeyp
     url = http_server.add("/slow/model.pt", good_bytes, behaviour="trickle")
     start = time.monotonic()
     with pytest.raises(CheckpointUnavailableError, match="too slow") as info:
-        build_ssd300(checkpoint=url, progress=False)
+        build_model("nvidia_ssd", checkpoint=url, progress=False)
     assert time.monotonic() - start < 5
     assert url in str(info.value) and cache_files(hub_dir) == []
 
@@ -172,7 +164,7 @@ def test_first_url_failing_and_next_answering(http_server, local_variants, hub_d
     second = http_server.add("/amp/1/nvidia_ssdpyt_amp_200703.pt", good_bytes)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a variant that works through its second URL needs no warning
-        model = build_ssd300(weights="amp", progress=False)
+        model = build_model("nvidia_ssd", weights="amp", progress=False)
     assert model.checkpoint_source == second
     assert http_server.hits["/amp/0/nvidia_ssdpyt_amp_200703.pt"] == 1
 
@@ -180,7 +172,7 @@ def test_first_url_failing_and_next_answering(http_server, local_variants, hub_d
 def test_missing_variant_falls_back_to_amp_with_a_warning(http_server, local_variants, hub_dir, good_bytes):
     http_server.add("/amp/0/nvidia_ssdpyt_amp_200703.pt", good_bytes)
     with pytest.warns(RuntimeWarning, match=r"'fp32'.*HTTP 404.*loaded the 'amp'"):
-        model = build_ssd300(model_math="fp32", progress=False)
+        model = build_model("nvidia_ssd", model_math="fp32", progress=False)
     assert model.checkpoint_source.endswith("/amp/0/nvidia_ssdpyt_amp_200703.pt")
 
 
@@ -189,7 +181,7 @@ def test_offline_error_lists_every_url_and_the_way_out(http_server, local_varian
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # one message, the error: no warning saying the same first
         with pytest.raises(CheckpointUnavailableError) as info:
-            build_ssd300(model_math="fp16", progress=False)
+            build_model("nvidia_ssd", model_math="fp16", progress=False)
     message = str(info.value)
     # Each URL once, with a reason a person can act on, not urllib3's paragraph about connection pools.
     assert all(message.count(url) == 1 for urls in local_variants.values() for url in urls.urls
@@ -215,7 +207,7 @@ def test_pickle_that_would_run_code_is_refused(tmp_path, hub_dir):
     path = tmp_path / "evil.pt"
     torch.save({"model": golden_state_dict(), "payload": _RunsCode(marker)}, path)
     with pytest.raises(InvalidCheckpointError, match="refused.*needs code to unpickle.*nothing in it ran"):
-        build_ssd300(checkpoint=path)
+        build_model("nvidia_ssd", checkpoint=path)
     assert not marker.exists()
 
 
@@ -227,7 +219,7 @@ def test_mismatched_checkpoint_names_file_and_keys(tmp_path, hub_dir):
     path = tmp_path / "other-model.pt"
     torch.save(state, path)
     with pytest.raises(InvalidCheckpointError) as info:
-        build_ssd300(checkpoint=path)
+        build_model("nvidia_ssd", checkpoint=path)
     message = str(info.value)
     assert str(path) in message and "loc.0.bias" in message and "extra.weight" in message
     assert "conf.5.bias: expected (324,), got (3,)" in message
@@ -238,7 +230,7 @@ def test_unreadable_local_file(tmp_path, hub_dir, content):
     path = tmp_path / "bad.pt"
     path.write_bytes(content)
     with pytest.raises(InvalidCheckpointError, match="not a readable") as info:
-        build_ssd300(checkpoint=path)
+        build_model("nvidia_ssd", checkpoint=path)
     assert str(path) in str(info.value)
 
 
@@ -246,19 +238,19 @@ def test_non_state_dict_checkpoint(tmp_path, hub_dir):
     path = tmp_path / "list.pt"
     torch.save([1, 2, 3], path)
     with pytest.raises(InvalidCheckpointError, match="expected a state dict"):
-        build_ssd300(checkpoint=path)
+        build_model("nvidia_ssd", checkpoint=path)
 
 
 def test_missing_file_and_directory(tmp_path, hub_dir, monkeypatch):
     with pytest.raises(FileNotFoundError, match="checkpoint: .*missing.pt"):
-        build_ssd300(checkpoint=tmp_path / "missing.pt")
+        build_model("nvidia_ssd", checkpoint=tmp_path / "missing.pt")
     monkeypatch.setenv("SSD_CHECKPOINT", str(tmp_path / "gone.pt"))
     with pytest.raises(FileNotFoundError, match="SSD_CHECKPOINT: .*gone.pt"):
-        build_ssd300()
+        build_model("nvidia_ssd")
     with pytest.raises(IsADirectoryError, match="expected a file"):
-        build_ssd300(checkpoint=tmp_path)
+        build_model("nvidia_ssd", checkpoint=tmp_path)
 
 
 def test_url_without_file_name_is_rejected(hub_dir):
     with pytest.raises(ValueError, match="ends in a file name"):
-        build_ssd300(checkpoint="http://127.0.0.1:9/")
+        build_model("nvidia_ssd", checkpoint="http://127.0.0.1:9/")

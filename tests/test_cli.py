@@ -12,11 +12,9 @@ from PIL import Image
 from skimage import data
 
 from ssd.cli import main
-from ssd.weights import checkpoints
-from ssd.weights.checkpoints import CheckpointVariant
 
 from helpers import REPO
-from helpers.checkpoints import save_detecting_checkpoint
+from helpers.checkpoints import save_detecting_checkpoint, serve_published
 
 
 @pytest.fixture(scope="module")
@@ -104,14 +102,12 @@ def test_urls_missing_paths_and_name_clashes(tmp_path, checkpoint, hub_dir, monk
 
 def test_without_weights_it_exits_with_the_checkpoint_message(tmp_path, hub_dir, monkeypatch, http_server, capsys):
     # Offline with nothing cached: every published URL refuses (a stopped local server stands in for NGC).
-    variants = {name: CheckpointVariant(name, v.file_name, (http_server.url(f"/{v.file_name}"),))
-                for name, v in checkpoints.VARIANTS.items()}
-    monkeypatch.setattr(checkpoints, "VARIANTS", variants)
+    serve_published(monkeypatch, http_server)
     http_server.stop()
     code = main(["detect", "--out", str(tmp_path / "out")])
     assert code == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: no SSD300 checkpoint could be downloaded") and "SSD_CHECKPOINT=" in err
+    assert err.startswith("error: no nvidia_ssd checkpoint could be downloaded") and "SSD_CHECKPOINT=" in err
     assert "Traceback" not in err and "Warning" not in err
 
 

@@ -192,7 +192,7 @@ def test_bf16_autocast_keeps_the_top_detections(model):
 def test_fp16_model_detects_like_fp32(model, chelsea):
     # A half-precision model (as model_math='fp16' builds) takes half inputs; on the CPU only a small check
     # is affordable, so compare on one image.
-    from ssd.zoo import half_with_float_batchnorm
+    from ssd.models.base import half_with_float_batchnorm
 
     half = SSD300().eval()
     half.load_state_dict(detecting_state_dict())

@@ -19,11 +19,10 @@ import torch
 from ssd import distributed
 from ssd.cli import main
 from ssd.evaluation import STAT_NAMES, CocoImages, EvalResult, category_map, evaluate, load_annotations
-from ssd.evaluation import cli as evaluate_cli
 from ssd.inference.jsonl import JsonlWriter, merge_parts, read_records
 from ssd.models.spec import ClassSpec
 from ssd.models.ssd300_resnet50 import NVIDIA_SSD300
-from ssd.zoo import build_ssd300
+from ssd.registry import build_model
 
 from helpers import GOLDEN, REPO
 from helpers.checkpoints import save_minicoco_checkpoint
@@ -41,7 +40,7 @@ def checkpoint(tmp_path_factory) -> pathlib.Path:
 
 @pytest.fixture(scope="module")
 def model(checkpoint):
-    return build_ssd300(checkpoint=str(checkpoint))
+    return build_model("nvidia_ssd", checkpoint=str(checkpoint))
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +53,9 @@ def reference(model, tmp_path_factory) -> tuple[EvalResult, pathlib.Path]:
 @pytest.fixture()
 def fast_cli(model, monkeypatch):
     """The CLI building the module's model instead of loading a checkpoint again."""
-    monkeypatch.setattr(evaluate_cli, "_builders", lambda: {"nvidia_ssd": lambda checkpoint: model})
+    import ssd.registry
+
+    monkeypatch.setattr(ssd.registry, "build_model", lambda name, **options: model)
 
 
 def annotations() -> dict:

@@ -7,6 +7,7 @@ import os
 import pathlib
 import pickle
 import random
+import re
 import resource
 import shutil
 import struct
@@ -21,17 +22,12 @@ import pytest
 import torch
 
 from ssd.io.http import DownloadError
-from ssd.weights import checkpoints
-from ssd.weights.checkpoints import (
-    CheckpointUnavailableError,
-    CheckpointVariant,
-    InvalidCheckpointError,
-    read_state_dict,
-    url_cache_name,
-)
-from ssd.zoo import build_ssd300
+from ssd.registry import build_model, get_entry
+from ssd.weights import CheckpointUnavailableError, InvalidCheckpointError, checkpoints, load_file, loader
+from ssd.weights import read_checkpoint as read_for
+from ssd.weights.checkpoints import url_cache_name
 
-from helpers.checkpoints import golden_state_dict, training_checkpoint
+from helpers.checkpoints import golden_state_dict, serve_published, training_checkpoint
 
 MiB = 2**20
 
@@ -64,14 +60,8 @@ def cache_files(hub_dir: pathlib.Path) -> list[str]:
 
 @pytest.fixture()
 def local_variants(monkeypatch, http_server):
-    """The published variants, served by the local server: one URL for fp32 and fp16, two for amp."""
-    variants = {
-        name: CheckpointVariant(name, v.file_name, tuple(http_server.url(f"/{name}/{i}/{v.file_name}")
-                                                         for i in range(len(v.urls))))
-        for name, v in checkpoints.VARIANTS.items()
-    }
-    monkeypatch.setattr(checkpoints, "VARIANTS", variants)
-    return variants
+    """The published weights, served by the local server: one URL for fp32 and fp16, two for amp."""
+    return serve_published(monkeypatch, http_server)
 
 
 # ---------------------------------------------------------------- zip bombs
@@ -150,7 +140,7 @@ def test_zip_bomb_is_refused_before_memory_grows(tmp_path, monkeypatch, bomb_byt
     tracemalloc.start()
     try:
         with pytest.raises(InvalidCheckpointError) as info:
-            read_state_dict(path)
+            load_file(path)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -166,47 +156,47 @@ def test_zip_bomb_under_the_total_is_refused_by_its_ratio(tmp_path):
     path = tmp_path / "ratio.pt"
     path.write_bytes(torch_zip_bomb(64))
     with pytest.raises(InvalidCheckpointError, match="ratio over 100") as info:
-        read_state_dict(path)
+        load_file(path)
     assert str(path) in str(info.value) and "data/0" in str(info.value)
 
 
 def test_zip_of_too_many_entries_is_refused_before_its_directory_is_read(tmp_path, monkeypatch):
     path = tmp_path / "many.pt"
     with zipfile.ZipFile(path, "w") as archive:
-        for i in range(checkpoints.MAX_ZIP_ENTRIES + 1):
+        for i in range(loader.MAX_ZIP_ENTRIES + 1):
             archive.writestr(f"archive/data/{i}", b"")
 
     def never(*args, **kwargs):
         raise AssertionError("the zip directory must not be read")
 
     monkeypatch.setattr(zipfile, "ZipFile", never)  # opening a ZipFile reads its whole directory
-    with pytest.raises(InvalidCheckpointError, match=f"declares {checkpoints.MAX_ZIP_ENTRIES + 1} entries") as info:
-        read_state_dict(path)
+    with pytest.raises(InvalidCheckpointError, match=f"declares {loader.MAX_ZIP_ENTRIES + 1} entries") as info:
+        load_file(path)
     assert str(path) in str(info.value)
 
 
 def test_limit_is_configurable_and_bounds_legacy_files(tmp_path, golden):
     modern = tmp_path / "modern.pt"
     modern.write_bytes(saved(golden))
-    assert read_state_dict(modern).keys() == golden.keys()
+    assert load_file(modern).keys() == golden.keys()
     with pytest.raises(InvalidCheckpointError, match="over the 1000000-byte limit") as info:
-        read_state_dict(modern, max_unpacked_bytes=10**6)
+        load_file(modern, max_unpacked_bytes=10**6)
     assert str(modern) in str(info.value)
     legacy = tmp_path / "legacy.pt"
     legacy.write_bytes(saved(golden, _use_new_zipfile_serialization=False))
     assert legacy.read_bytes()[:4] != b"PK\x03\x04"
-    assert read_state_dict(legacy).keys() == golden.keys()
+    assert load_file(legacy).keys() == golden.keys()
     with pytest.raises(InvalidCheckpointError, match=f"the file is {legacy.stat().st_size} bytes") as info:
-        read_state_dict(legacy, max_unpacked_bytes=10 * MiB)
+        read_for(legacy, "nvidia_ssd", max_unpacked_bytes=10 * MiB)
     assert str(legacy) in str(info.value)
     with pytest.raises(ValueError, match="max_unpacked_bytes: expected"):
-        read_state_dict(legacy, max_unpacked_bytes=0)
+        load_file(legacy, max_unpacked_bytes=0)
 
 
 def test_downloaded_bomb_is_refused_and_not_kept(http_server, hub_dir, bomb_bytes):
     url = http_server.add("/bomb.pt", bomb_bytes)
     with pytest.raises(CheckpointUnavailableError, match="zip bomb") as info:
-        build_ssd300(checkpoint=url, progress=False)
+        build_model("nvidia_ssd", checkpoint=url, progress=False)
     assert info.value.reason == "invalid_checkpoint" and info.value.url == url
     assert cache_files(hub_dir) == []
 
@@ -216,7 +206,7 @@ def test_download_cap_counts_raw_bytes(http_server, hub_dir, monkeypatch, good_b
     monkeypatch.setattr(checkpoints, "MAX_CHECKPOINT_BYTES", len(good_bytes) // 2)
     url = http_server.add("/big.pt", good_bytes, behaviour="nolength")
     with pytest.raises(CheckpointUnavailableError, match="max_bytes") as info:
-        build_ssd300(checkpoint=url, progress=False)
+        build_model("nvidia_ssd", checkpoint=url, progress=False)
     assert info.value.reason == "too_large" and cache_files(hub_dir) == []
 
 
@@ -227,8 +217,9 @@ def test_gzip_encoded_checkpoint_downloads(http_server, hub_dir):
     packed = gzip.compress(original)
     assert len(packed) < len(original) // 2
     url = http_server.add("/packed.pt", packed, headers={"Content-Encoding": "gzip"})
-    state, source = checkpoints.resolve_state_dict(checkpoint=url, progress=False)
-    assert source == url and torch.equal(state["conv.weight"], weight)
+    found = checkpoints.resolve(get_entry("nvidia_ssd"), lambda path, name: load_file(path, name=name),
+                                checkpoint=url, progress=False)
+    assert found.source == url and torch.equal(found.value["model"]["conv.weight"], weight)
     assert cache_files(hub_dir) == [url_cache_name(url)]
     assert (hub_dir / "checkpoints" / url_cache_name(url)).read_bytes() == original
 
@@ -252,7 +243,7 @@ def test_damaged_files_are_invalid_checkpoints(tmp_path, legacy):
     for data in damaged:
         path.write_bytes(data)
         try:
-            read_state_dict(path)
+            load_file(path)
         except InvalidCheckpointError as exc:
             assert str(path) in str(exc)
             refused += 1
@@ -276,7 +267,7 @@ def test_tensors_that_hold_no_model_are_refused(tmp_path, hub_dir, golden, key, 
     path = tmp_path / "odd.pt"
     path.write_bytes(saved({"model": state}))
     with pytest.raises(InvalidCheckpointError, match=match) as info:
-        build_ssd300(checkpoint=path)
+        build_model("nvidia_ssd", checkpoint=path)
     assert str(path) in str(info.value) and repr(key) in str(info.value)
 
 
@@ -284,10 +275,10 @@ def test_integer_batch_counters_and_half_weights_are_fine(tmp_path, golden):
     counter = "feature_extractor.feature_extractor.1.num_batches_tracked"
     path = tmp_path / "half.pt"
     path.write_bytes(saved({k: v.half() if v.is_floating_point() else v for k, v in golden.items()}))
-    assert read_state_dict(path)[counter].dtype == torch.int64
+    assert read_for(path, "nvidia_ssd").state_dict[counter].dtype == torch.int64
     # Converted wholesale, the counters become floats too: still a model.
     path.write_bytes(saved({k: v.half() for k, v in golden.items()}))
-    assert read_state_dict(path)[counter].dtype == torch.float16
+    assert read_for(path, "nvidia_ssd").state_dict[counter].dtype == torch.float16
 
 
 def test_wrapped_and_unwrapped_copies_of_a_key_collide(tmp_path, golden):
@@ -296,7 +287,7 @@ def test_wrapped_and_unwrapped_copies_of_a_key_collide(tmp_path, golden):
     path = tmp_path / "both.pt"
     path.write_bytes(saved(state))
     with pytest.raises(InvalidCheckpointError, match="both name 'loc.0.bias'") as info:
-        read_state_dict(path)
+        read_for(path, "nvidia_ssd")
     assert str(path) in str(info.value) and "'module.loc.0.bias'" in str(info.value)
 
 
@@ -317,33 +308,33 @@ def test_cache_name_is_keyed_by_the_whole_url():
 def test_same_file_name_at_two_urls_are_two_entries(http_server, hub_dir, good_bytes, other_bytes):
     first = http_server.add("/a/model.pt", good_bytes)
     second = http_server.add("/b/model.pt", other_bytes)
-    one = build_ssd300(checkpoint=first, progress=False).state_dict()["loc.0.bias"]
-    two = build_ssd300(checkpoint=second, progress=False).state_dict()["loc.0.bias"]
+    one = build_model("nvidia_ssd", checkpoint=first, progress=False).state_dict()["loc.0.bias"]
+    two = build_model("nvidia_ssd", checkpoint=second, progress=False).state_dict()["loc.0.bias"]
     assert not torch.equal(one, two)
     assert cache_files(hub_dir) == sorted([url_cache_name(first), url_cache_name(second)])
     http_server.stop()
-    assert torch.equal(build_ssd300(checkpoint=first, progress=False).state_dict()["loc.0.bias"], one)
-    assert torch.equal(build_ssd300(checkpoint=second, progress=False).state_dict()["loc.0.bias"], two)
+    assert torch.equal(build_model("nvidia_ssd", checkpoint=first, progress=False).state_dict()["loc.0.bias"], one)
+    assert torch.equal(build_model("nvidia_ssd", checkpoint=second, progress=False).state_dict()["loc.0.bias"], two)
 
 
 def test_url_cannot_stand_in_for_a_published_checkpoint(http_server, local_variants, hub_dir, good_bytes,
                                                         other_bytes):
     name = local_variants["fp32"].file_name
     impostor = http_server.add(f"/elsewhere/{name}", other_bytes)
-    build_ssd300(checkpoint=impostor, progress=False)
+    build_model("nvidia_ssd", checkpoint=impostor, progress=False)
     assert name not in cache_files(hub_dir)
     published = f"/fp32/0/{name}"
     http_server.add(published, good_bytes)
-    model = build_ssd300(progress=False)
+    model = build_model("nvidia_ssd", progress=False)
     assert model.checkpoint_source == http_server.url(published) and http_server.hits[published] == 1
 
 
 def test_very_long_url_file_name(http_server, hub_dir, good_bytes):
     url = http_server.add("/" + "w" * 1000 + ".pt", good_bytes)
-    build_ssd300(checkpoint=url, progress=False)
+    build_model("nvidia_ssd", checkpoint=url, progress=False)
     assert cache_files(hub_dir) == [url_cache_name(url)]
     http_server.stop()
-    assert build_ssd300(checkpoint=url, progress=False).checkpoint_source.endswith(url_cache_name(url))
+    assert build_model("nvidia_ssd", checkpoint=url, progress=False).checkpoint_source.endswith(url_cache_name(url))
 
 
 # ---------------------------------------------------------------- cache hygiene
@@ -360,7 +351,7 @@ def test_stale_part_files_are_swept_and_fresh_ones_kept(http_server, hub_dir, go
     old = time.time() - 2 * checkpoints.STALE_PART_S
     os.utime(stale, (old, old))
     url = http_server.add("/model.pt", good_bytes)
-    build_ssd300(checkpoint=url, progress=False)
+    build_model("nvidia_ssd", checkpoint=url, progress=False)
     assert not stale.exists() and fresh.exists()
     assert cache_files(hub_dir) == sorted([fresh.name, url_cache_name(url)])
 
@@ -382,11 +373,11 @@ def test_killed_download_leaves_a_part_file_that_a_later_run_sweeps(http_server,
     leftovers = list(folder.glob("*.part"))
     assert len(leftovers) == 1  # the body was streaming into it when the process died
     http_server.add("/model.pt", good_bytes)
-    build_ssd300(checkpoint=url, progress=False)
+    build_model("nvidia_ssd", checkpoint=url, progress=False)
     assert leftovers[0].exists()  # an hour has not passed: it might be another process's download in progress
     old = time.time() - 2 * checkpoints.STALE_PART_S
     os.utime(leftovers[0], (old, old))
-    build_ssd300(checkpoint=url, progress=False)
+    build_model("nvidia_ssd", checkpoint=url, progress=False)
     assert cache_files(hub_dir) == [url_cache_name(url)]
 
 
@@ -413,7 +404,7 @@ def test_read_only_cache_gives_a_hint(http_server, hub_dir, good_bytes):
         if not _make_unwritable(folder):
             pytest.skip("cannot make a folder read-only here")
         with pytest.raises(CheckpointUnavailableError) as info:
-            build_ssd300(checkpoint=url, progress=False)
+            build_model("nvidia_ssd", checkpoint=url, progress=False)
     finally:
         subprocess.run(["chattr", "-i", str(folder)], capture_output=True)
         folder.chmod(0o755)
@@ -432,7 +423,7 @@ def test_torch_home_pointing_at_a_file(tmp_path, monkeypatch, http_server, local
     url = http_server.add("/model.pt", good_bytes)
     for kwargs in ({"checkpoint": url}, {}):
         with pytest.raises(CheckpointUnavailableError) as info:
-            build_ssd300(progress=False, **kwargs)
+            build_model("nvidia_ssd", progress=False, **kwargs)
         assert info.value.reason == "cache" and "TORCH_HOME" in str(info.value)
         assert str(not_a_folder) in str(info.value)
     assert not_a_folder.read_text() == "oops"
@@ -440,13 +431,13 @@ def test_torch_home_pointing_at_a_file(tmp_path, monkeypatch, http_server, local
 
 def test_corrupt_cached_file_says_how_to_recover(http_server, hub_dir, good_bytes):
     url = http_server.add("/model.pt", good_bytes)
-    build_ssd300(checkpoint=url, progress=False)
+    build_model("nvidia_ssd", checkpoint=url, progress=False)
     cached = hub_dir / "checkpoints" / url_cache_name(url)
     cached.write_bytes(good_bytes[: len(good_bytes) // 3])
     with pytest.raises(InvalidCheckpointError, match="force_download=True") as info:
-        build_ssd300(checkpoint=url, progress=False)
+        build_model("nvidia_ssd", checkpoint=url, progress=False)
     assert f"delete {str(cached)!r}" in str(info.value)
-    build_ssd300(checkpoint=url, progress=False, force_download=True)
+    build_model("nvidia_ssd", checkpoint=url, progress=False, force_download=True)
     assert cached.read_bytes() == good_bytes and http_server.hits["/model.pt"] == 2
 
 
@@ -454,8 +445,8 @@ def test_download_that_does_not_fit_is_not_cached(http_server, hub_dir, golden):
     state = dict(golden)
     del state["loc.0.bias"]
     url = http_server.add("/other-model.pt", saved(state))
-    with pytest.raises(CheckpointUnavailableError, match="does not fit SSD300.*loc.0.bias") as info:
-        build_ssd300(checkpoint=url, progress=False)
+    with pytest.raises(CheckpointUnavailableError, match="does not fit nvidia_ssd.*loc.0.bias") as info:
+        build_model("nvidia_ssd", checkpoint=url, progress=False)
     assert info.value.reason == "invalid_checkpoint" and cache_files(hub_dir) == []
 
 
@@ -466,13 +457,13 @@ def test_variant_mirror_serving_another_model_falls_through(http_server, local_v
     name = local_variants["amp"].file_name
     http_server.add(f"/amp/0/{name}", saved(state))
     second = http_server.add(f"/amp/1/{name}", good_bytes)
-    assert build_ssd300(weights="amp", progress=False).checkpoint_source == second
+    assert build_model("nvidia_ssd", weights="amp", progress=False).checkpoint_source == second
     assert (hub_dir / "checkpoints" / name).read_bytes() == good_bytes
 
 
 def test_every_failure_is_kept_with_its_reason(http_server, local_variants, hub_dir):
     with pytest.raises(CheckpointUnavailableError) as info:
-        build_ssd300(weights="fp16", progress=False)
+        build_model("nvidia_ssd", weights="fp16", progress=False)
     error = info.value
     assert error.reason == "unavailable" and error.url is None
     assert [f.url for f in error.failures] == [*local_variants["fp16"].urls, *local_variants["amp"].urls]
@@ -488,10 +479,10 @@ def test_every_failure_is_kept_with_its_reason(http_server, local_variants, hub_
 @pytest.mark.parametrize("value", ["", "   "])
 def test_empty_checkpoint_is_refused(hub_dir, monkeypatch, value):
     with pytest.raises(ValueError, match="checkpoint: expected a path or URL, got an empty string"):
-        build_ssd300(checkpoint=value)
+        build_model("nvidia_ssd", checkpoint=value)
     monkeypatch.setenv("SSD_CHECKPOINT", "  ")
     with pytest.raises(ValueError, match="SSD_CHECKPOINT: expected a path or URL, got an empty string"):
-        build_ssd300()
+        build_model("nvidia_ssd")
 
 
 def test_file_url(tmp_path, hub_dir, good_bytes, golden):
@@ -500,27 +491,27 @@ def test_file_url(tmp_path, hub_dir, good_bytes, golden):
     path.write_bytes(good_bytes)
     url = path.as_uri()
     assert "%20" in url
-    model = build_ssd300(checkpoint=url)
+    model = build_model("nvidia_ssd", checkpoint=url)
     assert model.checkpoint_source == str(path) and cache_files(hub_dir) == []
     torch.testing.assert_close(model.state_dict()["loc.0.weight"], golden["loc.0.weight"])
     with pytest.raises(FileNotFoundError, match="checkpoint: .*missing.pt"):
-        build_ssd300(checkpoint=(tmp_path / "missing.pt").as_uri())
+        build_model("nvidia_ssd", checkpoint=(tmp_path / "missing.pt").as_uri())
     with pytest.raises(ValueError, match="host 'elsewhere'"):
-        build_ssd300(checkpoint="file://elsewhere/model.pt")
+        build_model("nvidia_ssd", checkpoint="file://elsewhere/model.pt")
 
 
 @pytest.mark.parametrize("url", ["ftp://127.0.0.1/model.pt", "s3://bucket/model.pt", "HDFS://x/y.pt"])
 def test_unsupported_scheme_is_named(hub_dir, url):
     scheme = url.split(":", 1)[0].lower()
     with pytest.raises(ValueError, match=f"checkpoint: unsupported URL scheme '{scheme}'"):
-        build_ssd300(checkpoint=url)
+        build_model("nvidia_ssd", checkpoint=url)
     assert cache_files(hub_dir) == []
 
 
 def test_status_is_an_attribute(http_server, hub_dir):
     url = http_server.url("/nowhere.pt")
     with pytest.raises(CheckpointUnavailableError) as info:
-        build_ssd300(checkpoint=url, progress=False)
+        build_model("nvidia_ssd", checkpoint=url, progress=False)
     error = info.value
     assert isinstance(error, OSError) and (error.url, error.reason, error.status) == (url, "http_status", 404)
 
@@ -534,3 +525,259 @@ def test_download_keeps_its_timeout_argument(http_server, tmp_path):
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(TypeError, match="timeout: expected a"):
         checkpoints.download(url, tmp_path / "x.pt", timeout=5)
+
+
+# ---------------------------------------------------------------- every family's loader, every entry point
+
+
+class Layout:
+    """How one model's files are written: the family's own format, and two of its keys as the file names them
+    (``ours`` is the key after conversion, which fit errors name)."""
+
+    def __init__(self, state: dict[str, torch.Tensor], save, predictor: str, body: str, ours: str) -> None:
+        self.state, self.save, self.predictor, self.body, self.ours = state, save, predictor, body, ours
+
+    def write(self, path: pathlib.Path, change=None) -> pathlib.Path:
+        state = dict(self.state)
+        if change is not None:
+            change(state, self)
+        self.save(path, state)
+        return path
+
+
+def _save_nvidia(path: pathlib.Path, state: dict) -> None:
+    torch.save(training_checkpoint(state), path)
+
+
+def _save_mmdet(path: pathlib.Path, state: dict) -> None:
+    from helpers.mmdet import save_mmdet
+
+    save_mmdet(path, state, legacy=False)
+
+
+_LAYOUTS: dict[str, Layout] = {}
+
+
+def layout_of(model: str) -> Layout:
+    if model not in _LAYOUTS:
+        from helpers.mmdet import mmdet_state_dict
+
+        if model == "nvidia_ssd":
+            _LAYOUTS[model] = Layout(golden_state_dict(), _save_nvidia, "conf.0.weight", "loc.0.bias", "loc.0.bias")
+        else:
+            short, level = {"ssd300_vgg16": ("ssd300", "0"), "ssd512_vgg16": ("ssd512", "0"),
+                            "ssdlite320_mobilenet_v2": ("ssdlite", "1")}[model]
+            _LAYOUTS[model] = Layout(mmdet_state_dict(short), _save_mmdet, f"bbox_head.cls_convs.0.{level}.weight",
+                                     f"bbox_head.reg_convs.0.{level}.bias",
+                                     "loc.0.bias" if level == "0" else "loc.0.1.bias")
+    return _LAYOUTS[model]
+
+
+def _put(role: str, make):
+    def change(state: dict, layout: Layout) -> None:
+        key = getattr(layout, role)
+        state[key] = make(state[key])
+    return change
+
+
+def _drop(role: str):
+    def change(state: dict, layout: Layout) -> None:
+        del state[getattr(layout, role)]
+    return change
+
+
+def _twice(state: dict, layout: Layout) -> None:
+    state["module." + layout.body] = state[layout.body] + 1
+
+
+# Each: (how the file is spoiled, what the message says). Every one must be InvalidCheckpointError naming the file
+# and the key, never a RuntimeError, KeyError, ZeroDivisionError or IndexError from deeper down.
+SPOILED = {
+    "nan": (_put("body", lambda t: t.clone().index_fill_(0, torch.tensor([0]), float("nan"))), "NaN or infinite"),
+    "infinite": (_put("body", lambda t: torch.full_like(t, float("inf"))), "NaN or infinite"),
+    "integer": (_put("body", lambda t: t.long()), "expected floating-point weights, got torch.int64"),
+    "meta": (_put("body", lambda t: torch.empty(t.shape, device="meta")), "meta tensor"),
+    # A few bytes declaring a head of a million classes: never a model of that size, nor an allocation.
+    "expanded": (_put("predictor", lambda t: torch.zeros(()).expand(t.shape[0] * 12_000, *t.shape[1:])),
+                 "expanded view"),
+    "0-d head": (_put("predictor", lambda t: torch.tensor(1.0)), r"\(\)"),
+    "0-channel head": (_put("predictor", lambda t: t[:0].clone()), r"\(0, "),
+    "odd head": (_put("predictor", lambda t: t[:-1].clone()), "expected"),
+    "missing head": (_drop("predictor"), "missing"),
+    "wrong shape": (_put("body", lambda t: torch.zeros(3)), r"got \(3,\)"),
+    "module. and plain": (_twice, "both name"),
+}
+
+
+@pytest.mark.parametrize("model", ["nvidia_ssd", "ssd300_vgg16", "ssdlite320_mobilenet_v2"])
+@pytest.mark.parametrize("spoiled", list(SPOILED))
+def test_every_family_refuses_spoiled_files_naming_file_and_key(tmp_path, hub_dir, model, spoiled):
+    change, message = SPOILED[spoiled]
+    layout = layout_of(model)
+    path = layout.write(tmp_path / "spoiled.pt", change)
+    with pytest.raises(InvalidCheckpointError, match=message) as info:
+        build_model(model, checkpoint=str(path))
+    text = str(info.value)
+    assert str(path) in text and "\n" not in text
+    assert any(key in text for key in (layout.predictor, layout.body, layout.ours)), text
+
+
+def _by_argument(model, path, monkeypatch):
+    return build_model(model, checkpoint=str(path))
+
+
+def _by_environment(model, path, monkeypatch):
+    monkeypatch.setenv("SSD_CHECKPOINT", str(path))
+    return build_model(model)
+
+
+def _by_file_url(model, path, monkeypatch):
+    return build_model(model, checkpoint=path.as_uri())
+
+
+def _by_hub(model, path, monkeypatch):
+    from helpers import REPO
+
+    return torch.hub.load(str(REPO), model, source="local", checkpoint=str(path))
+
+
+ENTRIES = {"checkpoint=": _by_argument, "SSD_CHECKPOINT": _by_environment, "file://": _by_file_url,
+           "torch.hub": _by_hub}
+
+
+@pytest.mark.parametrize("model", ["nvidia_ssd", "ssd300_vgg16", "ssd512_vgg16", "ssdlite320_mobilenet_v2"])
+@pytest.mark.parametrize("entry", list(ENTRIES))
+def test_every_entry_point_reads_through_the_guarded_reader(tmp_path, hub_dir, monkeypatch, model, entry):
+    layout = layout_of(model)
+    change, message = SPOILED["nan"]
+    path = layout.write(tmp_path / "nan.pt", change)
+    with pytest.raises(InvalidCheckpointError, match=message) as info:
+        ENTRIES[entry](model, path, monkeypatch)
+    assert str(path) in str(info.value) and layout.body in str(info.value)
+    assert cache_files(hub_dir) == []
+
+
+@pytest.mark.parametrize("model", ["ssd300_vgg16", "ssdlite320_mobilenet_v2"])
+def test_a_spoiled_download_of_any_family_is_refused_and_not_cached(http_server, hub_dir, tmp_path, model):
+    layout = layout_of(model)
+    change, message = SPOILED["integer"]
+    url = http_server.add("/spoiled.pth", layout.write(tmp_path / "spoiled.pth", change).read_bytes())
+    with pytest.raises(CheckpointUnavailableError, match=message) as info:
+        build_model(model, checkpoint=url, progress=False)
+    assert info.value.reason == "invalid_checkpoint" and url in str(info.value) and layout.body in str(info.value)
+    assert "SSD_CHECKPOINT" in str(info.value) and cache_files(hub_dir) == []
+
+
+def _address_space_limit(extra_bytes: int):
+    """A context lowering this process's address-space limit to what it uses now plus ``extra_bytes``, so that a
+    regression allocating a huge model fails with MemoryError instead of filling the machine."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def limited():
+        status = pathlib.Path("/proc/self/status").read_text().splitlines()
+        used = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        resource.setrlimit(resource.RLIMIT_AS, (used + extra_bytes, hard))
+        try:
+            yield
+        finally:
+            resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+    return limited()
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/self/status").exists(), reason="needs Linux's /proc")
+@pytest.mark.parametrize("model", ["nvidia_ssd", "ssdlite320_mobilenet_v2"])
+def test_class_names_that_contradict_the_head_are_refused_before_anything_is_built(tmp_path, hub_dir, model):
+    # 30,000 names beside weights scoring 80 classes: believing the names would ask for a 13.9 GB SSD300.
+    names = [f"thing{i}" for i in range(30_000)]
+    layout = layout_of(model)
+    path = tmp_path / "liar.pt"
+    if model == "nvidia_ssd":
+        torch.save({"format": "ssd-train/2", "model": model, "state_dict": dict(layout.state), "class_names": names,
+                    "category_ids": list(range(1, 30_001))}, path)
+    else:
+        from helpers.mmdet import mmdet_meta, save_mmdet
+
+        save_mmdet(path, layout.state, legacy=False, meta=mmdet_meta(tuple(names)))
+    with _address_space_limit(3 * 2**30), pytest.raises(InvalidCheckpointError) as info:
+        build_model(model, checkpoint=str(path))
+    assert str(path) in str(info.value) and "30000 classes" in str(info.value) and "80" in str(info.value)
+
+
+# ---------------------------------------------------------------- train: --checkpoint and --resume
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    from ssd.data.synthetic import make_shapes_dataset
+
+    root = tmp_path_factory.mktemp("shapes")
+    return make_shapes_dataset(root, 2, image_size=64, seed=1), root / "images"
+
+
+@pytest.mark.parametrize("spoiled", ["nan", "expanded", "0-channel head", "module. and plain"])
+def test_training_start_reads_through_the_guarded_reader(shapes, tmp_path, spoiled):
+    from ssd.training.loop import TrainConfig, train
+
+    change, message = SPOILED[spoiled]
+    path = layout_of("nvidia_ssd").write(tmp_path / "start.pt", change)
+    annotations, images = shapes
+    with pytest.raises(InvalidCheckpointError, match=message) as info:
+        train(TrainConfig(annotations, images, tmp_path / "out", epochs=1, batch_size=2, device="cpu",
+                          init_checkpoint=path))
+    assert str(path) in str(info.value)
+
+
+def _last_pt(**changes) -> dict:
+    """A last.pt as ssd train writes it for nvidia_ssd and the shapes set, with ``changes`` (None deletes a key)."""
+    from ssd.models.ssd300_resnet50 import SSD300, nvidia_spec
+
+    state = {"format": "ssd-train/2", "model": "nvidia_ssd",
+             "state_dict": SSD300(nvidia_spec(class_names=("circle", "square", "triangle"))).state_dict(),
+             "class_names": ["circle", "square", "triangle"], "category_ids": [1, 2, 3], "epoch": 0,
+             "iteration": 1, "best_map": None, "optimizer": {"state": {}, "param_groups": []}, "scheduler": {},
+             "scaler": {}}
+    for key, value in changes.items():
+        if value is None:
+            del state[key]
+        else:
+            state[key] = value
+    return state
+
+
+RESUMED = {
+    "empty": (lambda: b"", "not a readable PyTorch checkpoint"),
+    "truncated": (lambda: saved(_last_pt())[:100_000], "not a readable PyTorch checkpoint"),
+    "zip bomb": (lambda: torch_zip_bomb(1600), "zip bomb"),
+    "no optimizer": (lambda: saved(_last_pt(optimizer=None)), r"expected last.pt \(with the optimizer state\)"),
+    "no epoch": (lambda: saved(_last_pt(epoch=None)), "key 'epoch' is missing"),
+    "no weights": (lambda: saved(_last_pt(state_dict=None)), "weights .*missing"),
+    "text epoch": (lambda: saved(_last_pt(epoch="0")), "key 'epoch'"),
+    "NaN weights": (lambda: saved(_last_pt(state_dict={
+        k: v.float().fill_(float("nan")) if k == "loc.0.bias" else v
+        for k, v in _last_pt()["state_dict"].items()})), "NaN or infinite"),
+    "another model": (lambda: saved(_last_pt(model="ssd300_vgg16")), "for ssd300_vgg16, not nvidia_ssd"),
+    "NVIDIA's file": (lambda: saved(training_checkpoint(golden_state_dict())), "expected a training checkpoint"),
+    "optimizer of another run": (lambda: saved(_last_pt(optimizer={"state": {}, "param_groups": [{"params": [0]}]})),
+                                 "optimizer state does not fit"),
+}
+
+
+@pytest.mark.parametrize("case", list(RESUMED))
+def test_resume_of_a_bad_last_pt_is_one_error_line_naming_it(shapes, tmp_path, capsys, case):
+    from ssd.cli import main
+
+    make, message = RESUMED[case]
+    last = tmp_path / "out" / "last.pt"
+    last.parent.mkdir()
+    last.write_bytes(make())
+    annotations, images = shapes
+    code = main(["train", "--images", str(images), "--annotations", str(annotations), "--out", str(last.parent),
+                 "--batch-size", "2", "--device", "cpu", "--epochs", "2", "--resume", str(last)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("error: ") and "\n" not in err and str(last) in err, err
+    assert re.search(message, err), err
+    assert "weights_only" not in err and "Traceback" not in err

@@ -2,7 +2,8 @@
 
 The golden data (tests/data/golden/mmdet, see its README) was produced by mmdetection 3.3.0 itself from key-seeded
 weights (detweights.py). Here the same weights are rebuilt under mmdetection's key names, saved the way
-mmdetection saves a checkpoint, loaded through :mod:`ssd.weights.mmdet`, and the outputs compared.
+mmdetection saves a checkpoint, read as every checkpoint is (:func:`ssd.weights.read_checkpoint`, converted by
+:mod:`ssd.weights.mmdet`), and the outputs compared.
 """
 from __future__ import annotations
 
@@ -15,16 +16,11 @@ import torch
 
 from ssd.anchors import default_boxes
 from ssd.data.coco import COCO_NAMES
-from ssd.models import MMDET_SSD300, MMDET_SSD512, MMDET_SSDLITE320, NETWORKS, SSDVGG16, SSDLiteMobileNetV2
+from ssd.models import MMDET_SSD300, MMDET_SSD512, MMDET_SSDLITE320, SSDVGG16, SSDLiteMobileNetV2
 from ssd.postprocess import _hits_per_level, postprocess
-from ssd.weights import InvalidCheckpointError
-from ssd.weights.mmdet import (
-    MMDET_CHECKPOINTS,
-    convert_mmdet_state_dict,
-    extract_mmdet,
-    identify_mmdet,
-    load_mmdet_state_dict,
-)
+from ssd.registry import build_model, get_entry
+from ssd.weights import InvalidCheckpointError, read_checkpoint
+from ssd.weights.mmdet import convert_mmdet_state_dict, extract_mmdet, identify_mmdet
 
 from helpers.mmdet import (
     GOLDEN,
@@ -154,9 +150,9 @@ def test_coco_class_order_is_mmdetections():
 
 
 def test_networks_registry_and_specs():
-    assert NETWORKS["ssd300_vgg16"] == (SSDVGG16, MMDET_SSD300)
-    assert NETWORKS["ssd512_vgg16"] == (SSDVGG16, MMDET_SSD512)
-    assert NETWORKS["ssdlite320_mobilenet_v2"] == (SSDLiteMobileNetV2, MMDET_SSDLITE320)
+    for network, spec in ((SSDVGG16, MMDET_SSD300), (SSDVGG16, MMDET_SSD512), (SSDLiteMobileNetV2, MMDET_SSDLITE320)):
+        entry = get_entry(spec.name)
+        assert entry.network is network and entry.spec is spec
     for short, spec in MODELS.items():
         layout = mmdet_layout(short)
         assert spec.anchors.num_anchors == sum(np.load(GOLDEN / f"{short}_golden.npz")["anchors_count"])
@@ -169,16 +165,21 @@ def test_networks_registry_and_specs():
         assert (pp.score_threshold, pp.iou_threshold, pp.max_detections, pp.candidates_per_level) == (
             cfg["score_thr"], cfg["nms"]["iou_threshold"], cfg["max_per_img"], cfg["nms_pre"])
         assert pp.clip_boxes and pp.drop_empty and not pp.suppress_equal
-        assert MMDET_CHECKPOINTS[spec.name].url == layout["checkpoint_url"]
+        assert get_entry(spec.name).weights["coco"].urls == (layout["checkpoint_url"],)
 
 
 def test_checkpoint_table():
-    assert sorted(MMDET_CHECKPOINTS) == sorted(s.name for s in MODELS.values())
-    for name, info in MMDET_CHECKPOINTS.items():
-        assert info.name == name and info.url.endswith("/" + info.file_name)
-        assert info.file_name.endswith(f"-{info.sha256_prefix}.pth") and len(info.sha256_prefix) == 8
-        assert info.num_classes == 80
-    assert [MMDET_CHECKPOINTS[s.name].box_ap for s in MODELS.values()] == [25.5, 29.5, 21.3]
+    for spec in MODELS.values():
+        entry = get_entry(spec.name)
+        assert list(entry.weights) == ["coco"] and entry.default_weights == "coco"
+        info = entry.weights["coco"]
+        assert info.urls[0].endswith("/" + info.file_name)
+        assert info.file_name.endswith(f"-{info.sha256}.pth") and len(info.sha256) == 8
+        assert info.classes == spec.classes and info.classes.num_classes == 81
+    # The published accuracy belongs to the weights, not to the architecture.
+    assert [get_entry(s.name).weights["coco"].meta["accuracy"]["mAP"] for s in MODELS.values()] == [
+        0.255, 0.295, 0.213]
+    assert all("accuracy" not in s.meta for s in MODELS.values())
 
 
 @pytest.mark.parametrize("cls, spec", [(SSDVGG16, MMDET_SSD300), (SSDVGG16, MMDET_SSD512),
@@ -191,13 +192,13 @@ def test_num_classes_gives_new_heads(cls, spec):
     with torch.no_grad():
         locs, confs = model(torch.zeros(2, 3, size, size, device="meta"))
     assert locs.shape == (2, 4, spec.anchors.num_anchors) and confs.shape == (2, 21, spec.anchors.num_anchors)
-    assert model.spec.num_classes == 21 and "accuracy" in spec.meta
+    assert model.spec.num_classes == 21
 
 
 def test_num_classes_argument():
     model = SSDLiteMobileNetV2(num_classes=5)
     assert model.spec.num_classes == 5 and model.names == ["class_1", "class_2", "class_3", "class_4"]
-    assert "accuracy" not in model.spec.meta  # the published AP is not this model's
+    assert "accuracy" not in model.meta  # no published weights, no published AP
     assert SSDVGG16().spec is MMDET_SSD300
     with pytest.raises(ValueError, match="num_classes: expected 81 to match spec, got 5"):
         SSDVGG16(MMDET_SSD512, num_classes=5)
@@ -236,7 +237,7 @@ def test_pre_v2_14_key_names_convert_like_current_ones(tmp_path, legacy):
     old = _pre_v2_14(current)
     assert "backbone.extra.7.bias" in old and "bbox_head.cls_convs.5.weight" in old
     path = save_mmdet(tmp_path / "ssd300_coco_20200307-a92d2092.pth", old, legacy=legacy)
-    ours = load_mmdet_state_dict(path, MMDET_SSD300)
+    ours = read_checkpoint(path, "ssd300_vgg16").state_dict
     expected = convert_mmdet_state_dict(current, MMDET_SSD300)
     assert ours.keys() == expected.keys()
     assert all(torch.equal(ours[k], expected[k]) for k in ours)
@@ -272,7 +273,7 @@ def test_refuses_another_model(tmp_path, short, spec, found):
     path = save_mmdet(tmp_path / "other.pth", mmdet_state_dict(short), legacy=True)
     with pytest.raises(InvalidCheckpointError, match=rf"other\.pth.*expected an mmdetection {spec.name} "
                                                      rf"checkpoint, got one of {found}"):
-        load_mmdet_state_dict(path, spec)
+        read_checkpoint(path, spec.name)
 
 
 def test_refuses_another_family(tmp_path):
@@ -280,11 +281,11 @@ def test_refuses_another_family(tmp_path):
                    "conf.0.weight": torch.zeros(324, 1024, 3, 3)}
     torch.save({"model": nvidia_like, "epoch": 3}, tmp_path / "nvidia.pt")
     with pytest.raises(InvalidCheckpointError, match=r"nvidia\.pt.*expected an mmdetection checkpoint"):
-        load_mmdet_state_dict(tmp_path / "nvidia.pt", MMDET_SSD300)
+        read_checkpoint(tmp_path / "nvidia.pt", "ssd300_vgg16")
     torch.save(nvidia_like, tmp_path / "bare.pt")
     with pytest.raises(InvalidCheckpointError, match=r"bare\.pt.*expected an mmdetection ssd300_vgg16 checkpoint, "
                                                      r"got an NVIDIA SSD300"):
-        load_mmdet_state_dict(tmp_path / "bare.pt", MMDET_SSD300)
+        read_checkpoint(tmp_path / "bare.pt", "ssd300_vgg16")
 
 
 def _with_classes(state: dict[str, torch.Tensor], foreground: int) -> dict[str, torch.Tensor]:
@@ -297,33 +298,44 @@ def _with_classes(state: dict[str, torch.Tensor], foreground: int) -> dict[str, 
     return out
 
 
-def test_refuses_a_different_class_count(tmp_path):
+def test_another_class_count_loads_with_its_classes(tmp_path, hub_dir):
     voc = _with_classes(mmdet_state_dict("ssd300"), 20)
     path = save_mmdet(tmp_path / "ssd300_voc.pth", voc, legacy=True, meta=mmdet_meta(COCO_NAMES[:20]))
-    with pytest.raises(InvalidCheckpointError, match=r"ssd300_voc\.pth.*expected 80 classes for ssd300_vgg16, got 20 "
-                                                     r"\(build the model with num_classes=21"):
-        load_mmdet_state_dict(path, MMDET_SSD300)
-    # ... and it loads into a model built for 21 classes.
-    model = SSDVGG16(num_classes=21)
-    model.load_state_dict(load_mmdet_state_dict(path, model.spec), strict=True)
-    # A meta that contradicts the weights is refused too.
+    expected = convert_mmdet_state_dict(voc, "ssd300_vgg16")["conf.0.weight"]
+    # The class count comes from the weights, the names from mmdetection's meta['CLASSES'].
+    model = build_model("ssd300_vgg16", checkpoint=str(path))
+    assert model.spec.num_classes == 21 and model.names == list(COCO_NAMES[:20])
+    assert torch.equal(model.state_dict()["conf.0.weight"], expected) and "accuracy" not in model.meta
+    # Asking for its own count loads the same (it used to advise num_classes=21 and then refuse it).
+    same = build_model("ssd300_vgg16", checkpoint=str(path), num_classes=21)
+    assert same.names == model.names and torch.equal(same.state_dict()["conf.0.weight"], expected)
+    # Another count: new class predictors, everything else from the file.
+    tuned = build_model("ssd300_vgg16", checkpoint=str(path), num_classes=5)
+    assert tuned.spec.num_classes == 5 and tuned.state_dict()["conf.0.weight"].shape[0] == 4 * 5
+    assert torch.equal(tuned.state_dict()["loc.0.weight"], model.state_dict()["loc.0.weight"])
+    # mmdetection 3.x keeps the names in meta['dataset_meta']['classes']; without names, they are numbered.
+    v3 = save_mmdet(tmp_path / "v3.pth", voc, legacy=False, meta={"dataset_meta": {"classes": COCO_NAMES[:20]}})
+    assert build_model("ssd300_vgg16", checkpoint=str(v3)).names == list(COCO_NAMES[:20])
+    bare = save_mmdet(tmp_path / "bare.pth", voc, legacy=False, meta={})
+    assert build_model("ssd300_vgg16", checkpoint=str(bare)).names == [f"class_{i}" for i in range(1, 21)]
+    # A meta that contradicts the weights is refused before anything is built.
     path = save_mmdet(tmp_path / "liar.pth", voc, legacy=False)
-    with pytest.raises(InvalidCheckpointError, match=r"liar\.pth.*expected its meta to list the 20 classes its "
-                                                     r"weights predict, got 80 class names"):
-        load_mmdet_state_dict(path, MMDET_SSD300)
+    with pytest.raises(InvalidCheckpointError, match=r"liar\.pth.*class names list 80 classes, but its class "
+                                                     r"predictor 'conf\.0\.weight' scores 20"):
+        build_model("ssd300_vgg16", checkpoint=str(path))
 
 
 def test_refuses_unsafe_meta_without_running_it(tmp_path):
     meta = {**mmdet_meta(), "time": datetime.datetime(2021, 8, 3, 1, 54, 28)}
     path = save_mmdet(tmp_path / "unsafe.pth", mmdet_state_dict("ssdlite"), legacy=True, meta=meta)
     with pytest.raises(InvalidCheckpointError, match=r"unsafe\.pth.*refused: it needs code to unpickle"):
-        load_mmdet_state_dict(path, MMDET_SSDLITE320)
+        read_checkpoint(path, "ssdlite320_mobilenet_v2")
 
 
 def test_accepts_numpy_scalars_in_meta(tmp_path):
     meta = {**mmdet_meta(), "seed": np.int64(42), "lr": np.float64(0.002)}
     path = save_mmdet(tmp_path / "numpy_meta.pth", mmdet_state_dict("ssdlite"), legacy=True, meta=meta)
-    assert "conf.5.1.bias" in load_mmdet_state_dict(path, MMDET_SSDLITE320)
+    assert "conf.5.1.bias" in read_checkpoint(path, "ssdlite320_mobilenet_v2").state_dict
 
 
 def test_refuses_malformed_files(tmp_path):
@@ -341,7 +353,7 @@ def test_refuses_malformed_files(tmp_path):
     with pytest.raises(ValueError, match="spec_or_family: expected one of"):
         convert_mmdet_state_dict(state, "nvidia_ssd")
     with pytest.raises(FileNotFoundError):
-        load_mmdet_state_dict(tmp_path / "missing.pth", MMDET_SSD300)
+        read_checkpoint(tmp_path / "missing.pth", "ssd300_vgg16")
 
 
 @pytest.mark.parametrize("spec", list(MODELS.values()), ids=list(MODELS))
@@ -350,7 +362,7 @@ def test_gflops_in_meta_are_counted(spec):
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
-        model = NETWORKS[spec.name][0](spec).eval()
+        model = get_entry(spec.name).network(spec).eval()
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         model(torch.zeros(1, 3, spec.input.size, spec.input.size, device="meta"))
@@ -368,58 +380,56 @@ def ssdlite_bytes(tmp_path_factory) -> bytes:
 
 
 def _publish_locally(monkeypatch, http_server, body: bytes, prefix: str) -> str:
-    import ssd.weights.mmdet as mmdet
+    import dataclasses
 
-    info = mmdet.MMDET_CHECKPOINTS["ssdlite320_mobilenet_v2"]
-    url = http_server.url(f"/ssd/{info.file_name}")
-    http_server.add(f"/ssd/{info.file_name}", body)
-    table = {**mmdet.MMDET_CHECKPOINTS, info.name: mmdet.MMDetCheckpointInfo(
-        info.name, info.file_name, url, prefix, info.num_classes, info.box_ap)}
-    monkeypatch.setattr(mmdet, "MMDET_CHECKPOINTS", table)
-    return info.file_name
+    from helpers.checkpoints import serve_published
+
+    table = serve_published(monkeypatch, http_server, "ssdlite320_mobilenet_v2")
+    weights = dataclasses.replace(table["coco"], sha256=prefix)
+    monkeypatch.setitem(get_entry("ssdlite320_mobilenet_v2").weights, "coco", weights)
+    http_server.add(f"/coco/0/{weights.file_name}", body)
+    return weights.file_name
 
 
 def test_published_checkpoint_downloads_once_then_loads_from_cache(monkeypatch, http_server, hub_dir,
                                                                    ssdlite_bytes):
     import hashlib
 
-    from ssd.weights.mmdet import load_mmdet_weights
-
     prefix = hashlib.sha256(ssdlite_bytes).hexdigest()[:8]
     file_name = _publish_locally(monkeypatch, http_server, ssdlite_bytes, prefix)
-    model = SSDLiteMobileNetV2()
-    source = load_mmdet_weights(model, progress=False)
-    assert source.startswith("http://127.0.0.1") and model.checkpoint_source == source
+    model = build_model("ssdlite320_mobilenet_v2", progress=False)
+    assert model.checkpoint_source.startswith("http://127.0.0.1")
     assert (hub_dir / "checkpoints" / file_name).read_bytes() == ssdlite_bytes
-    again = load_mmdet_weights(SSDLiteMobileNetV2(), progress=False)
-    assert again == str(hub_dir / "checkpoints" / file_name)
+    # Published weights with their own classes: the published AP is this model's.
+    assert model.meta["accuracy"]["mAP"] == 0.213 and model.meta["weights"] == "coco"
+    again = build_model("ssdlite320_mobilenet_v2", progress=False)
+    assert again.checkpoint_source == str(hub_dir / "checkpoints" / file_name)
     assert sum(http_server.hits.values()) == 1
     expected = convert_mmdet_state_dict(mmdet_state_dict("ssdlite"), MMDET_SSDLITE320)
     assert torch.equal(model.state_dict()["conf.3.1.weight"], expected["conf.3.1.weight"])
+    # Re-headed for other classes, it is no longer the published model.
+    assert "accuracy" not in build_model("ssdlite320_mobilenet_v2", num_classes=3, progress=False).meta
 
 
 def test_published_checkpoint_with_a_wrong_hash_is_not_kept(monkeypatch, http_server, hub_dir, ssdlite_bytes):
     from ssd.weights import CheckpointUnavailableError
-    from ssd.weights.mmdet import resolve_mmdet_state_dict
 
     _publish_locally(monkeypatch, http_server, ssdlite_bytes, "00000000")
-    with pytest.raises(CheckpointUnavailableError, match="expected sha256 starting 00000000"):
-        resolve_mmdet_state_dict(MMDET_SSDLITE320, progress=False)
+    with pytest.raises(CheckpointUnavailableError, match="expected sha256 starting 00000000") as info:
+        build_model("ssdlite320_mobilenet_v2", progress=False)
+    assert "SSD_CHECKPOINT=/path/to/ssdlite_mobilenetv2" in str(info.value)
     assert not list((hub_dir / "checkpoints").iterdir())
 
 
-def test_local_file_and_errors(tmp_path, hub_dir, ssdlite_bytes):
-    from ssd.weights.mmdet import load_mmdet_weights, resolve_mmdet_state_dict
-
+def test_local_file_and_errors(tmp_path, hub_dir, ssdlite_bytes, monkeypatch):
     path = tmp_path / "mine.pth"
     path.write_bytes(ssdlite_bytes)
-    model = SSDLiteMobileNetV2()
-    assert load_mmdet_weights(model, path) == str(path)
+    model = build_model("ssdlite320_mobilenet_v2", checkpoint=path)
+    assert model.checkpoint_source == str(path) and "accuracy" not in model.meta  # not known to be published
+    # SSD_CHECKPOINT serves mmdetection's models as it serves NVIDIA's.
+    monkeypatch.setenv("SSD_CHECKPOINT", str(path))
+    assert build_model("ssdlite320_mobilenet_v2").checkpoint_source == str(path)
     with pytest.raises(InvalidCheckpointError, match=r"mine\.pth.*expected an mmdetection ssd300_vgg16 checkpoint"):
-        load_mmdet_weights(SSDVGG16(), path)
+        build_model("ssd300_vgg16")
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        resolve_mmdet_state_dict(MMDET_SSD300, tmp_path / "nope.pth")
-    with pytest.raises(ValueError, match="no published checkpoint"):
-        resolve_mmdet_state_dict(NETWORKS["nvidia_ssd"][1])
-    with pytest.raises(TypeError, match="model: expected a network of ssd.models"):
-        load_mmdet_weights(torch.nn.Linear(2, 2), path)
+        build_model("ssd300_vgg16", checkpoint=tmp_path / "nope.pth")

@@ -6,8 +6,8 @@ import pytest
 import torch
 from skimage import data
 
-from ssd.models import NETWORKS
 from ssd.postprocess import postprocess
+from ssd.registry import get_entry
 from ssd.transforms import _resize_like_cv2, preprocess_for_detection, to_tensor_chw
 from ssd.weights.mmdet import convert_mmdet_state_dict
 
@@ -47,7 +47,7 @@ def test_detect_from_the_raw_image_matches_mmdetection(short, tmp_path_factory):
     np.testing.assert_allclose(x.numpy(), x_golden.numpy(), rtol=0, atol=1e-5)
     if short != "ssdlite":
         return  # the VGG inputs are identical; SSDLite is the model that is hypersensitive to its input
-    model = NETWORKS[spec.name][0](spec).eval()
+    model = get_entry(spec.name).network(spec).eval()
     model.load_state_dict(convert_mmdet_state_dict(mmdet_state_dict(short), spec))
     with torch.no_grad():
         decoded = postprocess(model(x), spec)
@@ -62,7 +62,7 @@ def test_detect_from_the_raw_image_matches_mmdetection(short, tmp_path_factory):
 def test_model_detect_on_the_raw_image_matches_mmdetection():
     """The one-call pipeline (load, cv2-exact resize, normalise, forward, mmdetection's recipe, rescale)."""
     spec = MODELS["ssdlite"]
-    model = NETWORKS[spec.name][0](spec).eval()
+    model = get_entry(spec.name).network(spec).eval()
     model.load_state_dict(convert_mmdet_state_dict(mmdet_state_dict("ssdlite"), spec))
     found = model.detect([astronaut_crop()])[0]
     golden = np.load(GOLDEN / "ssdlite_golden.npz")

@@ -13,7 +13,8 @@ import torch
 
 from ssd.anchors import default_boxes
 from ssd.models import NVIDIA_SSD300, SSD300
-from ssd.zoo import build_ssd300, half_with_float_batchnorm
+from ssd.models.base import half_with_float_batchnorm
+from ssd.registry import build_model
 
 from helpers import REPO, forward_error
 
@@ -55,7 +56,7 @@ def test_building_makes_no_network_connection(monkeypatch):
         raise AssertionError("network connection attempted while building the model")
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
-    model = build_ssd300(pretrained=False)
+    model = build_model("nvidia_ssd", pretrained=False)
     assert not model.training
 
 
@@ -69,7 +70,7 @@ def test_importing_ssd_is_light():
 def test_fp16_keeps_batchnorm_in_float32_and_warns_without_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.warns(UserWarning, match="very slow.*fp32"):
-        model = build_ssd300(pretrained=False, model_math="fp16")
+        model = build_model("nvidia_ssd", pretrained=False, model_math="fp16")
     for module in model.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             assert module.weight.dtype == module.running_var.dtype == torch.float32
@@ -98,7 +99,7 @@ def test_half_helper_is_reusable():
 )
 def test_builder_validates_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
-        build_ssd300(**kwargs)
+        build_model("nvidia_ssd", **kwargs)
 
 
 def test_network_files_import_no_pipeline():

@@ -17,17 +17,17 @@ import pytest
 import torch
 
 from ssd.cli import main
+from ssd.data.coco import COCO_NAMES
 from ssd.data.synthetic import make_shapes_dataset
 from ssd.models import SSD300
 from ssd.models.ssd300_resnet50 import nvidia_spec
+from ssd.registry import build_model
 from ssd.training import loop
 from ssd.training.loop import TrainConfig, lr_factor, train
-from ssd.weights import checkpoints
-from ssd.weights.metadata import read_checkpoint_classes
-from ssd.zoo import build_ssd300
+from ssd.weights import TRAIN_FORMAT, InvalidCheckpointError, read_checkpoint
 
 from helpers import REPO
-from helpers.checkpoints import golden_state_dict, save_training_checkpoint
+from helpers.checkpoints import golden_state_dict, save_training_checkpoint, serve_published
 
 NAMES = ["circle", "square", "triangle"]
 IDS = [11, 12, 13]  # not 1..K, so that a test can tell category ids from labels
@@ -85,6 +85,7 @@ def test_finetune_refuse_resume_and_force(first_run, shapes, tmp_path, capsys):
     assert [(r["epoch"], r["iteration"], r["images"]) for r in _records(out, "epoch")] == [(0, 2, 4)]
     state = torch.load(out / "last.pt", map_location="cpu", weights_only=True, mmap=True)
     assert state["class_names"] == NAMES and state["category_ids"] == IDS
+    assert state["format"] == TRAIN_FORMAT == "ssd-train/2" and state["model"] == "nvidia_ssd"
     capsys.readouterr()
 
     # A second run into the same folder is refused, in one line.
@@ -119,13 +120,11 @@ def test_finetune_refuse_resume_and_force(first_run, shapes, tmp_path, capsys):
 
 def test_default_checkpoint_offline_is_a_one_line_error(shapes, tmp_path, hub_dir, monkeypatch, capsys, http_server):
     # Offline: every published URL points at a stopped loopback server, so each connection is refused.
-    variants = {name: checkpoints.CheckpointVariant(name, v.file_name, (http_server.url(f"/{v.file_name}"),))
-                for name, v in checkpoints.VARIANTS.items()}
-    monkeypatch.setattr(checkpoints, "VARIANTS", variants)
+    serve_published(monkeypatch, http_server)
     http_server.stop()
     assert main(_train_args(shapes, tmp_path / "out", "--epochs", "1")) == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "--checkpoint none" in err and "no SSD300 checkpoint" in err
+    assert "\n" not in err and "--checkpoint none" in err and "no nvidia_ssd checkpoint" in err
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
 
 
@@ -247,8 +246,8 @@ def test_torchrun_two_processes(tmp_path):
     epoch = _records(out, "epoch")[0]
     assert epoch["iteration"] == 2 and epoch["images"] == 8  # 2 iterations x 2 images x 2 processes
     state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
-    assert not any(k.startswith("module.") for k in state["model"])
-    model = build_ssd300(checkpoint=str(out / "last.pt"))
+    assert not any(k.startswith("module.") for k in state["state_dict"])
+    model = build_model("nvidia_ssd", checkpoint=str(out / "last.pt"))
     assert model.spec.classes.names == tuple(NAMES)
 
 
@@ -266,19 +265,26 @@ def test_hub_fine_tuning_start_keeps_everything_but_the_heads(golden_checkpoint,
     assert named.spec.classes.names == ("cat", "dog") and named.state_dict()["conf.5.weight"].shape[0] == 4 * 3
     # The same number of classes as the checkpoint, but other names: new heads too.
     coco_count = [f"thing{i}" for i in range(80)]
-    renamed = build_ssd300(class_names=coco_count)
+    renamed = build_model("nvidia_ssd", class_names=coco_count)
     assert not torch.equal(renamed.state_dict()["conf.0.weight"], golden["conf.0.weight"])
-    assert torch.equal(build_ssd300(num_classes=81).state_dict()["conf.0.weight"], golden["conf.0.weight"])
+    assert torch.equal(build_model("nvidia_ssd", num_classes=81).state_dict()["conf.0.weight"], golden["conf.0.weight"])
     with pytest.raises(TypeError, match="class_names"):
-        build_ssd300(class_names="cat")
+        build_model("nvidia_ssd", class_names="cat")
+    # None of them claims the published accuracy: it belongs to NVIDIA's published weights with COCO's classes.
+    assert all("accuracy" not in m.meta for m in (model, named, renamed))
 
 
 def test_trained_checkpoint_loads_with_the_dataset_classes(first_run, shapes, monkeypatch, tmp_path):
     monkeypatch.delenv("SSD_CHECKPOINT", raising=False)
     last = first_run / "last.pt"
-    assert read_checkpoint_classes(last) == (tuple(NAMES), tuple(IDS))
+    stored = read_checkpoint(last, "nvidia_ssd").classes
+    assert (stored.names, stored.category_ids) == (tuple(NAMES), tuple(IDS))
     model = torch.hub.load(str(REPO), "nvidia_ssd", source="local", checkpoint=str(last))
     assert model.spec.classes.names == tuple(NAMES) and model.spec.classes.category_ids == tuple(IDS)
+    assert "accuracy" not in model.meta  # fine-tuned: NVIDIA's 0.25 is not its accuracy
+    # Given to another model, it is refused naming both.
+    with pytest.raises(InvalidCheckpointError, match="written by ssd train for nvidia_ssd, not ssdlite320_mobilenet"):
+        build_model("ssdlite320_mobilenet_v2", checkpoint=str(last))
     _, images = shapes
     found = model.detect(sorted(images.iterdir())[0], threshold=0.01)[0]
     assert found.names and set(found.names) <= set(NAMES)
@@ -294,7 +300,7 @@ def test_starting_from_a_trained_checkpoint_keeps_heads_only_for_the_same_classe
     same = SSD300(nvidia_spec(class_names=tuple(NAMES), category_ids=tuple(IDS)))
     kept = loop._initialise_from(same, first_run / "last.pt", None)
     assert kept["skipped"] == 0 and kept["loaded"] == len(same.state_dict())
-    trained = torch.load(first_run / "last.pt", map_location="cpu", weights_only=True)["model"]
+    trained = torch.load(first_run / "last.pt", map_location="cpu", weights_only=True)["state_dict"]
     assert torch.equal(same.state_dict()["conf.0.weight"], trained["conf.0.weight"])
     # Three classes again, but other ones: the heads start afresh.
     other = SSD300(nvidia_spec(class_names=("cat", "dog", "cow")))
@@ -332,11 +338,22 @@ def test_distributed_helpers_in_one_process(monkeypatch):
 
 
 def test_class_metadata_only_from_our_checkpoints(golden_checkpoint, tmp_path):
-    assert read_checkpoint_classes(golden_checkpoint) is None  # NVIDIA-style: no names of ours
+    assert read_checkpoint(golden_checkpoint, "nvidia_ssd").classes is None  # NVIDIA-style: no names of ours
     bare = tmp_path / "bare.pt"
-    torch.save({"conf.0.bias": torch.zeros(2)}, bare)
-    assert read_checkpoint_classes(bare) is None
-    assert read_checkpoint_classes(tmp_path / "missing.pt") is None
+    torch.save(golden_state_dict(), bare)
+    assert read_checkpoint(bare, "nvidia_ssd").classes is None
+    with pytest.raises(FileNotFoundError):
+        read_checkpoint(tmp_path / "missing.pt", "nvidia_ssd")
+    # The names are read through the same guarded reader as the weights, and must agree with them.
     tagged = tmp_path / "tagged.pt"
-    torch.save({"model": {}, "class_names": ["a", "b"], "category_ids": [3, 9]}, tagged)
-    assert read_checkpoint_classes(tagged) == (("a", "b"), (3, 9))
+    torch.save({"format": TRAIN_FORMAT, "model": "nvidia_ssd", "state_dict": golden_state_dict(),
+                "class_names": ["a", "b"], "category_ids": [3, 9]}, tagged)
+    with pytest.raises(InvalidCheckpointError, match="class names list 2 classes, but its class predictor"):
+        read_checkpoint(tagged, "nvidia_ssd")
+    # A file of the first format (before models were named) is read as nvidia_ssd's.
+    old = tmp_path / "old.pt"
+    torch.save({"format": "ssd300-train/1", "model": golden_state_dict(), "class_names": list(COCO_NAMES),
+                "category_ids": list(range(1, 81))}, old)
+    assert read_checkpoint(old, "nvidia_ssd").classes.category_ids == tuple(range(1, 81))
+    with pytest.raises(InvalidCheckpointError, match="for nvidia_ssd, not ssd300_vgg16"):
+        read_checkpoint(old, "ssd300_vgg16")

@@ -11,7 +11,7 @@ from ssd.data.synthetic import make_shapes_dataset
 from ssd.models import SSD300
 from ssd.training import loop
 from ssd.training.loop import NonFiniteLossError, TrainConfig, build_optimizer, lr_factor, train
-from ssd.weights.checkpoints import read_state_dict
+from ssd.weights import read_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +55,11 @@ def test_train_checkpoint_resume_and_nan_stop(shapes, tmp_path, monkeypatch):
     assert state["class_names"] == ["circle", "square", "triangle"]
     assert state["preprocessing"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
     assert {"optimizer", "scheduler", "scaler", "config"} <= set(state)
-    SSD300(num_classes=4).load_state_dict(state["model"])
-    # The project's own checkpoint reader takes it too (it reads the 'model' entry).
-    assert set(read_state_dict(out / "last.pt")) == set(state["model"])
+    assert state["format"] == "ssd-train/2" and state["model"] == "nvidia_ssd"
+    SSD300(num_classes=4).load_state_dict(state["state_dict"])
+    # The project's own checkpoint reader takes it too, with its classes.
+    read = read_checkpoint(out / "last.pt", "nvidia_ssd")
+    assert set(read.state_dict) == set(state["state_dict"]) and read.classes.names == ("circle", "square", "triangle")
     records = _metrics(out / "metrics.jsonl")
     assert len(records) == 1 and records[0]["images"] == 4 and records[0]["skipped_images"] == 0
     # Warmup from 0 over 1 iteration: the second iteration runs at the base rate.

@@ -5,22 +5,15 @@ import argparse
 import os
 import pathlib
 import sys
-from collections.abc import Callable
 from typing import Any
+
+from ..registry import list_models
 
 __all__ = ["add_parser", "run"]
 
 DESCRIPTION = """Evaluate a detector on a COCO-format set (pycocotools bbox AP) with the protocol its published
 accuracy was measured with. Prints COCO's 12-line summary, AP per category and the speed; writes metrics.json and
 detections.json (the COCO results list) to --out. Under torchrun every process takes its share of the images."""
-
-
-def _builders() -> dict[str, Callable[..., Any]]:
-    """Model name -> builder(checkpoint) for the networks the command can load."""
-    from ..zoo import MMDET_MODELS, build_model
-
-    return {name: (lambda checkpoint, name=name: build_model(name, checkpoint=checkpoint))
-            for name in ("nvidia_ssd", *MMDET_MODELS)}
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -33,7 +26,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="COCO annotation file (e.g. instances_val2017.json)")
     parser.add_argument("--checkpoint", default=None, metavar="PATH_OR_URL",
                         help="checkpoint file or URL (default: SSD_CHECKPOINT, else the published weights)")
-    parser.add_argument("--model", default="nvidia_ssd", choices=sorted(_builders()),
+    parser.add_argument("--model", default="nvidia_ssd", choices=list_models(),
                         help="which network (default nvidia_ssd)")
     parser.add_argument("--batch-size", type=int, default=8, metavar="N", help="images per forward pass (default 8)")
     parser.add_argument("--workers", type=int, default=0, metavar="N",
@@ -47,7 +40,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--skip-errors", action="store_true",
                         help="leave out (and report) images missing or unreadable instead of failing")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.set_defaults(handler=run)
     return parser
 
 
@@ -64,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from .. import distributed
-    from ..weights.checkpoints import CheckpointUnavailableError, InvalidCheckpointError
+    from ..registry import build_model
+    from ..weights import CheckpointUnavailableError, InvalidCheckpointError
     from .coco import evaluate
 
     if args.batch_size < 1:
@@ -73,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         return _fail(f"--workers: expected an integer >= 0, got {args.workers}")
     try:
         _, _, device = distributed.setup(args.device, "--device")
-        model = _builders()[args.model](args.checkpoint).to(device)
+        model = build_model(args.model, checkpoint=args.checkpoint).to(device)
         if args.precision == "bf16":
             # As for detect: channels_last speeds bf16 up on CPUs and GPUs and changes no more than bf16 does.
             model.to(memory_format=torch.channels_last)

@@ -34,7 +34,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="post-processing in the graph: padded det_boxes/det_scores/det_labels/num_detections")
     parser.add_argument("--batch", type=int, default=1, help="batch size of the example input (default 1)")
     parser.add_argument("--static-batch", action="store_true", help="fix the batch size to --batch")
-    parser.set_defaults(handler=run)
     return parser
 
 
@@ -58,13 +57,11 @@ def _check_out(out: pathlib.Path, suffix: str, fmt: str) -> str | None:
 
 
 def _build(name: str, checkpoint: str | None) -> Any:
-    from ..models import NETWORKS
-    from ..weights.checkpoints import CheckpointUnavailableError, InvalidCheckpointError
+    from ..registry import build_model, list_models
+    from ..weights import CheckpointUnavailableError, InvalidCheckpointError
 
-    if name not in NETWORKS:
-        raise ValueError(f"--model: expected one of {', '.join(sorted(NETWORKS))}, got {name!r}")
-    from ..zoo import build_model
-
+    if name not in list_models():
+        raise ValueError(f"--model: expected one of {', '.join(list_models())}, got {name!r}")
     try:
         return build_model(name, checkpoint=checkpoint)
     except (CheckpointUnavailableError, InvalidCheckpointError) as exc:

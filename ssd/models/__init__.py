@@ -1,6 +1,7 @@
-"""The networks (pure ``nn.Module``s) and their specs: one module per family, and a registry by name.
+"""The networks (pure ``nn.Module``s) and their specs: one module per family.
 
-A file here imports torch, torchvision and the spec only: never image loading, HTTP, drawing or the pipelines.
+A file here imports torch, torchvision and the spec only: never image loading, HTTP, drawing or the pipelines. Each
+family module declares its models (network, spec, published weights) in ``MODELS``; :mod:`ssd.registry` names them.
 """
 from .base import Detector
 from .spec import AnchorSpec, BoxCoderSpec, ClassSpec, DetectorSpec, InputSpec, PostProcessSpec
@@ -12,7 +13,6 @@ __all__ = [
     "MMDET_SSD300",
     "MMDET_SSD512",
     "MMDET_SSDLITE320",
-    "NETWORKS",
     "NVIDIA_SSD300",
     "SSD300",
     "AnchorSpec",
@@ -26,12 +26,3 @@ __all__ = [
     "SSDVGG16",
     "nvidia_spec",
 ]
-
-# Model name -> (network class, its published spec). A new family adds its row here and its checkpoint table in
-# ssd.weights, then an entrypoint in hubconf.py.
-NETWORKS: dict[str, tuple[type[Detector], DetectorSpec]] = {
-    NVIDIA_SSD300.name: (SSD300, NVIDIA_SSD300),
-    MMDET_SSD300.name: (SSDVGG16, MMDET_SSD300),
-    MMDET_SSD512.name: (SSDVGG16, MMDET_SSD512),
-    MMDET_SSDLITE320.name: (SSDLiteMobileNetV2, MMDET_SSDLITE320),
-}

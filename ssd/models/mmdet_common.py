@@ -1,16 +1,16 @@
 """What mmdetection's SSD family shares: its input normalisation, test-time recipe, classes and layer helpers."""
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 from torch import nn
 
 from ..data.coco import COCO_CATEGORY_IDS, COCO_NAMES
-from .base import Detector
+from .base import Detector, with_num_classes
+from .entry import ModelEntry, Weights
 from .spec import ClassSpec, DetectorSpec, PostProcessSpec
 
-__all__ = ["MMDET_MEAN", "MMDET_POSTPROCESS", "MMDET_STD", "head_outputs", "mmdet_classes", "with_num_classes"]
+__all__ = ["MMDET_MEAN", "MMDET_POSTPROCESS", "MMDET_STD", "head_outputs", "mmdet_classes", "mmdet_entry",
+           "mmdet_weights"]
 
 # DetDataPreprocessor: RGB 0..255 minus the ImageNet mean; the VGG models keep std 1 (caffe-style weights).
 MMDET_MEAN = (123.675, 116.28, 103.53)
@@ -28,19 +28,26 @@ def mmdet_classes() -> ClassSpec:
     return ClassSpec(COCO_NAMES, COCO_CATEGORY_IDS)
 
 
-def with_num_classes(base: DetectorSpec, num_classes: int | None) -> DetectorSpec:
-    """``base``, or a copy with ``num_classes`` (background included) numbered classes, for new heads."""
-    if num_classes is None:
-        return base
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int):
-        raise TypeError(f"num_classes: expected an integer >= 2 (classes plus background), got {num_classes!r}")
-    if num_classes < 2:
-        raise ValueError(f"num_classes: expected an integer >= 2 (classes plus background), got {num_classes!r}")
-    if num_classes == base.num_classes:
-        return base
-    # Published accuracy belongs to the published classes only.
-    meta = {k: v for k, v in base.meta.items() if k != "accuracy"}
-    return replace(base.with_classes(ClassSpec.numbered(num_classes - 1)), meta=meta)
+_BASE_URL = "https://download.openmmlab.com/mmdetection/v2.0/ssd"
+_PROTOCOL = "COCO val2017 box AP, IoU 0.50:0.95, mmdetection's evaluation"
+
+
+def mmdet_weights(folder: str, file_name: str, box_ap: float) -> dict[str, Weights]:
+    """The weights table of one of mmdetection's published COCO checkpoints: its file under ``folder`` of
+    mmdetection's SSD downloads, whose name ends in the first 8 hex digits of its sha256; ``box_ap`` as a fraction."""
+    prefix = file_name.removesuffix(".pth").rsplit("-", 1)[-1]
+    if not file_name.endswith(".pth") or len(prefix) != 8:  # pragma: no cover - a typo in a family's table
+        raise ValueError(f"file_name: expected a name ending in -<8 hex digits>.pth, got {file_name!r}")
+    coco = Weights("coco", file_name, (f"{_BASE_URL}/{folder}/{file_name}",), mmdet_classes(), sha256=prefix,
+                   meta={"accuracy": {"mAP": box_ap, "protocol": _PROTOCOL}})
+    return {coco.name: coco}
+
+
+def mmdet_entry(spec: DetectorSpec, network: type, weights: dict[str, Weights], class_predictor: str) -> ModelEntry:
+    """The registry entry of one of mmdetection's SSDs: its files are converted by :mod:`ssd.weights.mmdet`."""
+    return ModelEntry(spec=spec, network=network, weights=weights, default_weights="coco",
+                      converter=".weights.mmdet", class_predictor=class_predictor,
+                      formats="an mmdetection checkpoint (.pth), a file saved by ssd train, or a plain state dict")
 
 
 def resolve_spec(default: DetectorSpec, spec: DetectorSpec | None, num_classes: int | None) -> DetectorSpec:

@@ -5,10 +5,11 @@ import torch
 from torch import nn
 
 from ..data.coco import COCO_CATEGORY_IDS, COCO_NAMES
-from .base import Detector
+from .base import Detector, with_num_classes
+from .entry import ModelEntry, Weights
 from .spec import AnchorSpec, BoxCoderSpec, ClassSpec, DetectorSpec, InputSpec, PostProcessSpec
 
-__all__ = ["NVIDIA_SSD300", "SSD300", "ResNetTrunk"]
+__all__ = ["MODELS", "NVIDIA_SSD300", "NVIDIA_WEIGHTS", "SSD300", "ResNetTrunk", "nvidia_spec"]
 
 NVIDIA_SSD300 = DetectorSpec(
     name="nvidia_ssd",
@@ -32,9 +33,28 @@ NVIDIA_SSD300 = DetectorSpec(
     # The notebook's pick_best(0.40) on decode_results, with at most 100 boxes per picture.
     detect_postprocess=PostProcessSpec(score_threshold=0.4, iou_threshold=0.5, max_detections=100,
                                        candidates_per_class=200),
-    meta={"accuracy": {"mAP": 0.25, "protocol": "COCO val2017, IoU 0.50:0.95, NVIDIA's evaluation"},
-          "gflops": 40.3},
+    meta={"gflops": 40.3},
 )
+
+# NVIDIA's published checkpoints (NGC). They have moved several times, so the newest upload ("amp") is the fallback
+# when the chosen file's URLs all fail. The three were trained the same way and score the same.
+_NGC = "https://api.ngc.nvidia.com/v2/models/nvidia"
+_ACCURACY = {"accuracy": {"mAP": 0.25, "protocol": "COCO val2017, IoU 0.50:0.95, NVIDIA's evaluation"}}
+NVIDIA_WEIGHTS: dict[str, Weights] = {
+    w.name: w
+    for w in (
+        Weights("fp32", "nvidia_ssdpyt_fp32_190826.pt",
+                (f"{_NGC}/ssdpyt_fp32/versions/2/files/nvidia_ssdpyt_fp32_190826.pt",),
+                NVIDIA_SSD300.classes, meta=_ACCURACY),
+        Weights("fp16", "nvidia_ssdpyt_fp16_190826.pt",
+                (f"{_NGC}/ssd_pyt_ckpt_amp/versions/19.09.0/files/nvidia_ssdpyt_fp16_190826.pt",),
+                NVIDIA_SSD300.classes, meta=_ACCURACY),
+        Weights("amp", "nvidia_ssdpyt_amp_200703.pt",
+                (f"{_NGC}/ssd_pyt_ckpt_amp/versions/20.06.0/files/nvidia_ssdpyt_amp_200703.pt",
+                 f"{_NGC}/dle/ssd__pyt_ckpt/versions/20.06.0_amp/files/nvidia_ssdpyt_amp_200703.pt"),
+                NVIDIA_SSD300.classes, meta=_ACCURACY),
+    )
+}
 
 # Channels of the six feature maps the heads read: layer3 of the trunk, then the five additional blocks.
 FEATURE_CHANNELS = (1024, 512, 512, 256, 256, 256)
@@ -76,23 +96,14 @@ def _additional_block(in_channels: int, mid: int, out_channels: int, downsample:
 def nvidia_spec(num_classes: int | None = None, class_names: tuple[str, ...] | None = None,
                 category_ids: tuple[int, ...] | None = None) -> DetectorSpec:
     """NVIDIA's spec, with other classes when fine-tuning: ``num_classes`` counts the background too."""
-    if class_names is None and num_classes is None:
-        return NVIDIA_SSD300
-    if class_names is not None:
-        class_names = tuple(class_names)
-        ids = tuple(category_ids) if category_ids is not None else tuple(range(1, len(class_names) + 1))
-        classes = ClassSpec(class_names, ids)
-        if num_classes is not None and num_classes != classes.num_classes:
-            raise ValueError(f"num_classes: expected {classes.num_classes} (the {len(class_names)} class names plus "
-                             f"background), got {num_classes}")
-    else:
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int):
-            raise TypeError(f"num_classes: expected an integer (classes plus background), got {num_classes!r}")
-        if num_classes < 2:
-            raise ValueError(f"num_classes: expected an integer >= 2 (classes plus background), got {num_classes!r}")
-        if num_classes == NVIDIA_SSD300.num_classes:
-            return NVIDIA_SSD300
-        classes = ClassSpec.numbered(num_classes - 1)
+    if class_names is None:
+        return with_num_classes(NVIDIA_SSD300, num_classes)
+    class_names = tuple(class_names)
+    ids = tuple(category_ids) if category_ids is not None else tuple(range(1, len(class_names) + 1))
+    classes = ClassSpec(class_names, ids)
+    if num_classes is not None and num_classes != classes.num_classes:
+        raise ValueError(f"num_classes: expected {classes.num_classes} (the {len(class_names)} class names plus "
+                         f"background), got {num_classes}")
     return NVIDIA_SSD300.with_classes(classes)
 
 
@@ -149,3 +160,17 @@ class SSD300(Detector):
         locs = torch.cat([head(f).reshape(n, 4, -1) for head, f in zip(self.loc, features)], dim=2)
         confs = torch.cat([head(f).reshape(n, self.num_classes, -1) for head, f in zip(self.conf, features)], dim=2)
         return locs.contiguous(), confs.contiguous()
+
+
+MODELS: dict[str, ModelEntry] = {
+    NVIDIA_SSD300.name: ModelEntry(
+        spec=NVIDIA_SSD300,
+        network=SSD300,
+        weights=NVIDIA_WEIGHTS,
+        default_weights="fp32",
+        fallback_weights="amp",
+        converter=".weights.nvidia",
+        class_predictor="conf.{level}.{param}",
+        formats="a file saved by NVIDIA's training or by ssd train, or a plain state dict",
+    ),
+}

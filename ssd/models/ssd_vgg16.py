@@ -10,19 +10,28 @@ import math
 import torch
 from torch import nn
 
-from .mmdet_common import MMDET_MEAN, MMDET_POSTPROCESS, MMDetSSD, init_heads, mmdet_classes, resolve_spec
+from .entry import ModelEntry
+from .mmdet_common import (
+    MMDET_MEAN,
+    MMDET_POSTPROCESS,
+    MMDetSSD,
+    init_heads,
+    mmdet_classes,
+    mmdet_entry,
+    mmdet_weights,
+    resolve_spec,
+)
 from .spec import AnchorSpec, BoxCoderSpec, DetectorSpec, InputSpec
 
-__all__ = ["MMDET_SSD300", "MMDET_SSD512", "L2Norm", "SSDVGG16", "vgg16_trunk"]
+__all__ = ["MMDET_SSD300", "MMDET_SSD512", "MODELS", "L2Norm", "SSDVGG16", "vgg16_trunk"]
 
 # mmdetection's DeltaXYWHBBoxCoder clamps the scaled log-size at |log(16 / 1000)|.
 _MAX_LOG_SIZE = abs(math.log(16 / 1000))
-_ACCURACY = "COCO val2017 box AP, IoU 0.50:0.95, mmdetection's evaluation"
 
 
 def _vgg_spec(name: str, size: int, feature_sizes: tuple[int, ...], steps: tuple[int, ...],
               min_sizes: tuple[int, ...], max_sizes: tuple[int, ...], ratios: tuple[tuple[int, ...], ...],
-              box_ap: float, gflops: float) -> DetectorSpec:
+              gflops: float) -> DetectorSpec:
     return DetectorSpec(
         name=name,
         description=f"SSD{size}, VGG-16 backbone (mmdetection), COCO",
@@ -33,19 +42,19 @@ def _vgg_spec(name: str, size: int, feature_sizes: tuple[int, ...], steps: tuple
         input=InputSpec(size=size, mean=MMDET_MEAN, std=(1.0, 1.0, 1.0), value_range=255.0, resize="bilinear"),
         postprocess=MMDET_POSTPROCESS,
         detect_postprocess=MMDET_POSTPROCESS,
-        meta={"accuracy": {"mAP": box_ap, "protocol": _ACCURACY}, "gflops": gflops},
+        meta={"gflops": gflops},
     )
 
 
 MMDET_SSD300 = _vgg_spec(
     "ssd300_vgg16", 300, (38, 19, 10, 5, 3, 1), (8, 16, 32, 64, 100, 300),
     (21, 45, 99, 153, 207, 261), (45, 99, 153, 207, 261, 315),
-    ((2,), (2, 3), (2, 3), (2, 3), (2,), (2,)), box_ap=0.255, gflops=68.7,
+    ((2,), (2, 3), (2, 3), (2, 3), (2,), (2,)), gflops=68.7,
 )
 MMDET_SSD512 = _vgg_spec(
     "ssd512_vgg16", 512, (64, 32, 16, 8, 4, 2, 1), (8, 16, 32, 64, 128, 256, 512),
     (20, 51, 133, 215, 296, 378, 460), (51, 133, 215, 296, 378, 460, 542),
-    ((2,), (2, 3), (2, 3), (2, 3), (2, 3), (2,), (2,)), box_ap=0.295, gflops=197.3,
+    ((2,), (2, 3), (2, 3), (2, 3), (2, 3), (2,), (2,)), gflops=197.3,
 )
 
 # Extra layers per model: (output channels, stride, padding, kernel of the second conv); the first conv of each
@@ -148,3 +157,13 @@ class SSDVGG16(MMDetSSD):
             x = layer(x)
             maps.append(x)
         return maps
+
+
+MODELS: dict[str, ModelEntry] = {
+    MMDET_SSD300.name: mmdet_entry(
+        MMDET_SSD300, SSDVGG16, mmdet_weights("ssd300_coco", "ssd300_coco_20210803_015428-d231a06e.pth", 0.255),
+        class_predictor="conf.{level}.{param}"),
+    MMDET_SSD512.name: mmdet_entry(
+        MMDET_SSD512, SSDVGG16, mmdet_weights("ssd512_coco", "ssd512_coco_20210803_022849-0a47a1ca.pth", 0.295),
+        class_predictor="conf.{level}.{param}"),
+}

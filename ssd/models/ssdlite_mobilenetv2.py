@@ -7,6 +7,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from .entry import ModelEntry
 from .mmdet_common import (
     MMDET_MEAN,
     MMDET_POSTPROCESS,
@@ -14,11 +15,13 @@ from .mmdet_common import (
     MMDetSSD,
     init_heads,
     mmdet_classes,
+    mmdet_entry,
+    mmdet_weights,
     resolve_spec,
 )
 from .spec import AnchorSpec, BoxCoderSpec, DetectorSpec, InputSpec
 
-__all__ = ["MMDET_SSDLITE320", "SSDLiteMobileNetV2"]
+__all__ = ["MMDET_SSDLITE320", "MODELS", "SSDLiteMobileNetV2"]
 
 MMDET_SSDLITE320 = DetectorSpec(
     name="ssdlite320_mobilenet_v2",
@@ -39,8 +42,7 @@ MMDET_SSDLITE320 = DetectorSpec(
     input=InputSpec(size=320, mean=MMDET_MEAN, std=MMDET_STD, value_range=255.0, resize="bilinear"),
     postprocess=MMDET_POSTPROCESS,
     detect_postprocess=MMDET_POSTPROCESS,
-    meta={"accuracy": {"mAP": 0.213, "protocol": "COCO val2017 box AP, IoU 0.50:0.95, mmdetection's evaluation"},
-          "gflops": 1.49},
+    meta={"gflops": 1.49},
 )
 
 # torchvision's MobileNetV2 feature index after which the two trunk outputs are taken (96 ch at /16, 1280 at /32).
@@ -113,3 +115,13 @@ class SSDLiteMobileNetV2(MMDetSSD):
             x = layer(x)
             maps.append(x)
         return maps
+
+
+MODELS: dict[str, ModelEntry] = {
+    MMDET_SSDLITE320.name: mmdet_entry(
+        MMDET_SSDLITE320, SSDLiteMobileNetV2,
+        mmdet_weights("ssdlite_mobilenetv2_scratch_600e_coco",
+                      "ssdlite_mobilenetv2_scratch_600e_coco_20210629_110627-974d9307.pth", 0.213),
+        # The class predictor is the 1 x 1 conv after each head's depthwise block (which is class-independent).
+        class_predictor="conf.{level}.1.{param}"),
+}

@@ -158,8 +158,11 @@ def _check_train_args(args: argparse.Namespace) -> None:
 
 
 def _starting_weights(args: argparse.Namespace) -> tuple[Any, str | None]:
-    """``(init_checkpoint, label)`` for TrainConfig: None, a local path, or a state dict from a URL/the default."""
-    from ..weights.checkpoints import ENV_VAR, CheckpointUnavailableError, is_url, resolve_state_dict
+    """``(init_checkpoint, label)`` for TrainConfig: None, or the local file of the weights to start from (a path,
+    the cache entry of a URL, or of the published weights) and where it came from."""
+    from ..registry import get_entry
+    from ..weights.checkpoints import ENV_VAR, CheckpointUnavailableError, is_url, resolve
+    from ..weights.formats import read_checkpoint
 
     if args.resume is not None:
         return None, None  # the resumed checkpoint holds the weights
@@ -171,14 +174,16 @@ def _starting_weights(args: argparse.Namespace) -> tuple[Any, str | None]:
         if not path.is_file():
             raise _UsageError(f"--checkpoint: expected a checkpoint file, a URL or 'none', got {choice!r}")
         return path, None  # a local file: the loop reads it, with its class names if it has them
+    entry = get_entry("nvidia_ssd")
     try:
-        state_dict, source = resolve_state_dict("fp32", choice, progress=True)
+        # Read (and checked) here, so that a download enters the cache only if it is a checkpoint of the model.
+        found = resolve(entry, lambda path, name: read_checkpoint(path, entry, name=name), checkpoint=choice)
     except CheckpointUnavailableError as exc:
         raise _UsageError(f"{exc} Or pass --checkpoint none to train from random weights (this needs far longer "
                           "training) or --checkpoint /path/to/checkpoint.pt.") from None
     except (OSError, ValueError) as exc:
         raise _UsageError(f"--checkpoint: {exc}") from None
-    return state_dict, source
+    return found.path, found.source
 
 
 def _validator(args: argparse.Namespace) -> Callable[[Any], dict[str, Any]] | None:

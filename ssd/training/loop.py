@@ -40,14 +40,23 @@ from ..data.coco_format import CocoDetectionDataset, DetectionCollate
 from ..io.files import atomic_path
 from ..models.spec import DetectorSpec, check_int, check_real
 from ..models.ssd300_resnet50 import NVIDIA_SSD300, SSD300, nvidia_spec
-from ..weights.checkpoints import read_state_dict
-from ..weights.metadata import load_except_heads, read_checkpoint_classes
+from ..registry import get_entry
+from ..weights.formats import (
+    TRAIN_FORMAT,
+    Checkpoint,
+    checkpoint_of,
+    load_weights,
+    read_checkpoint,
+    read_training_state,
+    stored_classes,
+    tensors,
+)
+from ..weights.loader import InvalidCheckpointError
 from .augment import SSDAugmentation
 from .loss import SSDLoss
 from .targets import encode_targets
 
 __all__ = [
-    "CHECKPOINT_FORMAT",
     "EncodingCollate",
     "NonFiniteLossError",
     "TrainConfig",
@@ -56,7 +65,6 @@ __all__ = [
     "train",
 ]
 
-CHECKPOINT_FORMAT = "ssd300-train/1"
 # NVIDIA's schedule: 65 epochs with the rate divided by 10 after epochs 43 and 54.
 _REFERENCE_EPOCHS = 65
 _REFERENCE_MILESTONES = (43, 54)
@@ -91,12 +99,12 @@ class TrainConfig:
         seed: seeds the weights' initialisation, the shuffling and the augmentation.
         resume: True: continue from ``out_dir/last.pt`` when it exists; a path: continue from that checkpoint
             (it must exist); False: start afresh (an old ``metrics.jsonl`` and ``best.pt`` are removed).
-        init_checkpoint: weights to start from (a file, or a state dict such as NVIDIA's COCO weights from
-            :func:`ssd.weights.checkpoints.resolve_state_dict`). The classification heads stay at their
-            initialisation (Xavier weights, as NVIDIA's training) when the checkpoint's classes differ from the
-            dataset's (by number, or by name where the file records names; files without names hold COCO's);
-            every other tensor must fit.
-        init_source: how to name ``init_checkpoint`` in the log when it is a state dict.
+        init_checkpoint: weights to start from: a checkpoint file of the model (read as ``build_model`` reads
+            one: ``ssd train``'s, NVIDIA's), or a state dict under this package's key names. The classification
+            heads stay at their initialisation (Xavier weights, as NVIDIA's training) when the checkpoint's classes
+            differ from the dataset's (by number, or by name where the file records names; files without names
+            hold the published classes, COCO's); every other tensor must fit.
+        init_source: how to name ``init_checkpoint`` in the log (default: its path, or "state dict").
         max_iters_per_epoch: cut epochs short (smoke tests); None for full epochs.
         skip_bad_images: skip unreadable images (counted in the metrics) instead of stopping; a batch left
             with one readable image is skipped whole (BatchNorm needs two).
@@ -264,16 +272,17 @@ def _plain_config(config: TrainConfig) -> dict[str, Any]:
 
 def _initialise_from(model: SSD300, init: str | os.PathLike[str] | Mapping[str, torch.Tensor],
                      label: str | None) -> dict[str, Any]:
+    entry = get_entry(model.spec.name)
     if isinstance(init, Mapping):
-        state_dict, source, stored = dict(init), label or "state dict", None
+        source = label or "state dict"
+        checkpoint: Checkpoint = checkpoint_of(tensors(init, source), None, entry, source)
     else:
-        state_dict, source = read_state_dict(init), os.fspath(init)
-        stored = read_checkpoint_classes(init)
-    # Files without class metadata (NVIDIA's) hold COCO's classes: reusing their heads for other classes of the
-    # same count would start each class from an unrelated one.
-    stored_names = stored[0] if stored is not None else NVIDIA_SSD300.classes.names
-    counts = load_except_heads(model, state_dict, source, new_heads=tuple(stored_names) != model.spec.classes.names)
-    return {"source": source, **counts}
+        checkpoint = read_checkpoint(init, entry, name=label)
+    # Files without class metadata (NVIDIA's) hold the published classes: reusing their heads for other classes of
+    # the same count would start each class from an unrelated one.
+    new_heads = stored_classes(checkpoint, entry).names != model.spec.classes.names
+    counts = load_weights(model, checkpoint.state_dict, checkpoint.source, entry, new_heads=new_heads)
+    return {"source": checkpoint.source, **counts}
 
 
 def _finite(value: float) -> float | None:
@@ -305,10 +314,7 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abs
 
 
 def _grad_scaler(device: torch.device, enabled: bool) -> Any:
-    # torch.amp.GradScaler appeared in torch 2.3; requirements admit 2.1, where only the CUDA one exists.
-    if hasattr(torch.amp, "GradScaler"):
-        return torch.amp.GradScaler(device.type, enabled=enabled)
-    return torch.cuda.amp.GradScaler(enabled=enabled)
+    return torch.amp.GradScaler(device.type, enabled=enabled)
 
 
 def _write_metrics(path: pathlib.Path, record: dict[str, Any]) -> None:
@@ -438,21 +444,21 @@ def train(config: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
 
     start_epoch, iteration, resumed_from, best_map = 0, 0, None, None
     if resume_from is not None:
-        state = torch.load(resume_from, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{resume_from}: expected a training checkpoint ({CHECKPOINT_FORMAT}), got another")
-        if "optimizer" not in state:
-            raise ValueError(f"{resume_from}: expected last.pt (with the optimizer state), got a checkpoint without "
-                             "it (best.pt?); start from it with init_checkpoint / --checkpoint instead")
+        state = read_training_state(resume_from, model.spec.name)
         if state["class_names"] != dataset.class_names or state["category_ids"] != dataset.category_ids:
             raise ValueError(
                 f"{resume_from}: its classes {state['class_names']} differ from the dataset's "
                 f"{dataset.class_names}; use another out_dir or resume=False"
             )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        load_weights(model, state["state_dict"], str(resume_from), get_entry(model.spec.name), new_heads=False)
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
+            why = " ".join(str(exc).split())[:200]
+            raise InvalidCheckpointError(f"checkpoint {str(resume_from)!r}: its optimizer state does not fit this "
+                                         f"run ({type(exc).__name__}: {why})") from None
         # The saved rate was computed with the saved run's milestones, which follow its epoch count; a resumed run
         # with more epochs has other milestones, so the rate of the next iteration is recomputed from this run's
         # base rate and schedule at the saved iteration.
@@ -576,8 +582,9 @@ def train(config: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
             best_map = validation["mAP"]
         if main:
             state = {
-                "format": CHECKPOINT_FORMAT,
-                "model": model.state_dict(),
+                "format": TRAIN_FORMAT,
+                "model": model.spec.name,
+                "state_dict": model.state_dict(),
                 "num_classes": dataset.num_classes,
                 "class_names": list(dataset.class_names),
                 "category_ids": list(dataset.category_ids),

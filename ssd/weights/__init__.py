@@ -1,42 +1,9 @@
-"""Checkpoints: the published tables, the cache, downloads, safe loading and key conversion."""
-from .checkpoints import (
-    VARIANTS,
-    CheckpointUnavailableError,
-    CheckpointVariant,
-    InvalidCheckpointError,
-    cache_dir,
-    check_fits,
-    checkpoint_policy,
-    load_into,
-    read_state_dict,
-    resolve_state_dict,
-    url_cache_name,
-)
-from .mmdet import (
-    MMDET_CHECKPOINTS,
-    MMDetCheckpointInfo,
-    convert_mmdet_state_dict,
-    load_mmdet_state_dict,
-    load_mmdet_weights,
-    resolve_mmdet_state_dict,
-)
+"""Weights: one resolution order and cache for every model (:mod:`.checkpoints`), the one safe loader
+(:mod:`.loader`), one reader of checkpoint contents (:mod:`.formats`) and each family's converter (:mod:`.nvidia`,
+:mod:`.mmdet`). Models are built with :func:`ssd.build_model`; these are the pieces behind it."""
+from .checkpoints import CheckpointUnavailableError
+from .formats import TRAIN_FORMAT, Checkpoint, read_checkpoint
+from .loader import InvalidCheckpointError, load_file
 
-__all__ = [
-    "MMDET_CHECKPOINTS",
-    "VARIANTS",
-    "CheckpointUnavailableError",
-    "CheckpointVariant",
-    "InvalidCheckpointError",
-    "MMDetCheckpointInfo",
-    "cache_dir",
-    "check_fits",
-    "checkpoint_policy",
-    "convert_mmdet_state_dict",
-    "load_into",
-    "load_mmdet_state_dict",
-    "load_mmdet_weights",
-    "read_state_dict",
-    "resolve_mmdet_state_dict",
-    "resolve_state_dict",
-    "url_cache_name",
-]
+__all__ = ["TRAIN_FORMAT", "Checkpoint", "CheckpointUnavailableError", "InvalidCheckpointError", "load_file",
+           "read_checkpoint"]

@@ -97,3 +97,19 @@ def minicoco_state_dict() -> dict[str, torch.Tensor]:
 def save_minicoco_checkpoint(path: pathlib.Path) -> pathlib.Path:
     torch.save(training_checkpoint(minicoco_state_dict()), path)
     return path
+
+
+def serve_published(monkeypatch, server, model: str = "nvidia_ssd") -> dict:
+    """Point ``model``'s published weights at ``server``: URL i of weights ``name`` becomes ``/{name}/{i}/{file}``.
+
+    Returns the patched table (name -> Weights); nothing is served until a test adds it.
+    """
+    import dataclasses
+
+    from ssd.registry import get_entry
+
+    table = get_entry(model).weights
+    for name, weights in list(table.items()):
+        urls = tuple(server.url(f"/{name}/{i}/{weights.file_name}") for i in range(len(weights.urls)))
+        monkeypatch.setitem(table, name, dataclasses.replace(weights, urls=urls))
+    return dict(table)

@@ -9,8 +9,9 @@ import pathlib
 import numpy as np
 import torch
 
-from ssd.models import MMDET_SSD300, MMDET_SSD512, MMDET_SSDLITE320, NETWORKS
-from ssd.weights.mmdet import load_mmdet_state_dict
+from ssd.models import MMDET_SSD300, MMDET_SSD512, MMDET_SSDLITE320
+from ssd.registry import get_entry
+from ssd.weights import read_checkpoint
 
 GOLDEN = pathlib.Path(__file__).resolve().parents[1] / "data" / "golden" / "mmdet"
 
@@ -97,14 +98,13 @@ def golden_run(short: str, tmp_path_factory) -> tuple:
         spec = MODELS[short]
         folder = tmp_path_factory.mktemp(f"mmdet_{short}")
         converted = [
-            load_mmdet_state_dict(save_mmdet(folder / f"{fmt}.pth", mmdet_state_dict(short), legacy=fmt == "legacy"),
-                                  spec)
+            read_checkpoint(save_mmdet(folder / f"{fmt}.pth", mmdet_state_dict(short), legacy=fmt == "legacy"),
+                            spec.name).state_dict
             for fmt in ("legacy", "zip")
         ]
         assert converted[0].keys() == converted[1].keys()
         assert all(torch.equal(converted[0][k], converted[1][k]) for k in converted[0])
-        cls, _ = NETWORKS[spec.name]
-        model = cls(spec).eval()
+        model = get_entry(spec.name).network(spec).eval()
         model.load_state_dict(converted[0], strict=True)
         golden = dict(np.load(GOLDEN / f"{short}_golden.npz"))
         x = network_input(golden, spec)
