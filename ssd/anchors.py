@@ -32,7 +32,11 @@ def _default_boxes_cxcywh(spec: AnchorSpec) -> torch.Tensor:
             pairs = ((shape, ij) for ij, shape in itertools.product(grid, shapes))
         boxes += [((j + 0.5) / cell, (i + 0.5) / cell, w, h) for (w, h), (i, j) in pairs]
     cxcywh = torch.tensor(boxes, dtype=torch.float32)
-    return cxcywh.clamp_(0.0, 1.0) if spec.clamp else cxcywh
+    if spec.clamp == "sizes":
+        cxcywh[:, 2:].clamp_(0.0, 1.0)
+    elif spec.clamp:
+        cxcywh.clamp_(0.0, 1.0)
+    return cxcywh
 
 
 @functools.lru_cache(maxsize=16)

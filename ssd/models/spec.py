@@ -72,7 +72,10 @@ class AnchorSpec:
     At level ``k`` the shapes are ``(min, min)``, ``(sqrt(min * max),) * 2`` and, per aspect ratio ``a``, the
     wide box ``(min * sqrt(a), min / sqrt(a))`` and its tall twin; centres are ``(j + 0.5) * step`` by
     ``(i + 0.5) * step`` pixels. ``order`` is how the heads lay them out: ``"shape_major"`` (NVIDIA: each shape
-    over rows then columns) or ``"location_major"`` (mmdetection: rows, columns, then shapes).
+    over rows then columns) or ``"location_major"`` (mmdetection, torchvision: rows, columns, then shapes).
+    ``clamp`` is what is clamped to [0, 1] (relative to the image): ``True`` the whole ``(cx, cy, w, h)`` (NVIDIA),
+    ``"sizes"`` only ``(w, h)`` (torchvision's ``DefaultBoxGenerator``, whose centres may pass the edge), ``False``
+    nothing (mmdetection).
     """
 
     image_size: int
@@ -82,7 +85,7 @@ class AnchorSpec:
     max_sizes: tuple[float, ...]
     aspect_ratios: tuple[tuple[int, ...], ...]
     order: str = "shape_major"
-    clamp: bool = True  # NVIDIA clamps (cx, cy, w, h) to [0, 1]; mmdetection does not
+    clamp: bool | str = True
 
     def __post_init__(self) -> None:
         levels = len(self.feature_sizes)
@@ -91,6 +94,8 @@ class AnchorSpec:
                 raise ValueError(f"AnchorSpec.{name}: expected {levels} levels, got {len(getattr(self, name))}")
         if self.order not in ("shape_major", "location_major"):
             raise ValueError(f"AnchorSpec.order: expected 'shape_major' or 'location_major', got {self.order!r}")
+        if not (isinstance(self.clamp, bool) or self.clamp == "sizes"):
+            raise ValueError(f"AnchorSpec.clamp: expected True, False or 'sizes', got {self.clamp!r}")
 
     @property
     def boxes_per_location(self) -> tuple[int, ...]:
