@@ -1,5 +1,6 @@
-"""torch.hub entrypoints: NVIDIA's SSD300 (ResNet-50) COCO detector and its processing utilities, and mmdetection's
-SSD300, SSD512 and SSDLite. Each model entrypoint is ``ssd.registry.build_model`` for its name.
+"""torch.hub entrypoints: NVIDIA's SSD300 (ResNet-50) COCO detector and its processing utilities, mmdetection's
+SSD300, SSD512 and SSDLite, and torchvision's SSD300 and SSDLite. Each model entrypoint is
+``ssd.registry.build_model`` for its name.
 
     model = torch.hub.load("OWNER/REPO", "nvidia_ssd", model_math="fp32")
     utils = torch.hub.load("OWNER/REPO", "nvidia_ssd_processing_utils")
@@ -210,3 +211,37 @@ def ssdlite320_mobilenet_v2(pretrained: bool = True, **kwargs):
         >>> print(model.detect("photo.jpg", threshold=0.4)[0])
     """
     return _package("ssd").registry.build_model("ssdlite320_mobilenet_v2", pretrained, **kwargs)
+
+
+def tv_ssd300_vgg16(pretrained: bool = True, **kwargs):
+    """torchvision's SSD300 with a VGG16 backbone, trained on COCO (box AP 25.1 on COCO val2017; 300 x 300 input).
+
+    Arguments as ``ssd300_vgg16``; ``checkpoint=`` takes a torchvision state dict (``torch.save(model.state_dict())``
+    of ``torchvision.models.detection.ssd300_vgg16``, or torchvision's published file) or an ``ssd train`` checkpoint
+    of this model.
+
+    Returns:
+        A module in eval mode: ``model(x)`` (x: N x 3 x 300 x 300, RGB in 0..255 minus torchvision's mean,
+        about [123, 117, 104]) returns ``(locs N x 4 x 8732, confs N x 91 x 8732)``, background at index 0 and label
+        k = COCO category id k (the ten unused ids are named "N/A-<id>"); ``model.detect(images)`` applies
+        torchvision's recipe (NMS 0.45, 400 candidates per class) with scores above 0.4.
+
+    Example:
+        >>> model = torch.hub.load("OWNER/REPO", "tv_ssd300_vgg16")
+        >>> print(model.detect("photo.jpg")[0])
+    """
+    return _package("ssd").registry.build_model("tv_ssd300_vgg16", pretrained, **kwargs)
+
+
+def tv_ssdlite320_mobilenet_v3_large(pretrained: bool = True, **kwargs):
+    """torchvision's SSDLite320 with a MobileNetV3-Large backbone, trained on COCO (box AP 21.3; 320 x 320 input).
+
+    Arguments as ``tv_ssd300_vgg16``. ``model(x)`` (x: N x 3 x 320 x 320, RGB in [0, 1] mapped to [-1, 1]) returns
+    ``(locs N x 4 x 3234, confs N x 91 x 3234)``; ``model.detect(images)`` applies torchvision's recipe (NMS 0.55,
+    300 candidates per class) with scores above 0.4.
+
+    Example:
+        >>> model = torch.hub.load("OWNER/REPO", "tv_ssdlite320_mobilenet_v3_large")
+        >>> print(model.detect("photo.jpg")[0])
+    """
+    return _package("ssd").registry.build_model("tv_ssdlite320_mobilenet_v3_large", pretrained, **kwargs)

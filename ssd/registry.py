@@ -35,6 +35,8 @@ ROWS: tuple[Row, ...] = (
     Row("ssd300_vgg16", ".models.ssd_vgg16"),
     Row("ssd512_vgg16", ".models.ssd_vgg16"),
     Row("ssdlite320_mobilenet_v2", ".models.ssdlite_mobilenetv2"),
+    Row("tv_ssd300_vgg16", ".models.tv_ssd"),
+    Row("tv_ssdlite320_mobilenet_v3_large", ".models.tv_ssd"),
 )
 _BY_NAME = {row.name: row for row in ROWS}
 _MODEL_MATHS = ("fp32", "fp16")
