@@ -11,7 +11,8 @@ Facts from torchvision (``models/detection/ssd.py``, ``ssdlite.py``, ``anchor_ut
 
 * classes: 91 outputs, background 0, then label ``k`` = COCO category id ``k`` for k = 1..90, ten of which
   (12, 26, 29, 30, 45, 66, 68, 69, 71, 83) are no COCO category ("N/A" in torchvision's list);
-* box coder weights (10, 10, 5, 5), i.e. variances 0.1 / 0.2, the scaled log-size clamped at log(1000 / 16);
+* box coder weights (10, 10, 5, 5), i.e. variances 0.1 / 0.2, the scaled log-size clamped at log(1000 / 16)
+  (from above; the coder here clamps both ways, see ``_BOX_CODER``);
 * input: ``GeneralizedRCNNTransform`` with a fixed square size: pixels in [0, 1], ``(x - mean) / std``, then a
   bilinear resize of the float image (``InputSpec.resize="torch_bilinear"``);
 * test recipe: softmax, per class the scores above the threshold, at most ``topk_candidates`` of them, boxes
@@ -52,10 +53,12 @@ def tv_coco_classes() -> ClassSpec:
 TV_COCO_CLASSES = tv_coco_classes()
 
 # torchvision's BoxCoder(weights=(10, 10, 5, 5)) divides the offsets by the weights: variances 0.1 and 0.2, and it
-# clamps dw, dh (after that division) at log(1000 / 16).
+# clamps dw, dh (after that division) at log(1000 / 16). From above only: the coder here clamps at -log(1000 / 16)
+# too, so a box predicted below 1/62.5 of its default box (about a third of a pixel for SSD300's smallest, 21 pixels)
+# keeps that size instead of shrinking further. Such a box is no object; the family keeps the one coder rule.
 _BOX_CODER = BoxCoderSpec(center_variance=0.1, size_variance=0.2, max_log_size=math.log(1000.0 / 16))
-_PROTOCOL = ("COCO val2017 box AP, IoU 0.50:0.95, torchvision's detection reference (references/detection, "
-             "the model's own test recipe)")
+_PROTOCOL = ("COCO val2017 box AP, IoU 0.50:0.95, torchvision's detection reference (references/detection): "
+             "the whole image resized by the model, its own test recipe")
 _DOWNLOADS = "https://download.pytorch.org/models"
 
 
