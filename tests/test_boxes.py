@@ -12,8 +12,9 @@ from ssd.anchors import default_boxes
 from ssd.box_coder import BoxCoder
 from ssd.boxes import BOX_FORMATS, box_iou, convert_boxes
 from ssd.models import MMDET_SSD300, MMDET_SSD512, MMDET_SSDLITE320, NVIDIA_SSD300
+from ssd.registry import get_entry, list_models
 
-SPECS = [NVIDIA_SSD300, MMDET_SSD300, MMDET_SSD512, MMDET_SSDLITE320]
+SPECS = [get_entry(name).spec for name in list_models()]  # every registered family
 EPS = torch.finfo(torch.float32).eps
 
 

@@ -18,7 +18,8 @@ from ssd.weights import TRAIN_FORMAT, InvalidCheckpointError
 from helpers import REPO
 from helpers.checkpoints import save_training_checkpoint
 
-MODELS = ["nvidia_ssd", "ssd300_vgg16", "ssd512_vgg16", "ssdlite320_mobilenet_v2"]
+MODELS = ["nvidia_ssd", "ssd300_vgg16", "ssd512_vgg16", "ssdlite320_mobilenet_v2", "tv_ssd300_vgg16",
+          "tv_ssdlite320_mobilenet_v3_large"]
 
 
 def test_list_models_names_every_model_in_order():
@@ -37,7 +38,7 @@ def test_import_ssd_and_list_models_import_no_torch():
     code = ("import sys, ssd; from ssd.registry import list_models; names = list_models(); "
             "print(len(names), 'torch' in sys.modules, ssd.__version__ == __import__('ssd').__version__)")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
-    assert done.stdout.split() == ["4", "False", "True"]
+    assert done.stdout.split() == [str(len(MODELS)), "False", "True"]
 
 
 def test_public_api_is_small_and_lazy():
