@@ -41,7 +41,7 @@ def test_help_shows_arguments_outputs_and_example():
     public = {name for name in vars(hubconf) if callable(getattr(hubconf, name)) and not name.startswith("_")}
     # what torch.hub.list would show
     assert public == {"nvidia_ssd", "nvidia_ssd_processing_utils", "ssd300_vgg16", "ssd512_vgg16",
-                      "ssdlite320_mobilenet_v2"}
+                      "ssdlite320_mobilenet_v2", "tv_ssd300_vgg16", "tv_ssdlite320_mobilenet_v3_large"}
     for name, accuracy, size in (("ssd300_vgg16", "25.5", "300 x 300"), ("ssd512_vgg16", "29.5", "512 x 512"),
                                  ("ssdlite320_mobilenet_v2", "21.3", "320 x 320")):
         text = getattr(hubconf, name).__doc__
