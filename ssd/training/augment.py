@@ -2,13 +2,17 @@
 
 The steps and their parameters follow NVIDIA's ``SSDTransformer`` (DeepLearningExamples, PyTorch/Detection/SSD):
 
-1. SSD random crop: pick one of the options (no crop; a patch whose IoU with every box is above 0.1, 0.3, 0.5, 0.7,
-   0.9; any patch), then try up to ``max_trials`` patches of relative width and height in [0.3, 1] with aspect
-   w / h in [0.5, 2]. A patch is accepted when the IoU condition holds for every box and at least one box centre
-   lies strictly inside it; boxes whose centre is outside are dropped, the others are clipped to the patch.
-   NVIDIA re-draws the option until a patch is accepted; here, after ``max_trials`` failures the image is left
-   uncropped, so the time per image is bounded. Images without boxes are never cropped (no patch can satisfy
-   the centre rule, in NVIDIA's code either).
+1. SSD random crop, sampled as NVIDIA's ``SSDCropping`` samples it: draw one of the seven options uniformly (keep
+   the whole image; a patch whose IoU with every box is above 0.1, 0.3, 0.5, 0.7 or 0.9; any patch), then try
+   ``max_trials`` patches (NVIDIA: one) of relative width and height drawn uniformly in [0.3, 1], rejected unless
+   0.5 <= w / h <= 2, with left and top drawn uniformly in [0, 1 - w] and [0, 1 - h]. A patch is accepted when its
+   IoU with every box is above the option's minimum and at least one box centre lies strictly inside it; boxes
+   whose centre is outside are dropped, the others are clipped to the patch. When no patch is accepted, the option
+   is drawn again, so a call ends only on an accepted patch or on the keep-the-image option: the distribution of
+   outcomes is NVIDIA's (tested against counts made with NVIDIA's own code).
+   Images without boxes are never cropped (no patch can satisfy the centre rule, so NVIDIA's loop can only end
+   on the keep-the-image option). Option sets without that option (``crop_min_ious=(0.9,)``) stop after
+   :data:`MAX_CROP_ROUNDS` draws and keep the whole image, so an impossible option cannot loop forever.
 2. Horizontal flip with probability 0.5.
 3. Resize to the model's input size with its resize rule (:func:`ssd.transforms.resize`, the fast variant; for
    NVIDIA's spec the antialiased bilinear resize of uint8 pixels that matches PIL's, which NVIDIA uses).
@@ -37,10 +41,13 @@ from ..boxes import box_iou
 from ..models.spec import InputSpec
 from ..transforms import normalize, resize
 
-__all__ = ["CROP_MIN_IOUS", "SSDAugmentation"]
+__all__ = ["CROP_MIN_IOUS", "MAX_CROP_ROUNDS", "SSDAugmentation"]
 
 # None: keep the whole image; -inf: any patch (NVIDIA's (None, None) option); the rest: minimum IoU with every box.
 CROP_MIN_IOUS: tuple[float | None, ...] = (None, 0.1, 0.3, 0.5, 0.7, 0.9, -math.inf)
+# Option draws after which the whole image is kept. With the keep-the-image option among seven, a call needs more
+# than this many draws with probability (6/7) ** 1000 < 1e-66: it only bounds option sets that lack that option.
+MAX_CROP_ROUNDS = 1000
 
 
 def _to_chw_uint8(image: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -82,7 +89,7 @@ class SSDAugmentation:
         input_spec: the model's input (``model.spec.input``): output size, resize rule and normalisation.
         augment: False gives the evaluation path: resize and normalise only.
         generator: source of randomness; the global torch RNG when None.
-        max_trials: patches tried per crop option before giving up on cropping.
+        max_trials: patches tried per option draw before the option is drawn again (NVIDIA's: 1).
         crop_min_ious: the crop options (see :data:`CROP_MIN_IOUS`); ``(None,)`` disables cropping.
         flip_p: probability of the horizontal flip.
         color_jitter: False leaves colours alone (geometry-only augmentation).
@@ -98,7 +105,7 @@ class SSDAugmentation:
         input_spec: InputSpec,
         augment: bool = True,
         generator: torch.Generator | None = None,
-        max_trials: int = 50,
+        max_trials: int = 1,
         crop_min_ious: tuple[float | None, ...] = CROP_MIN_IOUS,
         flip_p: float = 0.5,
         color_jitter: bool = True,
@@ -129,32 +136,35 @@ class SSDAugmentation:
     def _uniform(self, low: float, high: float) -> float:
         return low + (high - low) * float(torch.rand((), generator=self.generator))
 
-    def _sample_crop(self, boxes_rel: torch.Tensor) -> tuple[float, float, float, float] | None:
-        """A relative (left, top, right, bottom) patch, or None to keep the whole image."""
+    def _sample_crop(self, boxes_rel: torch.Tensor) -> tuple[int, tuple[float, float, float, float] | None] | None:
+        """The option that ended the sampling and its relative (left, top, right, bottom) patch (None: the
+        keep-the-image option); None when the image is kept without drawing (no boxes, or no option succeeded
+        within :data:`MAX_CROP_ROUNDS` draws)."""
         if boxes_rel.shape[0] == 0:
             return None
-        option = int(torch.randint(len(self.crop_min_ious), (), generator=self.generator))
-        min_iou = self.crop_min_ious[option]
-        if min_iou is None:
-            return None
         centres = 0.5 * (boxes_rel[:, :2] + boxes_rel[:, 2:])
-        for _ in range(self.max_trials):
-            w = self._uniform(0.3, 1.0)
-            h = self._uniform(0.3, 1.0)
-            if not 0.5 <= w / h <= 2.0:
-                continue
-            left = self._uniform(0.0, 1.0 - w)
-            top = self._uniform(0.0, 1.0 - h)
-            patch = (left, top, left + w, top + h)
-            ious = box_iou(boxes_rel, torch.tensor([patch]))
-            if not bool((ious > min_iou).all()):
-                continue
-            inside = (
-                (centres[:, 0] > patch[0]) & (centres[:, 0] < patch[2])
-                & (centres[:, 1] > patch[1]) & (centres[:, 1] < patch[3])
-            )
-            if bool(inside.any()):
-                return patch
+        for _ in range(MAX_CROP_ROUNDS):
+            option = int(torch.randint(len(self.crop_min_ious), (), generator=self.generator))
+            min_iou = self.crop_min_ious[option]
+            if min_iou is None:
+                return option, None
+            for _ in range(self.max_trials):
+                w = self._uniform(0.3, 1.0)
+                h = self._uniform(0.3, 1.0)
+                if not 0.5 <= w / h <= 2.0:
+                    continue
+                left = self._uniform(0.0, 1.0 - w)
+                top = self._uniform(0.0, 1.0 - h)
+                patch = (left, top, left + w, top + h)
+                ious = box_iou(boxes_rel, torch.tensor([patch]))
+                if not bool((ious > min_iou).all()):
+                    continue
+                inside = (
+                    (centres[:, 0] > patch[0]) & (centres[:, 0] < patch[2])
+                    & (centres[:, 1] > patch[1]) & (centres[:, 1] < patch[3])
+                )
+                if bool(inside.any()):
+                    return option, patch
         return None
 
     def _jitter(self, image: torch.Tensor) -> torch.Tensor:
@@ -187,7 +197,8 @@ class SSDAugmentation:
 
         if self.augment:
             scale = torch.tensor([width, height, width, height], dtype=torch.float32)
-            patch = self._sample_crop(box_tensor / scale)
+            sampled = self._sample_crop(box_tensor / scale)
+            patch = sampled[1] if sampled is not None else None
             if patch is not None:
                 centres = 0.5 * (box_tensor[:, :2] + box_tensor[:, 2:]) / scale[:2]
                 keep = (
