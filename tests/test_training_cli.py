@@ -195,9 +195,12 @@ def test_train_command_validates_with_the_evaluator(shapes, tmp_path):
 
 
 @pytest.mark.timeout(600)
-def test_train_command_validation_wiring_with_a_stand_in_evaluator(shapes, tmp_path, monkeypatch):
-    """The command's use of ssd.evaluation.evaluate, with a stand-in until the real package is merged."""
+def test_train_command_validation_wiring(shapes, tmp_path, monkeypatch):
+    """The command's use of ssd.evaluation.evaluate: the checked validation set, the model in eval mode, the
+    evaluation batch size, every --val-every epochs and after the last."""
     import types
+
+    import ssd.evaluation
 
     calls = []
 
@@ -205,18 +208,21 @@ def test_train_command_validation_wiring_with_a_stand_in_evaluator(shapes, tmp_p
         calls.append((model.training, images_dir, annotations, kwargs))
         return types.SimpleNamespace(stats=[0.5, 0.75] + [0.1] * 10, per_class_ap={})
 
-    stand_in = types.ModuleType("ssd.evaluation")
-    stand_in.evaluate = evaluate
-    monkeypatch.setitem(sys.modules, "ssd.evaluation", stand_in)
+    monkeypatch.setattr(ssd.evaluation, "evaluate", evaluate)
     annotations, images = shapes
     out = tmp_path / "out"
-    args = _train_args(shapes, out, "--checkpoint", "none", "--epochs", "1", "--max-iterations-per-epoch", "1",
-                       "--val-images", str(images), "--val-annotations", str(annotations))
+    args = _train_args(shapes, out, "--checkpoint", "none", "--epochs", "3", "--max-iterations-per-epoch", "1",
+                       "--val-images", str(images), "--val-annotations", str(annotations), "--val-every", "2",
+                       "--eval-batch-size", "3", "--workers", "0")
     assert main(args) == 0
-    assert len(calls) == 1 and calls[0][0] is False and calls[0][1:3] == (images, annotations)
+    # Epoch 1 (every 2nd) and epoch 2 (the last).
+    assert len(calls) == 2 and all(c[0] is False and c[1] == images for c in calls)
+    assert calls[0][2].source_path == str(annotations)  # the set checked before the first epoch, parsed once
     assert calls[0][3]["progress"] is False and calls[0][3]["device"] == torch.device("cpu")
-    line = _records(out, "validation")[0]
-    assert line["mAP"] == 0.5 and len(line["stats"]) == 12 and line["best"] is True
+    assert calls[0][3]["batch_size"] == 3 and calls[0][3]["workers"] == 0
+    lines = _records(out, "validation")
+    assert [(r["epoch"], r["mAP"], r["best"]) for r in lines] == [(1, 0.5, True), (2, 0.5, False)]
+    assert len(lines[0]["stats"]) == 12
     assert torch.load(out / "best.pt", map_location="cpu", weights_only=True)["best_map"] == 0.5
 
 

@@ -41,6 +41,8 @@ Images are loaded as ``detect`` and ``evaluate`` load them (:func:`ssd.io.images
 applied), and a decoded size differing from the declared one is refused with the message evaluation gives. A
 corrupt image makes ``__getitem__`` raise :class:`ssd.io.images.ImageLoadError` naming the file, unless the
 dataset was built with ``skip_bad_images=True``: then it returns None, which :class:`DetectionCollate` drops.
+:meth:`CocoDetectionDataset.load_item` returns a :class:`BadImage` (the file and why) instead of raising, so that
+a DataLoader worker hands the problem to the main process as data, not as a traceback inside an error message.
 """
 from __future__ import annotations
 
@@ -50,7 +52,7 @@ import pathlib
 import stat
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -62,6 +64,7 @@ from ..models.spec import ClassSpec
 __all__ = [
     "MAX_ANNOTATION_BYTES",
     "AnnotationFileError",
+    "BadImage",
     "CocoAnnotations",
     "CocoDetectionDataset",
     "DetectionCollate",
@@ -82,6 +85,14 @@ Transform = Callable[[np.ndarray, torch.Tensor, torch.Tensor], tuple[torch.Tenso
 
 class AnnotationFileError(ValueError):
     """A COCO annotation file (or dict) that cannot be used; the message names the file and the entry."""
+
+
+class BadImage(NamedTuple):
+    """An image of the set that cannot be used (missing, unreadable, or not the declared size): its path and the
+    one-line reason, which starts with the path. Plain strings, so it travels from DataLoader workers intact."""
+
+    path: str
+    reason: str
 
 
 def _is_number(value: object) -> bool:
@@ -492,17 +503,16 @@ class CocoDetectionDataset(Dataset):
     def image_path(self, index: int) -> pathlib.Path:
         return self.image_dir / self._records[index][0]["file_name"]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]] | None:
-        image, box_array, label_array = self._records[index]
+    def _pixels(self, index: int) -> np.ndarray:
+        """The upright H x W x 3 uint8 picture, as detect and evaluate see it (EXIF orientation applied, 16-bit and
+        float sources rounded to 8 bits); ImageLoadError, OSError or ValueError naming the file otherwise."""
         path = self.image_path(index)
-        try:
-            # As detect and evaluate see it: EXIF orientation applied, 16-bit and float sources rounded to 8 bits.
-            pixels, _ = load_uint8(path)
-            check_image_size(image, pixels.shape[0], pixels.shape[1], path)
-        except (ImageLoadError, OSError, ValueError):
-            if self.skip_bad_images:
-                return None
-            raise
+        pixels, _ = load_uint8(path)
+        check_image_size(self._records[index][0], pixels.shape[0], pixels.shape[1], path)
+        return pixels
+
+    def _item(self, index: int, pixels: np.ndarray) -> tuple[torch.Tensor, dict[str, Any]]:
+        image, box_array, label_array = self._records[index]
         boxes = torch.from_numpy(box_array.copy())
         labels = torch.from_numpy(label_array.copy())
         size = (int(pixels.shape[0]), int(pixels.shape[1]))
@@ -511,6 +521,33 @@ class CocoDetectionDataset(Dataset):
         else:
             pixels = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).contiguous()
         return pixels, {"boxes": boxes, "labels": labels, "image_id": image["id"], "size": size}
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]] | None:
+        try:
+            pixels = self._pixels(index)
+        except (ImageLoadError, OSError, ValueError):
+            if self.skip_bad_images:
+                return None
+            raise
+        return self._item(index, pixels)
+
+    def load_item(self, index: int) -> tuple[torch.Tensor, dict[str, Any]] | BadImage:
+        """``dataset[index]``, or a :class:`BadImage` for an image that cannot be used, whatever
+        ``skip_bad_images`` says: the caller decides (the training loop skips and reports it, or stops with one
+        line naming the file)."""
+        try:
+            pixels = self._pixels(index)
+        except (ImageLoadError, OSError, ValueError) as exc:
+            path = str(self.image_path(index))
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            return BadImage(path, reason if reason.startswith(path) else f"{path}: {reason}")
+        return self._item(index, pixels)
+
+    def missing_images(self) -> list[str]:
+        """The ``file_name`` of every listed image that is not a regular file in ``image_dir`` (a cheap check of the
+        whole set before training; decoding errors show only when an image is read)."""
+        return [image["file_name"] for index, (image, _, _) in enumerate(self._records)
+                if not self.image_path(index).is_file()]
 
 
 class DetectionCollate:

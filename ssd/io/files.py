@@ -7,10 +7,11 @@ import os
 import pathlib
 import tempfile
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
-__all__ = ["UniqueNames", "atomic_open", "atomic_path", "file_mode", "write_json"]
+__all__ = ["UniqueNames", "atomic_open", "atomic_path", "file_mode", "sweep_stale", "write_json"]
 
 _umask: int | None = None
 _umask_lock = threading.Lock()
@@ -57,6 +58,28 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[pathlib.Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def sweep_stale(folder: str | os.PathLike[str], patterns: Iterable[str], max_age_s: float) -> list[pathlib.Path]:
+    """Remove the temporary files that killed writers left in ``folder``: regular files matching one of the glob
+    ``patterns`` last modified more than ``max_age_s`` seconds ago (0: all of them, for a caller that knows no
+    writer is alive). Younger ones are left alone, since another process may be writing them right now; a file
+    that cannot be removed is skipped (the caller's work goes on). Returns the paths removed.
+    """
+    folder = pathlib.Path(folder)
+    cutoff = time.time() - max_age_s
+    removed = []
+    for pattern in patterns:
+        try:
+            candidates = list(folder.glob(pattern))
+        except OSError:
+            continue
+        for path in candidates:
+            with contextlib.suppress(OSError):  # gone already, or not ours to remove
+                if path.is_file() and not path.is_symlink() and (max_age_s <= 0 or path.stat().st_mtime < cutoff):
+                    path.unlink()
+                    removed.append(path)
+    return removed
 
 
 @contextlib.contextmanager

@@ -1,8 +1,12 @@
-"""``python -m ssd train`` (fine-tune SSD300 on a COCO-format dataset) and ``python -m ssd make-shapes`` (a
-synthetic COCO-format demo set). Wired into :mod:`ssd.cli` with :func:`add_parser` and :func:`run`.
+"""``python -m ssd train`` (fine-tune any registered model on a COCO-format dataset) and ``python -m ssd
+make-shapes`` (a synthetic COCO-format demo set). Wired into :mod:`ssd.cli` with :func:`add_parser` and :func:`run`.
 
 ``torchrun --nproc-per-node K -m ssd train ...`` trains with K processes (see :mod:`ssd.training.loop`); every rank
 runs the same checks, and all stop together when one fails, so no process is left waiting for the others.
+
+Exit status: 0 done; 2 a bad argument or input (one line on stderr), found before training where possible; 1 the
+run failed after it started (a full disk, a non-finite loss); 130 interrupted (Ctrl-C), after the files being
+written were finished.
 """
 from __future__ import annotations
 
@@ -13,47 +17,76 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from ..registry import list_models
+
 __all__ = ["COMMANDS", "add_parser", "run"]
 
 COMMANDS = ("train", "make-shapes")
 _PREVIOUS_RUN = ("last.pt", "metrics.jsonl")
+# make-shapes: sides of at most this many pixels (a 4096 x 4096 RGB image is 48 MB in memory).
+MAX_SHAPES_SIDE = 4096
+DEFAULT_TIMEOUT_MINUTES = 30
 
 
 class _UsageError(Exception):
     """A bad argument or input: printed as one line, exit status 2."""
 
 
+class _RunError(Exception):
+    """The run failed after it started: printed as one line, exit status 1."""
+
+
 def add_parser(subparsers: Any) -> None:
     """Add the ``train`` and ``make-shapes`` subcommands to an ``argparse`` subparsers object."""
+    models = list_models()
     train = subparsers.add_parser(
-        "train", help="fine-tune SSD300 on a COCO-format dataset",
-        description="Fine-tune SSD300 (NVIDIA's recipe) on a COCO-format dataset. By default training starts from "
-                    "NVIDIA's COCO checkpoint; classes other than COCO's get new classification heads.",
+        "train", help="fine-tune a model on a COCO-format dataset",
+        description="Fine-tune a detector (NVIDIA's training recipe, for every model) on a COCO-format dataset. By "
+                    "default training starts from the model's published COCO weights; classes other than COCO's get "
+                    "new classification heads.",
     )
     train.add_argument("--images", required=True, type=pathlib.Path, help="folder of the training images")
     train.add_argument("--annotations", required=True, type=pathlib.Path, help="COCO-format annotation JSON")
     train.add_argument("--out", required=True, type=pathlib.Path,
                        help="output folder: last.pt, best.pt (with validation), metrics.jsonl")
+    train.add_argument("--model", choices=models, default=models[0], metavar="NAME",
+                       help=f"the model to train: {', '.join(models)} (default {models[0]})")
     train.add_argument("--val-images", type=pathlib.Path, help="folder of the validation images")
     train.add_argument("--val-annotations", type=pathlib.Path, help="COCO-format validation annotations")
+    train.add_argument("--val-every", type=int, default=1, metavar="N",
+                       help="validate after every N epochs, and after the last (default 1)")
+    train.add_argument("--eval-batch-size", type=int, default=None,
+                       help="images per forward pass in validation (default: --batch-size)")
     train.add_argument("--checkpoint", default=None,
                        help="weights to start from: a file or URL; 'none' for random weights (needs far longer "
-                            "training); default SSD_CHECKPOINT, else NVIDIA's COCO checkpoint (downloaded once)")
+                            "training); default SSD_CHECKPOINT, else the model's published COCO weights (downloaded "
+                            "once)")
     train.add_argument("--epochs", type=int, default=65, help="total epochs (default 65, NVIDIA's)")
     train.add_argument("--batch-size", type=int, default=32, help="images per iteration and process (default 32)")
     train.add_argument("--lr", type=float, default=None,
                        help="base learning rate (default 2.6e-3 x global batch / 32, NVIDIA's scaling)")
     train.add_argument("--warmup-iterations", type=int, default=300, help="linear warmup length (default 300)")
+    train.add_argument("--schedule", choices=("step", "cosine"), default="step",
+                       help="step: the rate x0.1 at each milestone (default, NVIDIA's); cosine: down to 0 over the run")
+    train.add_argument("--milestones", default=None, metavar="F1,F2",
+                       help="step milestones as fractions of the run, e.g. 0.66,0.83 (default NVIDIA's 43/65,54/65)")
     train.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                        help="fp32 (default), bf16 autocast, or fp16 autocast with loss scaling (CUDA)")
-    train.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    train.add_argument("--workers", type=int, default=None,
+                       help="DataLoader worker processes per training process (default: up to 8 on CUDA within the "
+                            "process's share of the cores; on CPU a quarter of them, 1 to 4)")
     train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     train.add_argument("--no-augment", action="store_true", help="no augmentation: only resize and normalise")
+    train.add_argument("--skip-bad-images", action="store_true",
+                       help="skip missing or unreadable training images (reported at the end) instead of stopping")
     train.add_argument("--resume", type=pathlib.Path, default=None, metavar="OUT/last.pt",
                        help="continue a run from its last.pt (epoch, iteration, schedule and metrics continue)")
     train.add_argument("--force", action="store_true", help="start afresh in an --out that holds a previous run")
     train.add_argument("--device", default="auto", help="auto (default: cuda when available), cpu, cuda, cuda:1")
     train.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across torchrun processes (CUDA)")
+    train.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_MINUTES, metavar="MINUTES",
+                       help=f"under torchrun, how long a process waits for the others before giving up (default "
+                            f"{DEFAULT_TIMEOUT_MINUTES})")
     train.add_argument("--log-every", type=int, default=20, help="metrics line every N iterations (default 20)")
     # For smoke tests and quick checks only: cut every epoch short.
     train.add_argument("--max-iterations-per-epoch", type=int, default=None, help=argparse.SUPPRESS)
@@ -65,7 +98,8 @@ def add_parser(subparsers: Any) -> None:
     )
     shapes.add_argument("--out", required=True, type=pathlib.Path, help="output folder")
     shapes.add_argument("--images", required=True, type=int, help="how many images")
-    shapes.add_argument("--size", default="300x300", help="WxH in pixels, or one number (default 300x300)")
+    shapes.add_argument("--size", default="300x300",
+                        help=f"WxH in pixels, or one number, 32 to {MAX_SHAPES_SIDE} (default 300x300)")
     shapes.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
 
@@ -77,6 +111,9 @@ def run(args: argparse.Namespace) -> int:
     except _UsageError as exc:
         _error(str(exc))
         return 2
+    except _RunError as exc:
+        _error(str(exc))
+        return 1
 
 
 def _error(message: str) -> None:
@@ -99,8 +136,8 @@ def _parse_size(text: str) -> tuple[int, int]:
         numbers = [int(p) for p in parts]
     except ValueError:
         numbers = []
-    if len(numbers) not in (1, 2) or min(numbers, default=0) < 32:
-        raise _UsageError(f"--size: expected WxH or N with sides of at least 32 pixels, got {text!r}")
+    if len(numbers) not in (1, 2) or not all(32 <= n <= MAX_SHAPES_SIDE for n in numbers):
+        raise _UsageError(f"--size: expected WxH or N with sides of 32 to {MAX_SHAPES_SIDE} pixels, got {text!r}")
     width, height = numbers[0], numbers[-1]
     return height, width
 
@@ -119,18 +156,46 @@ def _run_make_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_milestones(text: str | None, epochs: int) -> tuple[int, ...] | None:
+    """``--milestones 0.66,0.83`` -> milestone epochs of this run (None: NVIDIA's, scaled)."""
+    if text is None:
+        return None
+    from .schedule import milestones_from_fractions
+
+    try:
+        fractions = [float(part) for part in text.split(",")]
+        return milestones_from_fractions(fractions, epochs, "--milestones")
+    except (TypeError, ValueError) as exc:
+        detail = str(exc) if str(exc).startswith("--milestones") else ""
+        raise _UsageError(detail or f"--milestones: expected increasing fractions of the run in (0, 1) separated "
+                                    f"by commas, such as 0.66,0.83, got {text!r}") from None
+
+
 def _check_train_args(args: argparse.Namespace) -> None:
+    # --out first: a file there is found before anything is read, built or downloaded.
+    if args.out.exists() and not args.out.is_dir():
+        raise _UsageError(f"--out: expected a folder (created if missing), got the file {str(args.out)!r}")
     _check_min("--epochs", args.epochs, 1)
     _check_min("--batch-size", args.batch_size, 2)  # BatchNorm on the 1 x 1 map needs two
     _check_min("--warmup-iterations", args.warmup_iterations, 0)
     _check_min("--workers", args.workers, 0)
     _check_min("--seed", args.seed, 0)
     _check_min("--log-every", args.log_every, 1)
+    _check_min("--val-every", args.val_every, 1)
+    _check_min("--eval-batch-size", args.eval_batch_size, 1)
     _check_min("--max-iterations-per-epoch", args.max_iterations_per_epoch, 1)
     if args.lr is not None and not (args.lr > 0 and args.lr < float("inf")):
         raise _UsageError(f"--lr: expected a positive number, got {args.lr}")
+    if not (args.timeout > 0 and args.timeout < float("inf")):
+        raise _UsageError(f"--timeout: expected a positive number of minutes, got {args.timeout}")
+    if args.milestones is not None and args.schedule != "step":
+        raise _UsageError(f"--milestones: expected only with --schedule step, got --schedule {args.schedule}")
+    args.milestone_epochs = _parse_milestones(args.milestones, args.epochs)
     if (args.val_images is None) != (args.val_annotations is None):
         raise _UsageError("--val-images/--val-annotations: expected both or neither, got only one")
+    if args.val_images is None and (args.val_every != 1 or args.eval_batch_size is not None):
+        raise _UsageError("--val-every/--eval-batch-size: expected with --val-images and --val-annotations, got "
+                          "no validation set")
     if args.resume is not None and args.force:
         raise _UsageError("--resume/--force: expected one of them, got both")
     if not args.images.is_dir():
@@ -143,7 +208,7 @@ def _check_train_args(args: argparse.Namespace) -> None:
         if not args.val_annotations.is_file():
             raise _UsageError(f"--val-annotations: expected a file, got {str(args.val_annotations)!r}")
         try:
-            import ssd.evaluation  # noqa: F401 - only whether it is there
+            from .. import evaluation  # noqa: F401 - only whether it is there
         except ImportError:
             raise _UsageError("--val-images: validation needs the ssd.evaluation package, which this installation "
                               "lacks") from None
@@ -159,7 +224,8 @@ def _check_train_args(args: argparse.Namespace) -> None:
 
 def _starting_weights(args: argparse.Namespace) -> tuple[Any, str | None]:
     """``(init_checkpoint, label)`` for TrainConfig: None, or the local file of the weights to start from (a path,
-    the cache entry of a URL, or of the published weights) and where it came from."""
+    the cache entry of a URL, or of the model's published weights) and where it came from: the one weights path
+    (``--checkpoint``, then ``SSD_CHECKPOINT``, then the published weights)."""
     from ..registry import get_entry
     from ..weights.checkpoints import ENV_VAR, CheckpointUnavailableError, is_url, resolve
     from ..weights.formats import read_checkpoint
@@ -174,7 +240,7 @@ def _starting_weights(args: argparse.Namespace) -> tuple[Any, str | None]:
         if not path.is_file():
             raise _UsageError(f"--checkpoint: expected a checkpoint file, a URL or 'none', got {choice!r}")
         return path, None  # a local file: the loop reads it, with its class names if it has them
-    entry = get_entry("nvidia_ssd")
+    entry = get_entry(args.model)
     try:
         # Read (and checked) here, so that a download enters the cache only if it is a checkpoint of the model.
         found = resolve(entry, lambda path, name: read_checkpoint(path, entry, name=name), checkpoint=choice)
@@ -186,32 +252,31 @@ def _starting_weights(args: argparse.Namespace) -> tuple[Any, str | None]:
     return found.path, found.source
 
 
-def _validator(args: argparse.Namespace) -> Callable[[Any], dict[str, Any]] | None:
-    if args.val_images is None:
-        return None
-    images, annotations = args.val_images, args.val_annotations
+def _setup(args: argparse.Namespace) -> tuple[int, int, Any]:
+    from .. import distributed
 
-    def validate(model: Any) -> dict[str, Any]:
-        # Imported here: ssd.evaluation is optional for training without validation.
-        from ..evaluation import evaluate
+    # COORDINATOR: once ssd.distributed.setup takes timeout= (backends package), pass it on this line:
+    # distributed.setup(args.device, "--device", timeout=datetime.timedelta(minutes=args.timeout))
+    return distributed.setup(args.device, "--device")
 
-        device = next(model.parameters()).device
-        result = evaluate(model, images, annotations, batch_size=args.batch_size, workers=args.workers,
-                          device=device, progress=False)
-        stats = [float(v) for v in result.stats]
-        return {"mAP": stats[0], "stats": stats}
 
-    return validate
+def _interrupted(message: str) -> int:
+    from .. import distributed
+
+    if distributed.is_main():
+        print(message, file=sys.stderr, flush=True)
+    return 130
 
 
 def _run_train(args: argparse.Namespace) -> int:
     from .. import distributed
     from ..data.coco_format import AnnotationFileError
     from ..weights.checkpoints import InvalidCheckpointError
-    from .loop import NonFiniteLossError, TrainConfig, train
+    from .loop import NonFiniteLossError, TrainConfig, TrainingInterrupted, train
+    from .outputs import RunOutputError
 
     try:
-        rank, world, device = distributed.setup(args.device, "--device")
+        rank, world, device = _setup(args)
     except ValueError as exc:
         raise _UsageError(str(exc)) from None
     try:
@@ -239,18 +304,26 @@ def _run_train(args: argparse.Namespace) -> int:
             print("starting from random weights (--checkpoint none): expect to need far more epochs than a "
                   "fine-tuning")
         config = TrainConfig(
-            annotations=args.annotations, images=args.images, out_dir=args.out, epochs=args.epochs,
-            batch_size=args.batch_size, lr=args.lr, warmup_iters=args.warmup_iterations, precision=args.precision,
-            device=str(device), num_workers=args.workers, seed=args.seed, augment=not args.no_augment,
-            resume=args.resume if args.resume is not None else False, init_checkpoint=init, init_source=label,
-            max_iters_per_epoch=args.max_iterations_per_epoch, log_every=args.log_every,
-            validate=_validator(args), sync_bn=args.sync_bn, log=lambda message: print(message, flush=True),
+            annotations=args.annotations, images=args.images, out_dir=args.out, model=args.model, epochs=args.epochs,
+            batch_size=args.batch_size, lr=args.lr, warmup_iters=args.warmup_iterations, schedule=args.schedule,
+            milestones=args.milestone_epochs, precision=args.precision, device=str(device), num_workers=args.workers,
+            seed=args.seed, augment=not args.no_augment, resume=args.resume if args.resume is not None else False,
+            init_checkpoint=init, init_source=label, max_iters_per_epoch=args.max_iterations_per_epoch,
+            skip_bad_images=args.skip_bad_images, log_every=args.log_every, val_annotations=args.val_annotations,
+            val_images=args.val_images, val_every=args.val_every, eval_batch_size=args.eval_batch_size,
+            sync_bn=args.sync_bn, log=lambda message: print(message, flush=True),
         )
         try:
             summary = train(config)
-        except (AnnotationFileError, InvalidCheckpointError, NonFiniteLossError, OSError, ValueError,
-                TypeError) as exc:
+        except (RunOutputError, NonFiniteLossError) as exc:
+            raise _RunError(str(exc)) from None
+        except (AnnotationFileError, InvalidCheckpointError, OSError, ValueError, TypeError, ImportError) as exc:
             raise _UsageError(str(exc)) from None
+        except TrainingInterrupted as exc:
+            if exc.checkpoint is None:
+                return _interrupted("interrupted before an epoch was saved; nothing to resume")
+            return _interrupted(f"interrupted: {exc.checkpoint} holds epoch {exc.epoch}; continue with --resume "
+                                f"{exc.checkpoint}")
         if rank == 0:
             if summary["epochs_run"] == 0:
                 print(f"nothing to do: the run already has {args.epochs} epochs; raise --epochs to train longer")
@@ -258,5 +331,7 @@ def _run_train(args: argparse.Namespace) -> int:
             print(f"done: epoch {summary['epoch']}, iteration {summary['iterations']}, last.pt and metrics.jsonl "
                   f"in {args.out}{best}")
         return 0
+    except KeyboardInterrupt:
+        return _interrupted("interrupted before training started; nothing to resume")
     finally:
         distributed.cleanup()

@@ -1,46 +1,61 @@
-"""The SSD300 training loop, following NVIDIA's recipe (DeepLearningExamples, PyTorch/Detection/SSD).
+"""The training loop of every registered model, following NVIDIA's recipe (DeepLearningExamples,
+PyTorch/Detection/SSD) by default.
 
 Recipe: SGD with momentum 0.9; learning rate ``2.6e-3 * batch_size / 32`` (NVIDIA's linear scaling rule); a linear
 warmup from 0 over the first 300 iterations; weight decay 5e-4 on the weights of convolutions only (none on
-BatchNorm parameters or biases); the rate divided by 10 at epochs 43 and 54 of 65, scaled to the run's length.
-Mixed precision with autocast (bf16, or fp16 with a GradScaler), channels_last memory format.
+BatchNorm parameters or biases); the rate divided by 10 at epochs 43 and 54 of 65, scaled to the run's length (or a
+cosine decay, :mod:`ssd.training.schedule`). Mixed precision with autocast (bf16, or fp16 with a GradScaler),
+channels_last memory format. The model is built from the registry (``TrainConfig.model``, any name of
+:func:`ssd.registry.list_models`) for the dataset's classes; targets, loss and augmentation read its spec (default
+boxes, box coder variances, matching threshold, input size, resize rule and normalisation). mmdetection's models
+train with this recipe too, not with mmdetection's own schedule and augmentation.
 
-Outputs in ``out_dir``: ``last.pt`` written atomically after every epoch (loadable with ``weights_only=True``; it
-holds the model state dict, the class names and category ids, the preprocessing, and the optimizer, scheduler,
-scaler, epoch and iteration for resuming); ``best.pt`` (the same without the optimizer state) whenever validation
-mAP improves; and ``metrics.jsonl``, one JSON object per line, each with a ``type``: ``start`` (once per call: world
-size, global batch, base rate, how many tensors came from the starting checkpoint), ``iteration`` (every
-``log_every`` iterations, and always the first and the last: epoch, iteration, loss, lr, images_per_second),
-``epoch`` (one per epoch) and ``validation`` (mAP and the 12 COCO stats). A non-finite loss stops the run with
-:class:`NonFiniteLossError`; the last checkpoint on disk is then the last good epoch's.
+Before the first iteration the data is checked (:mod:`ssd.training.checks`): the training annotations and images,
+and the validation set (annotations, images, and its categories against the model's classes), each summarised in
+one line; a bad validation set stops the run before it starts. Unreadable images travel from the DataLoader's
+workers as :class:`ssd.data.coco_format.BadImage` markers: skipped and reported (``skip_bad_images``), or one error
+naming the file, raised in the main process.
+
+Outputs in ``out_dir`` (held by one run at a time; see :mod:`ssd.training.outputs`): ``last.pt`` written
+atomically after every epoch (loadable with ``weights_only=True``; format ``ssd-train/2``: the model's name, its
+state dict, the class names and category ids, the preprocessing of its spec, and the optimizer, scheduler, scaler,
+epoch and iteration for resuming); ``best.pt`` (the same without the optimizer state) whenever validation mAP
+improves; and ``metrics.jsonl``, one JSON object per line, each with a ``type``: ``start`` (once per call: world
+size, global batch, base rate, how many tensors came from the starting checkpoint, the data summaries),
+``iteration`` (every ``log_every`` iterations, and always the first and the last: epoch, iteration, loss, lr,
+images_per_second), ``epoch`` (one per epoch) and ``validation`` (mAP and the 12 COCO stats). A resumed run first
+drops the lines a killed run wrote after its last ``last.pt``, so no iteration appears twice. A non-finite loss
+stops the run with :class:`NonFiniteLossError`, naming the last checkpoint on disk (if any); a full disk stops it
+with :class:`~ssd.training.outputs.RunOutputError`, the previous ``last.pt`` intact; Ctrl-C finishes the files
+being written and raises :class:`TrainingInterrupted`.
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in DistributedDataParallel (gloo on CPU, nccl on
 CUDA), each process reads its share of the images through a DistributedSampler, the default rate follows the
-global batch (``2.6e-3 * batch_size * world_size / 32``), and only rank 0 writes files; checkpoints hold the
-unwrapped model's state dict, so they load like single-process ones.
+global batch (``2.6e-3 * batch_size * world_size / 32``), every process validates its share of the validation
+images (:func:`ssd.evaluation.evaluate` shards them), and only rank 0 writes files; checkpoints hold the unwrapped
+model's state dict, so they load like single-process ones.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import pathlib
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from .. import distributed
-from ..data.coco_format import CocoDetectionDataset, DetectionCollate
-from ..io.files import atomic_path
+from ..data.coco_format import BadImage, CocoDetectionDataset, DetectionCollate
+from ..io.images import ImageLoadError
+from ..models.base import Detector
 from ..models.spec import DetectorSpec, check_int, check_real
-from ..models.ssd300_resnet50 import NVIDIA_SSD300, SSD300, nvidia_spec
-from ..registry import get_entry
+from ..registry import get_entry, list_models
 from ..weights.formats import (
     TRAIN_FORMAT,
     Checkpoint,
@@ -53,26 +68,41 @@ from ..weights.formats import (
 )
 from ..weights.loader import InvalidCheckpointError
 from .augment import SSDAugmentation
+from .checks import ValidationSet, check_training_images, load_validation_set, training_summary
 from .loss import SSDLoss
+from .outputs import RunFolder, deferred_interrupt, save_checkpoint, trim_metrics, write_metrics
+from .schedule import SCHEDULES, lr_factor, reference_milestones
 from .targets import encode_targets
 
 __all__ = [
     "EncodingCollate",
     "NonFiniteLossError",
+    "TrainBatch",
     "TrainConfig",
+    "TrainingInterrupted",
     "build_optimizer",
+    "default_workers",
     "lr_factor",
     "train",
 ]
 
-# NVIDIA's schedule: 65 epochs with the rate divided by 10 after epochs 43 and 54.
-_REFERENCE_EPOCHS = 65
-_REFERENCE_MILESTONES = (43, 54)
 _PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the message says where and which checkpoint is the last good one."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped :func:`train` after it finished writing the files it was writing.
+
+    ``checkpoint`` is the last ``last.pt`` on disk (None if no epoch was saved) and ``epoch`` its epoch.
+    """
+
+    def __init__(self, checkpoint: str | None, epoch: int | None) -> None:
+        super().__init__(checkpoint, epoch)
+        self.checkpoint = checkpoint
+        self.epoch = epoch
 
 
 @dataclass
@@ -82,35 +112,46 @@ class TrainConfig:
     Attributes:
         annotations: COCO-format annotation file of the training set.
         images: folder its ``file_name`` entries are relative to.
-        out_dir: where ``last.pt`` and ``metrics.jsonl`` go (created).
+        out_dir: where ``last.pt`` and ``metrics.jsonl`` go (created; refused if it is a file).
+        model: the model to train, a name of :func:`ssd.registry.list_models` (default NVIDIA's SSD300). It is built
+            for the dataset's classes; targets, loss and augmentation follow its spec.
         epochs: total epochs (a resumed run continues up to this).
         batch_size: images per iteration and process, at least 2 (BatchNorm on the 1 x 1 feature map); epochs
             use full batches only (the last partial one is dropped) unless the data is smaller than one batch.
         lr: base learning rate; None for ``2.6e-3 * batch_size / 32``.
         momentum, weight_decay: SGD's.
-        warmup_iters: linear warmup length in iterations (from a rate of 0).
-        milestones: epochs at which the rate is multiplied by ``gamma``; None scales NVIDIA's 43 and 54 of 65.
+        warmup_iters: linear warmup length in iterations (from a rate of 0); it multiplies the schedule.
+        schedule: "step" (the rate times ``gamma`` at each milestone) or "cosine" (from the base rate down to 0 over
+            the run, per iteration).
+        milestones: epochs at which the step schedule multiplies the rate by ``gamma``; None scales NVIDIA's 43 and
+            54 of 65 (see :func:`ssd.training.schedule.milestones_from_fractions` for fractions of the run).
         gamma: the factor at each milestone.
         precision: "fp32", "bf16" (autocast) or "fp16" (autocast and GradScaler; CUDA only).
         device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
         channels_last: use the channels_last memory format for the model and its inputs.
         augment: NVIDIA's training augmentation; False only resizes and normalises.
-        num_workers: DataLoader worker processes.
+        num_workers: DataLoader worker processes; None for :func:`default_workers`.
         seed: seeds the weights' initialisation, the shuffling and the augmentation.
         resume: True: continue from ``out_dir/last.pt`` when it exists; a path: continue from that checkpoint
             (it must exist); False: start afresh (an old ``metrics.jsonl`` and ``best.pt`` are removed).
         init_checkpoint: weights to start from: a checkpoint file of the model (read as ``build_model`` reads
-            one: ``ssd train``'s, NVIDIA's), or a state dict under this package's key names. The classification
-            heads stay at their initialisation (Xavier weights, as NVIDIA's training) when the checkpoint's classes
-            differ from the dataset's (by number, or by name where the file records names; files without names
-            hold the published classes, COCO's); every other tensor must fit.
+            one: ``ssd train``'s, NVIDIA's, mmdetection's), or a state dict under this package's key names. The
+            classification heads stay at their initialisation when the checkpoint's classes differ from the
+            dataset's (by number, or by name where the file records names; files without names hold the published
+            classes, COCO's); every other tensor must fit.
         init_source: how to name ``init_checkpoint`` in the log (default: its path, or "state dict").
         max_iters_per_epoch: cut epochs short (smoke tests); None for full epochs.
-        skip_bad_images: skip unreadable images (counted in the metrics) instead of stopping; a batch left
-            with one readable image is skipped whole (BatchNorm needs two).
+        skip_bad_images: skip images that are missing or unreadable (reported at the end and counted in the
+            metrics) instead of stopping with an error naming the file; a batch left with one readable image is
+            skipped whole (BatchNorm needs two).
         log_every: write an ``iteration`` line to the metrics every this many iterations.
-        validate: called after every epoch on rank 0 with the (unwrapped, eval-mode) model; returns a mapping
-            with ``mAP`` and optionally ``stats`` (COCOeval's 12 numbers). An improved mAP writes ``best.pt``.
+        val_annotations, val_images: a validation set (both or neither), checked before the first epoch and scored
+            with :func:`ssd.evaluation.evaluate` (COCO's mAP); an improved mAP writes ``best.pt``.
+        val_every: validate after every this many epochs (and after the last).
+        eval_batch_size: images per forward pass in validation; None for ``batch_size``.
+        validate: instead of a validation set, a callable given the (unwrapped, eval-mode) model after each
+            validated epoch, returning a mapping with ``mAP`` and optionally ``stats`` (COCOeval's 12 numbers).
+            Under torchrun it is called on every process (as :func:`ssd.evaluation.evaluate` must be).
         sync_bn: SyncBatchNorm across processes (CUDA, several processes; a no-op in one process).
         log: receives one-line progress messages on rank 0 (e.g. ``print``); None for silence.
     """
@@ -118,19 +159,21 @@ class TrainConfig:
     annotations: str | os.PathLike[str]
     images: str | os.PathLike[str]
     out_dir: str | os.PathLike[str]
+    model: str = "nvidia_ssd"
     epochs: int = 65
     batch_size: int = 32
     lr: float | None = None
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup_iters: int = 300
+    schedule: str = "step"
     milestones: tuple[int, ...] | None = None
     gamma: float = 0.1
     precision: str = "fp32"
     device: str = "auto"
     channels_last: bool = True
     augment: bool = True
-    num_workers: int = 0
+    num_workers: int | None = None
     seed: int = 0
     resume: bool | str | os.PathLike[str] = True
     init_checkpoint: str | os.PathLike[str] | Mapping[str, torch.Tensor] | None = None
@@ -138,6 +181,10 @@ class TrainConfig:
     max_iters_per_epoch: int | None = None
     skip_bad_images: bool = False
     log_every: int = 20
+    val_annotations: str | os.PathLike[str] | None = None
+    val_images: str | os.PathLike[str] | None = None
+    val_every: int = 1
+    eval_batch_size: int | None = None
     validate: Callable[[nn.Module], Mapping[str, Any]] | None = None
     sync_bn: bool = False
     log: Callable[[str], None] | None = None
@@ -149,7 +196,7 @@ class TrainConfig:
     def epoch_milestones(self) -> tuple[int, ...]:
         if self.milestones is not None:
             return tuple(self.milestones)
-        return tuple(round(self.epochs * m / _REFERENCE_EPOCHS) for m in _REFERENCE_MILESTONES)
+        return reference_milestones(self.epochs)
 
 
 def _check_config(config: TrainConfig | Mapping[str, Any]) -> TrainConfig:
@@ -171,23 +218,36 @@ def _check_config(config: TrainConfig | Mapping[str, Any]) -> TrainConfig:
             raise ValueError("batch_size: expected an integer >= 2 (BatchNorm on SSD's 1 x 1 feature map needs two "
                              "images per process in training), got 1") from None
         raise
-    for key in ("warmup_iters", "num_workers", "seed"):
+    if config.model not in list_models():
+        raise ValueError(f"model: expected one of {', '.join(map(repr, list_models()))}, got {config.model!r}")
+    for key in ("warmup_iters", "seed"):
         checked[key] = check_int(key, getattr(config, key), 0)
-    checked["log_every"] = check_int("log_every", config.log_every, 1)
-    if config.validate is not None and not callable(config.validate):
-        raise TypeError(f"validate: expected a callable or None, got {type(config.validate).__name__}")
-    if config.log is not None and not callable(config.log):
-        raise TypeError(f"log: expected a callable or None, got {type(config.log).__name__}")
-    if config.max_iters_per_epoch is not None:
-        checked["max_iters_per_epoch"] = check_int("max_iters_per_epoch", config.max_iters_per_epoch, 1)
+    for key in ("log_every", "val_every"):
+        checked[key] = check_int(key, getattr(config, key), 1)
+    for key, low in (("num_workers", 0), ("max_iters_per_epoch", 1), ("eval_batch_size", 1)):
+        if getattr(config, key) is not None:
+            checked[key] = check_int(key, getattr(config, key), low)
+    for key in ("validate", "log"):
+        value = getattr(config, key)
+        if value is not None and not callable(value):
+            raise TypeError(f"{key}: expected a callable or None, got {type(value).__name__}")
+    if (config.val_annotations is None) != (config.val_images is None):
+        raise ValueError("val_annotations/val_images: expected both or neither, got only one")
+    if config.val_annotations is not None and config.validate is not None:
+        raise ValueError("validate/val_annotations: expected a validation set or a validate callable, got both")
     if config.lr is not None:
         checked["lr"] = check_real("lr", config.lr, 0.0)
     for key in ("momentum", "weight_decay", "gamma"):
         checked[key] = check_real(key, getattr(config, key), 0.0)
     if config.precision not in _PRECISIONS:
         raise ValueError(f"precision: expected one of {_PRECISIONS}, got {config.precision!r}")
+    if config.schedule not in SCHEDULES:
+        raise ValueError(f"schedule: expected one of {SCHEDULES}, got {config.schedule!r}")
     if config.milestones is not None:
         checked["milestones"] = tuple(check_int("milestones", m, 1) for m in config.milestones)
+    out_dir = pathlib.Path(config.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"out_dir: expected a folder (created if missing), got the file {str(out_dir)!r}")
     return dataclasses.replace(config, **checked)
 
 
@@ -198,13 +258,49 @@ def _device(config: TrainConfig) -> torch.device:
     return device
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def default_workers(device: torch.device | str) -> int:
+    """DataLoader workers that feed ``device`` without starving it.
+
+    CUDA: up to 8 per process (NVIDIA's default), within this process's share of the cores (``LOCAL_WORLD_SIZE``
+    processes of torchrun share a node). CPU: the network already uses every core, so a few workers (a quarter of
+    the cores' share, at least 1, at most 4) keep decoding and augmenting out of the training process. With 0,
+    augmentation runs inside the training process on all of torch's threads, and a CPU shared with another job
+    slows it many times over (see benchmarks/training.py).
+    """
+    device = torch.device(device)
+    try:
+        local_world = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local_world = 1
+    share = max(1, usable_cores() // local_world)
+    if device.type == "cuda":
+        return min(8, share)
+    return max(1, min(4, share // 4))
+
+
+class TrainBatch(NamedTuple):
+    """One collated batch: ``images`` N x 3 x S x S (None when no item was usable), ``gloc`` N x 4 x A and
+    ``glabels`` N x A encoded against the model's spec, the ``targets`` of the N images, and the ``bad`` images
+    (:class:`~ssd.data.coco_format.BadImage`) that were left out."""
+
+    images: torch.Tensor | None
+    gloc: torch.Tensor | None
+    glabels: torch.Tensor | None
+    targets: list[dict[str, Any]]
+    bad: list[BadImage]
+
+
 class EncodingCollate:
     """Collate that also encodes the targets against ``spec`` (the model's), so that the matching runs in the
-    DataLoader's workers.
-
-    Returns ``(images N x 3 x S x S, gloc N x 4 x A, glabel N x A, targets)`` or None when every item was
-    dropped (see :class:`ssd.data.coco_format.DetectionCollate`).
-    """
+    DataLoader's workers. Returns a :class:`TrainBatch`; items that are None or :class:`BadImage` are left out of
+    the tensors (the latter listed in ``bad``)."""
 
     def __init__(self, spec: DetectorSpec) -> None:
         if not isinstance(spec, DetectorSpec):
@@ -212,19 +308,32 @@ class EncodingCollate:
         self._collate = DetectionCollate()
         self.spec = spec
 
-    def __call__(
-        self, batch: list[tuple[torch.Tensor, dict[str, Any]] | None]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[dict[str, Any]]] | None:
-        collated = self._collate(batch)
+    def __call__(self, batch: list[tuple[torch.Tensor, dict[str, Any]] | BadImage | None]) -> TrainBatch:
+        bad = [item for item in batch if isinstance(item, BadImage)]
+        collated = self._collate([item for item in batch if not isinstance(item, BadImage)])
         if collated is None:
-            return None
+            return TrainBatch(None, None, None, [], bad)
         images, targets = collated
         # One image at a time: the batched matcher pads every image to the most crowded one and holds
         # N x T x 8732 IoUs, which for COCO's crowded images is gigabytes per worker; the results are identical.
         encoded = [encode_targets(t["boxes"], t["labels"], self.spec) for t in targets]
         boxes = torch.stack([b for b, _ in encoded])
         labels = torch.stack([lab for _, lab in encoded])
-        return images, boxes.transpose(1, 2).contiguous(), labels, targets
+        return TrainBatch(images, boxes.transpose(1, 2).contiguous(), labels, targets, bad)
+
+
+class _Reported(torch.utils.data.Dataset):
+    """The training set as the loop reads it: an unusable image comes out as a :class:`BadImage` marker (from a
+    worker process too), never as an exception inside the DataLoader."""
+
+    def __init__(self, dataset: CocoDetectionDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]] | BadImage:
+        return self.dataset.load_item(index)
 
 
 def build_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
@@ -238,19 +347,6 @@ def build_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: 
         {"params": no_decay, "weight_decay": 0.0},
     ]
     return torch.optim.SGD(groups, lr=lr, momentum=momentum)
-
-
-def lr_factor(iteration: int, iters_per_epoch: int, warmup_iters: int, milestones: tuple[int, ...],
-              gamma: float) -> float:
-    """The multiplier of the base rate at ``iteration`` (0-based): linear warmup from 0, then step decay."""
-    factor = iteration / warmup_iters if iteration < warmup_iters else 1.0
-    epoch = iteration // iters_per_epoch
-    return factor * gamma ** sum(epoch >= m for m in milestones)
-
-
-def _atomic_save(obj: object, path: pathlib.Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
 
 
 def _plain_config(config: TrainConfig) -> dict[str, Any]:
@@ -270,7 +366,19 @@ def _plain_config(config: TrainConfig) -> dict[str, Any]:
     return out
 
 
-def _initialise_from(model: SSD300, init: str | os.PathLike[str] | Mapping[str, torch.Tensor],
+def _preprocessing(spec: DetectorSpec) -> dict[str, Any]:
+    """What the model's input is, from its spec (as detect and export preprocess): saved with the checkpoint."""
+    return {
+        "size": [spec.input.size, spec.input.size],
+        "resize": spec.input.resize,
+        "mean": list(spec.input.mean),
+        "std": list(spec.input.std),
+        "value_range": spec.input.value_range,
+        "scale": spec.input.value_range / 255,
+    }
+
+
+def _initialise_from(model: Detector, init: str | os.PathLike[str] | Mapping[str, torch.Tensor],
                      label: str | None) -> dict[str, Any]:
     entry = get_entry(model.spec.name)
     if isinstance(init, Mapping):
@@ -306,6 +414,22 @@ def _validation_record(result: object) -> dict[str, Any]:
     return record
 
 
+def _evaluator(validation: ValidationSet, batch_size: int, workers: int,
+               precision: str) -> Callable[[nn.Module], dict[str, Any]]:
+    """A ``validate`` callable scoring the model on the checked validation set with the sharded evaluation."""
+
+    def validate(model: nn.Module) -> dict[str, Any]:
+        from ..evaluation import evaluate
+
+        device = next(model.parameters()).device
+        result = evaluate(model, validation.images, validation.coco, batch_size=batch_size, workers=workers,
+                          device=device, precision=precision, progress=False, verbose=False)
+        stats = [float(v) for v in result.stats]
+        return {"mAP": stats[0], "stats": stats}
+
+    return validate
+
+
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
     # A disabled autocast still validates its dtype (and warns on CPU for float32), so fp32 gets no context at all.
     if dtype is None:
@@ -315,15 +439,6 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abs
 
 def _grad_scaler(device: torch.device, enabled: bool) -> Any:
     return torch.amp.GradScaler(device.type, enabled=enabled)
-
-
-def _write_metrics(path: pathlib.Path, record: dict[str, Any]) -> None:
-    # A diverged run logs a NaN loss; NaN is not JSON (readers choke on it), so non-finite numbers become null.
-    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-    with open(path, "a", encoding="utf-8") as fp:
-        fp.write(json.dumps(clean, allow_nan=False) + "\n")
-        fp.flush()
-        os.fsync(fp.fileno())
 
 
 def _resume_path(config: TrainConfig, checkpoint_path: pathlib.Path) -> pathlib.Path | None:
@@ -348,22 +463,43 @@ def _reduce(values: list[float], device: torch.device, world: int) -> list[float
     return tensor.tolist()
 
 
+def _bad_image_error(bad: BadImage) -> ImageLoadError:
+    return ImageLoadError(f"{bad.reason}; skip_bad_images (--skip-bad-images) trains without such images")
+
+
+@dataclass
+class _Progress:
+    """What the epochs share: the iteration counter, the best mAP, the last saved checkpoint and the skipped
+    images."""
+
+    iteration: int = 0
+    best_map: float | None = None
+    saved: tuple[str, int] | None = None  # (path, epoch) of the last checkpoint on disk this run continues
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # path -> reason, in the order seen
+
+
 def train(config: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
-    """Train SSD300 on a COCO-format dataset; see :class:`TrainConfig` and the module docstring.
+    """Train a registered model on a COCO-format dataset; see :class:`TrainConfig` and the module docstring.
 
     Under torchrun the process group is joined here (see :func:`ssd.distributed.init_from_env`) and left to the
     caller to destroy (:func:`ssd.distributed.cleanup`), so that a caller can run checks across ranks around it.
 
     Returns:
-        A summary: ``epochs_run`` (this call), ``epoch`` (last finished, 0-based), ``iterations`` (in total),
-        ``final_loss`` (mean over the last epoch), ``checkpoint`` and ``metrics`` (paths), ``num_classes``,
-        ``class_names``, ``skipped_images``, ``dataset_stats``, ``resumed_from_epoch`` (None when fresh),
-        ``init`` (source and loaded/skipped tensor counts, or None), ``best_map`` (None without validation) and
-        ``world_size``.
+        A summary: ``model``, ``epochs_run`` (this call), ``epoch`` (last finished, 0-based), ``iterations`` (in
+        total), ``final_loss`` (mean over the last epoch), ``checkpoint`` and ``metrics`` (paths), ``num_classes``,
+        ``class_names``, ``skipped_images`` (count) and ``skipped_files`` (path and reason of each, on rank 0),
+        ``dataset_stats``, ``resumed_from_epoch`` (None when fresh), ``init`` (source and loaded/skipped tensor
+        counts, or None), ``best_map`` (None without validation), ``world_size`` and ``swept`` (temporary files of
+        killed runs removed from ``out_dir``).
 
     Raises:
-        NonFiniteLossError: the loss became NaN or infinite (``last.pt`` keeps the last good epoch).
-        ValueError / TypeError: a bad configuration; AnnotationFileError: a bad annotation file.
+        NonFiniteLossError: the loss became NaN or infinite (the last checkpoint on disk keeps the last good epoch).
+        TrainingInterrupted: Ctrl-C, once the files being written were finished.
+        ssd.training.outputs.RunOutputError: ``out_dir`` is held by another run, or a file could not be written
+            (a full disk; the previous ``last.pt`` stays intact).
+        ssd.io.images.ImageLoadError: an unusable training image, unless ``skip_bad_images``.
+        ValueError / TypeError / FileNotFoundError: a bad configuration or data (annotation files, missing images,
+            validation categories the model does not know), found before the first iteration.
     """
     config = _check_config(config)
     device = _device(config)
@@ -376,24 +512,55 @@ def train(config: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
         if main and config.log is not None:
             config.log(message)
 
+    entry = get_entry(config.model)
     out_dir = pathlib.Path(config.out_dir)
     checkpoint_path = out_dir / "last.pt"
-    best_path = out_dir / "best.pt"
-    metrics_path = out_dir / "metrics.jsonl"
     resume_from = _resume_path(config, checkpoint_path)
 
     torch.manual_seed(config.seed)
-    dataset = CocoDetectionDataset(
-        config.annotations,
-        config.images,
-        transform=None,  # set below from the model's input spec, before the loader's workers start
-        skip_bad_images=config.skip_bad_images,
-    )
+    # The data first: every problem of the training and validation sets is found before anything is written.
+    dataset = CocoDetectionDataset(config.annotations, config.images, skip_bad_images=config.skip_bad_images)
     if len(dataset) == 0:
         raise ValueError(f"annotations: expected at least one image in {os.fspath(config.annotations)!r}, got none")
+    missing = check_training_images(dataset, config.skip_bad_images)
     # The dataset's names and category ids travel with the model, so detect and evaluate speak them.
-    model = SSD300(nvidia_spec(class_names=tuple(dataset.class_names), category_ids=tuple(dataset.category_ids)))
+    model = entry.network(entry.spec.with_classes(dataset.classes))
     dataset.transform = SSDAugmentation(model.spec.input, augment=config.augment)
+    workers = config.num_workers if config.num_workers is not None else default_workers(device)
+    validate = config.validate
+    validation = None
+    if config.val_annotations is not None:
+        validation = load_validation_set(config.val_annotations, config.val_images, model.spec.classes)
+        validate = _evaluator(validation, config.eval_batch_size or config.batch_size, workers, config.precision)
+    summaries = [training_summary(dataset, missing)] + ([validation.summary] if validation is not None else [])
+    for line in summaries:
+        say(line)
+
+    folder = RunFolder(out_dir)
+    problem = None
+    if main:
+        try:
+            swept = folder.open()
+        except OSError as exc:
+            problem = exc
+    if not distributed.all_ok(problem is None, device if device.type == "cuda" else None):
+        raise problem or RuntimeError("out_dir: rank 0 could not open it (see its message)")
+    try:
+        return _run(config, device, rank, world, entry, model, dataset, validate, folder,
+                    swept if main else [], resume_from, workers, summaries, say)
+    finally:
+        folder.close()
+
+
+def _run(config: TrainConfig, device: torch.device, rank: int, world: int, entry: Any, model: Detector,
+         dataset: CocoDetectionDataset, validate: Callable[[nn.Module], Any] | None, folder: RunFolder,
+         swept: list[pathlib.Path], resume_from: pathlib.Path | None, workers: int, summaries: list[str],
+         say: Callable[[str], None]) -> dict[str, Any]:
+    main = rank == 0
+    out_dir = folder.path
+    checkpoint_path, best_path, metrics_path = out_dir / "last.pt", out_dir / "best.pt", out_dir / "metrics.jsonl"
+    if swept:
+        say(f"removed {len(swept)} temporary file(s) left by a killed run: {', '.join(p.name for p in swept)}")
     sampler = None
     if world > 1:
         # Each process reads its own share; the sampler's seed makes the shares a partition of one permutation.
@@ -405,17 +572,18 @@ def train(config: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"annotations: expected at least 2 images per process (BatchNorm needs two per batch), "
                          f"got {images_per_rank}")
     loader = torch.utils.data.DataLoader(
-        dataset,
+        _Reported(dataset),
         batch_size=config.batch_size,
         # Full batches only (unless the data is smaller than one): a last batch of one image breaks BatchNorm.
         drop_last=images_per_rank >= config.batch_size,
         shuffle=sampler is None,
         sampler=sampler,
-        num_workers=config.num_workers,
+        num_workers=workers,
         collate_fn=EncodingCollate(model.spec),
         generator=torch.Generator().manual_seed(config.seed),
         pin_memory=device.type == "cuda",
-        persistent_workers=config.num_workers > 0,
+        persistent_workers=workers > 0,
+        worker_init_fn=_WorkerInit(folder) if workers > 0 else None,
     )
     iters_per_epoch = len(loader)
     if config.max_iters_per_epoch is not None:
@@ -436,43 +604,25 @@ def train(config: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
     base_lr = config.base_lr(world)
     optimizer = build_optimizer(model, base_lr, config.momentum, config.weight_decay)
     milestones = config.epoch_milestones()
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda it: lr_factor(it, iters_per_epoch, config.warmup_iters, milestones, config.gamma)
-    )
+    total_iters = iters_per_epoch * config.epochs
+
+    def factor(it: int) -> float:
+        return lr_factor(it, iters_per_epoch, config.warmup_iters, milestones, config.gamma, config.schedule,
+                         total_iters)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     scaler = _grad_scaler(device, enabled=config.precision == "fp16")
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
 
-    start_epoch, iteration, resumed_from, best_map = 0, 0, None, None
+    progress = _Progress()
+    start_epoch, resumed_from = 0, None
     if resume_from is not None:
-        state = read_training_state(resume_from, model.spec.name)
-        if state["class_names"] != dataset.class_names or state["category_ids"] != dataset.category_ids:
-            raise ValueError(
-                f"{resume_from}: its classes {state['class_names']} differ from the dataset's "
-                f"{dataset.class_names}; use another out_dir or resume=False"
-            )
-        load_weights(model, state["state_dict"], str(resume_from), get_entry(model.spec.name), new_heads=False)
-        try:
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
-        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
-            why = " ".join(str(exc).split())[:200]
-            raise InvalidCheckpointError(f"checkpoint {str(resume_from)!r}: its optimizer state does not fit this "
-                                         f"run ({type(exc).__name__}: {why})") from None
-        # The saved rate was computed with the saved run's milestones, which follow its epoch count; a resumed run
-        # with more epochs has other milestones, so the rate of the next iteration is recomputed from this run's
-        # base rate and schedule at the saved iteration.
-        scheduler.base_lrs = [base_lr for _ in optimizer.param_groups]
-        for group in optimizer.param_groups:
-            group["initial_lr"] = base_lr
-            group["lr"] = base_lr * lr_factor(scheduler.last_epoch, iters_per_epoch, config.warmup_iters,
-                                              milestones, config.gamma)
-        start_epoch, iteration, resumed_from = state["epoch"] + 1, state["iteration"], state["epoch"]
-        best_map = state.get("best_map")
+        start_epoch = _restore(resume_from, model, dataset, optimizer, scheduler, scaler, base_lr, factor, progress)
+        resumed_from = start_epoch - 1
         # Resuming re-seeds from the epoch so a resumed run does not replay the first epochs' order and crops.
         torch.manual_seed(config.seed + start_epoch + (rank if world > 1 else 0))
         loader.generator.manual_seed(config.seed + start_epoch)
-        say(f"resumed from {resume_from}: epoch {start_epoch}, iteration {iteration}")
+        say(f"resumed from {resume_from}: epoch {start_epoch}, iteration {progress.iteration}")
 
     network: nn.Module = model
     if world > 1:
@@ -483,152 +633,257 @@ def train(config: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
         )
 
     if main and start_epoch < config.epochs:  # a finished run resumed with the same epochs adds nothing
-        out_dir.mkdir(parents=True, exist_ok=True)
         if resume_from is None:
             # A fresh run's metrics and best model must not mix with an earlier run's.
             metrics_path.unlink(missing_ok=True)
             best_path.unlink(missing_ok=True)
-        _write_metrics(metrics_path, {
-            "type": "start", "epoch": start_epoch, "iteration": iteration, "world_size": world,
-            "batch_size": config.batch_size, "global_batch_size": config.batch_size * world, "base_lr": base_lr,
-            "iterations_per_epoch": iters_per_epoch, "resumed_from_epoch": resumed_from,
-            "init": init, "precision": config.precision, "device": str(device),
+        else:
+            dropped = trim_metrics(metrics_path, resumed_from)
+            if dropped:
+                say(f"metrics.jsonl: dropped {dropped} line(s) a killed run wrote after epoch {resumed_from}")
+        write_metrics(metrics_path, {
+            "type": "start", "epoch": start_epoch, "iteration": progress.iteration, "model": model.spec.name,
+            "world_size": world, "batch_size": config.batch_size, "global_batch_size": config.batch_size * world,
+            "base_lr": base_lr, "schedule": config.schedule, "milestones": list(milestones),
+            "iterations_per_epoch": iters_per_epoch, "resumed_from_epoch": resumed_from, "init": init,
+            "precision": config.precision, "device": str(device), "workers": workers, "data": summaries,
         })
-    say(f"training on {world} x {device}, global batch {config.batch_size * world}, base lr {base_lr:.3g}, "
-        f"{iters_per_epoch} iterations per epoch, epochs {start_epoch}..{config.epochs - 1}")
+    say(f"training {model.spec.name} on {world} x {device}, global batch {config.batch_size * world}, base lr "
+        f"{base_lr:.3g} ({config.schedule}), {iters_per_epoch} iterations per epoch, epochs "
+        f"{start_epoch}..{config.epochs - 1}, {workers} data worker(s) per process")
 
-    preprocessing = {
-        "size": [300, 300],
-        "resize": "stretch",
-        "mean": list(NVIDIA_SSD300.input.mean),
-        "std": list(NVIDIA_SSD300.input.std),
-        "scale": 1 / 255,
-    }
-    skipped_total, last_epoch_loss, epoch = 0, float("nan"), start_epoch - 1
-    first_iteration = iteration + 1
-    final_iteration = iteration + iters_per_epoch * max(0, config.epochs - start_epoch)
-    network.train()
-    for epoch in range(start_epoch, config.epochs):
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        started = window_start = time.perf_counter()
-        loss_sum, batches, images_seen, skipped, lr_used, window_images = 0.0, 0, 0, 0, float("nan"), 0
-        for step, batch in enumerate(loader):
-            if step >= iters_per_epoch:
-                break
-            # Unreadable images (skip_bad_images) are dropped by the collate, in the workers: count them here.
-            expected = min(config.batch_size, images_per_rank - step * config.batch_size)
-            if batch is None or len(batch[3]) < 2:
-                # Under DDP every rank must still take part in the step, so a batch cannot be skipped there.
-                if world > 1:
-                    raise RuntimeError(f"epoch {epoch}, step {step}: fewer than 2 images of rank {rank}'s batch "
-                                       "were readable; distributed training cannot skip a batch")
-                # A lone image cannot be trained on either (BatchNorm): it is counted with the skipped ones.
-                skipped += expected
-                continue
-            images, gloc, glabels, targets = batch
-            skipped += expected - len(targets)
-            images = images.to(device, non_blocking=True, memory_format=memory_format)
-            gloc = gloc.to(device, non_blocking=True)
-            glabels = glabels.to(device, non_blocking=True)
-            with _autocast(device, autocast_dtype):
-                locs, confs = network(images)
-            loss = loss_fn(locs, confs, gloc, glabels)
-            # The mean over the processes: every rank sees the same value, so a NaN stops them all together.
-            value = _reduce([float(loss.detach())], device, world)[0] / world
-            if not math.isfinite(value):
-                finished_one = epoch > start_epoch or resumed_from is not None
-                last_good = f"{checkpoint_path} (epoch {epoch - 1})" if finished_one else "none (no epoch finished)"
-                raise NonFiniteLossError(
-                    f"loss became {value} at epoch {epoch}, iteration {iteration}; training stopped. Last good "
-                    f"checkpoint: {last_good}. Try a lower lr, a longer warmup or precision='fp32'."
-                )
-            lr_used = optimizer.param_groups[0]["lr"]
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            iteration += 1
-            loss_sum += value
-            batches += 1
-            images_seen += len(targets)
-            window_images += len(targets) * world
-            if main and (iteration % config.log_every == 0 or iteration in (first_iteration, final_iteration)):
-                now = time.perf_counter()
-                _write_metrics(metrics_path, {
-                    "type": "iteration", "epoch": epoch, "iteration": iteration, "loss": value, "lr": lr_used,
-                    "images_per_second": round(window_images / (now - window_start), 3),
-                })
-                say(f"epoch {epoch} iteration {iteration}: loss {value:.4f}, lr {lr_used:.3g}")
-                window_start, window_images = now, 0
-        elapsed = time.perf_counter() - started
-        images_seen, skipped = (int(v) for v in _reduce([images_seen, skipped], device, world))
-        skipped_total += skipped
-        last_epoch_loss = loss_sum / batches if batches else float("nan")
-
-        validation = None
-        if config.validate is not None:
-            if main:
-                network.eval()
-                with torch.no_grad():
-                    validation = _validation_record(config.validate(model))
-                network.train()
-            distributed.barrier()  # the other ranks wait here, not inside DDP's next collective
-        improved = validation is not None and validation["mAP"] is not None and (
-            best_map is None or validation["mAP"] > best_map
-        )
-        if improved:
-            best_map = validation["mAP"]
-        if main:
-            state = {
-                "format": TRAIN_FORMAT,
-                "model": model.spec.name,
-                "state_dict": model.state_dict(),
-                "num_classes": dataset.num_classes,
-                "class_names": list(dataset.class_names),
-                "category_ids": list(dataset.category_ids),
-                "preprocessing": preprocessing,
-                "epoch": epoch,
-                "iteration": iteration,
-                "best_map": best_map,
-                "config": _plain_config(config),
-            }
+    epoch_run = _EpochRunner(config, device, rank, world, model, network, loader, sampler, loss_fn, optimizer,
+                             scheduler, scaler, autocast_dtype, memory_format, iters_per_epoch, images_per_rank,
+                             metrics_path, checkpoint_path, progress, say)
+    last_epoch_loss, epoch = float("nan"), start_epoch - 1
+    final_iteration = progress.iteration + iters_per_epoch * max(0, config.epochs - start_epoch)
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            last_epoch_loss, images_seen, skipped, elapsed, lr_used = epoch_run.epoch(epoch, final_iteration)
+            validation = None
+            if validate is not None and ((epoch + 1) % config.val_every == 0 or epoch == config.epochs - 1):
+                validation = _validate(validate, model, network, device, world)
+            improved = validation is not None and validation["mAP"] is not None and (
+                progress.best_map is None or validation["mAP"] > progress.best_map
+            )
             if improved:
-                # Written before last.pt, so that a last.pt naming a best mAP always has its best.pt on disk.
-                _atomic_save(state, best_path)
-            state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                         scaler=scaler.state_dict())
-            _atomic_save(state, checkpoint_path)
-            _write_metrics(metrics_path, {
-                "type": "epoch",
-                "epoch": epoch,
-                "iteration": iteration,
-                "loss": _finite(last_epoch_loss),
-                "lr": _finite(lr_used),  # the rate of the epoch's last iteration
-                "images": images_seen,
-                "skipped_images": skipped,
-                "seconds": round(elapsed, 3),
-                "images_per_second": round(images_seen / elapsed, 3) if elapsed > 0 else None,
-            })
-            if validation is not None:
-                _write_metrics(metrics_path, {"type": "validation", "epoch": epoch, "iteration": iteration,
-                                              **validation, "best": improved})
-                say(f"epoch {epoch} validation: mAP {validation['mAP']}" + (" (best so far)" if improved else ""))
-        distributed.barrier()  # nobody starts the next epoch (or returns) before the checkpoint is on disk
+                progress.best_map = validation["mAP"]
+            if main:
+                with deferred_interrupt():  # Ctrl-C waits until this epoch's files are whole
+                    _save_epoch(config, model, dataset, optimizer, scheduler, scaler, epoch, progress, improved,
+                                checkpoint_path, best_path)
+                    progress.saved = (str(checkpoint_path), epoch)
+                    write_metrics(metrics_path, {
+                        "type": "epoch", "epoch": epoch, "iteration": progress.iteration,
+                        "loss": _finite(last_epoch_loss), "lr": _finite(lr_used),  # the epoch's last iteration's
+                        "images": images_seen, "skipped_images": skipped, "seconds": round(elapsed, 3),
+                        "images_per_second": round(images_seen / elapsed, 3) if elapsed > 0 else None,
+                    })
+                    if validation is not None:
+                        write_metrics(metrics_path, {"type": "validation", "epoch": epoch,
+                                                     "iteration": progress.iteration, **validation, "best": improved})
+                if validation is not None:
+                    say(f"epoch {epoch} validation: mAP {validation['mAP']}" + (" (best so far)" if improved else ""))
+                say(f"epoch {epoch} done: mean loss {last_epoch_loss:.4f}, {images_seen} images in {elapsed:.1f} s; "
+                    f"saved {checkpoint_path}" + (f" and {best_path.name}" if improved else ""))
+            else:
+                progress.saved = (str(checkpoint_path), epoch)
+            distributed.barrier()  # nobody starts the next epoch (or returns) before the checkpoint is on disk
+    except KeyboardInterrupt:
+        saved = progress.saved
+        raise TrainingInterrupted(saved[0] if saved else None, saved[1] if saved else None) from None
+    if main and progress.skipped:
+        shown = list(progress.skipped.items())[:5]
+        more = f" ... and {len(progress.skipped) - 5} more" if len(progress.skipped) > 5 else ""
+        say(f"skipped {len(progress.skipped)} unusable image(s): " + "; ".join(r for _, r in shown) + more)
     return {
+        "model": model.spec.name,
         "epochs_run": max(0, config.epochs - start_epoch),
         "epoch": epoch,
-        "iterations": iteration,
+        "iterations": progress.iteration,
         "final_loss": last_epoch_loss,
         "checkpoint": str(checkpoint_path),
         "metrics": str(metrics_path),
         "num_classes": dataset.num_classes,
         "class_names": list(dataset.class_names),
-        "skipped_images": skipped_total,
+        "skipped_images": epoch_run.skipped_total,
+        "skipped_files": [{"file": f, "error": r} for f, r in progress.skipped.items()],
         "dataset_stats": dict(dataset.stats),
         "resumed_from_epoch": resumed_from,
         "init": init,
-        "best_map": best_map,
+        "best_map": progress.best_map,
         "world_size": world,
+        "swept": [str(p) for p in swept],
     }
+
+
+class _WorkerInit:
+    """DataLoader ``worker_init_fn``: a forked worker lets go of the output folder's lock (see RunFolder)."""
+
+    def __init__(self, folder: RunFolder) -> None:
+        self.folder = folder
+
+    def __call__(self, worker_id: int) -> None:
+        self.folder.forget_in_child()
+
+
+def _restore(path: pathlib.Path, model: Detector, dataset: CocoDetectionDataset, optimizer: torch.optim.Optimizer,
+             scheduler: Any, scaler: Any, base_lr: float, factor: Callable[[int], float],
+             progress: _Progress) -> int:
+    """Load ``last.pt`` to continue from it; returns the epoch to start at and fills ``progress``."""
+    state = read_training_state(path, model.spec.name)
+    if state["class_names"] != dataset.class_names or state["category_ids"] != dataset.category_ids:
+        raise ValueError(f"{path}: its classes {state['class_names']} differ from the dataset's "
+                         f"{dataset.class_names}; use another out_dir or resume=False")
+    load_weights(model, state["state_dict"], str(path), get_entry(model.spec.name), new_heads=False)
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
+        why = " ".join(str(exc).split())[:200]
+        raise InvalidCheckpointError(f"checkpoint {str(path)!r}: its optimizer state does not fit this run "
+                                     f"({type(exc).__name__}: {why})") from None
+    # The saved rate was computed with the saved run's schedule, which follows its epoch count; a resumed run with
+    # more epochs has another, so the rate of the next iteration is recomputed from this run's base rate and
+    # schedule at the saved iteration.
+    scheduler.base_lrs = [base_lr for _ in optimizer.param_groups]
+    scheduler.lr_lambdas = [factor for _ in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["initial_lr"] = base_lr
+        group["lr"] = base_lr * factor(scheduler.last_epoch)
+    progress.iteration, progress.best_map = state["iteration"], state.get("best_map")
+    progress.saved = (str(path), state["epoch"])
+    return state["epoch"] + 1
+
+
+def _validate(validate: Callable[[nn.Module], Any], model: Detector, network: nn.Module, device: torch.device,
+              world: int) -> dict[str, Any]:
+    """Run ``validate`` on every process (the sharded evaluation needs them all); rank 0's record, on all."""
+    network.eval()
+    problem: BaseException | None = None
+    record = None
+    try:
+        with torch.no_grad():
+            record = _validation_record(validate(model))
+    except Exception as exc:  # every rank must reach the check below, or the others would wait for it
+        problem = exc
+    finally:
+        network.train()
+    if not distributed.all_ok(problem is None, device if device.type == "cuda" else None):
+        raise problem or RuntimeError("validation failed on another process (see its message)")
+    return distributed.broadcast_from_main(record) if world > 1 else record
+
+
+def _save_epoch(config: TrainConfig, model: Detector, dataset: CocoDetectionDataset, optimizer: Any, scheduler: Any,
+                scaler: Any, epoch: int, progress: _Progress, improved: bool, checkpoint_path: pathlib.Path,
+                best_path: pathlib.Path) -> None:
+    state = {
+        "format": TRAIN_FORMAT,
+        "model": model.spec.name,
+        "state_dict": model.state_dict(),
+        "num_classes": dataset.num_classes,
+        "class_names": list(dataset.class_names),
+        "category_ids": list(dataset.category_ids),
+        "preprocessing": _preprocessing(model.spec),
+        "epoch": epoch,
+        "iteration": progress.iteration,
+        "best_map": progress.best_map,
+        "config": _plain_config(config),
+    }
+    if improved:
+        # Written before last.pt, so that a last.pt naming a best mAP always has its best.pt on disk.
+        save_checkpoint(state, best_path)
+    state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict())
+    save_checkpoint(state, checkpoint_path)
+
+
+class _EpochRunner:
+    """One epoch of optimisation steps, with its logging, the NaN stop and the bad-image rule."""
+
+    def __init__(self, config: TrainConfig, device: torch.device, rank: int, world: int, model: Detector,
+                 network: nn.Module, loader: Any, sampler: Any, loss_fn: SSDLoss, optimizer: Any, scheduler: Any,
+                 scaler: Any, autocast_dtype: torch.dtype | None, memory_format: torch.memory_format,
+                 iters_per_epoch: int, images_per_rank: int, metrics_path: pathlib.Path,
+                 checkpoint_path: pathlib.Path, progress: _Progress, say: Callable[[str], None]) -> None:
+        self.config, self.device, self.rank, self.world = config, device, rank, world
+        self.model, self.network, self.loader, self.sampler = model, network, loader, sampler
+        self.loss_fn, self.optimizer, self.scheduler, self.scaler = loss_fn, optimizer, scheduler, scaler
+        self.autocast_dtype, self.memory_format = autocast_dtype, memory_format
+        self.iters_per_epoch, self.images_per_rank = iters_per_epoch, images_per_rank
+        self.metrics_path, self.checkpoint_path = metrics_path, checkpoint_path
+        self.progress, self.say = progress, say
+        self.first_iteration = progress.iteration + 1
+        self.skipped_total = 0
+
+    def epoch(self, epoch: int, final_iteration: int) -> tuple[float, int, int, float, float]:
+        """Train one epoch; returns its mean loss, images trained on and skipped (over all processes), seconds and
+        the rate of its last iteration."""
+        config, progress = self.config, self.progress
+        main = self.rank == 0
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+        self.network.train()
+        started = window_start = time.perf_counter()
+        loss_sum, batches, images_seen, skipped, lr_used, window_images = 0.0, 0, 0, 0, float("nan"), 0
+        for step, batch in enumerate(self.loader):
+            if step >= self.iters_per_epoch:
+                break
+            if batch.bad:
+                if not config.skip_bad_images:
+                    raise _bad_image_error(batch.bad[0])
+                for bad in batch.bad:
+                    progress.skipped.setdefault(bad.path, bad.reason)
+                skipped += len(batch.bad)
+            if len(batch.targets) < 2:
+                # Under DDP every rank must still take part in the step, so a batch cannot be skipped there.
+                if self.world > 1:
+                    raise RuntimeError(f"epoch {epoch}, step {step}: fewer than 2 images of rank {self.rank}'s batch "
+                                       "were readable; distributed training cannot skip a batch")
+                # A lone image cannot be trained on either (BatchNorm): it is counted with the skipped ones.
+                skipped += len(batch.targets)
+                continue
+            value, lr_used = self._step(batch, epoch)
+            loss_sum += value
+            batches += 1
+            images_seen += len(batch.targets)
+            window_images += len(batch.targets) * self.world
+            it = progress.iteration
+            if main and (it % config.log_every == 0 or it in (self.first_iteration, final_iteration)):
+                now = time.perf_counter()
+                write_metrics(self.metrics_path, {
+                    "type": "iteration", "epoch": epoch, "iteration": it, "loss": value, "lr": lr_used,
+                    "images_per_second": round(window_images / (now - window_start), 3),
+                })
+                self.say(f"epoch {epoch} iteration {it}: loss {value:.4f}, lr {lr_used:.3g}")
+                window_start, window_images = now, 0
+        elapsed = time.perf_counter() - started
+        images_seen, skipped = (int(v) for v in _reduce([images_seen, skipped], self.device, self.world))
+        self.skipped_total += skipped
+        return (loss_sum / batches if batches else float("nan")), images_seen, skipped, elapsed, lr_used
+
+    def _step(self, batch: TrainBatch, epoch: int) -> tuple[float, float]:
+        device = self.device
+        images = batch.images.to(device, non_blocking=True, memory_format=self.memory_format)
+        gloc = batch.gloc.to(device, non_blocking=True)
+        glabels = batch.glabels.to(device, non_blocking=True)
+        with _autocast(device, self.autocast_dtype):
+            locs, confs = self.network(images)
+        loss = self.loss_fn(locs, confs, gloc, glabels)
+        # The mean over the processes: every rank sees the same value, so a NaN stops them all together.
+        value = _reduce([float(loss.detach())], device, self.world)[0] / self.world
+        if not math.isfinite(value):
+            saved = self.progress.saved
+            last_good = f"{saved[0]} (epoch {saved[1]})" if saved is not None else "none (no epoch finished)"
+            raise NonFiniteLossError(
+                f"loss became {value} at epoch {epoch}, iteration {self.progress.iteration}; training stopped. Last "
+                f"good checkpoint: {last_good}. Try a lower lr, a longer warmup or precision='fp32'."
+            )
+        lr_used = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.progress.iteration += 1
+        return value, lr_used

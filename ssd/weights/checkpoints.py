@@ -9,14 +9,12 @@ Reading is the caller's ``read(path, name)`` (:func:`ssd.weights.formats.read_ch
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import os
 import pathlib
 import re
 import tempfile
-import time
 import urllib.parse
 import urllib.request
 import warnings
@@ -27,6 +25,7 @@ from typing import Any, Generic, TypeVar
 import torch
 
 from ..io import http
+from ..io.files import sweep_stale
 from ..io.http import DownloadError, DownloadPolicy
 from ..models.entry import ModelEntry, Weights
 from .loader import InvalidCheckpointError, load_file
@@ -145,15 +144,7 @@ def _sweep_stale_parts(folder: pathlib.Path) -> None:
 
     Recent ones are left alone: another process may be writing them right now.
     """
-    cutoff = time.time() - STALE_PART_S
-    try:
-        candidates = list(folder.glob("*.part"))
-    except OSError:
-        return
-    for part in candidates:
-        with contextlib.suppress(OSError):  # gone already, or not ours to remove: the download goes on anyway
-            if part.is_file() and part.stat().st_mtime < cutoff:
-                part.unlink()
+    sweep_stale(folder, ("*.part",), STALE_PART_S)
 
 
 def _read_cached(path: pathlib.Path, read: Reader) -> Any:
