@@ -9,9 +9,11 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -255,6 +257,47 @@ def test_torchrun_two_processes(tmp_path):
     assert not any(k.startswith("module.") for k in state["state_dict"])
     model = build_model("nvidia_ssd", checkpoint=str(out / "last.pt"))
     assert model.spec.classes.names == tuple(NAMES)
+
+
+def _run_bounded(command: list[str], cwd: pathlib.Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """Run ``command`` in its own process group and kill the whole group (torchrun's workers too) on timeout."""
+    child = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    try:
+        stdout, stderr = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        stdout, stderr = child.communicate()
+        pytest.fail(f"timed out after {timeout} s (a hang):\n{stdout[-2000:]}\n{stderr[-2000:]}")
+    return subprocess.CompletedProcess(command, child.returncode, stdout, stderr)
+
+
+@pytest.mark.timeout(600)
+def test_torchrun_two_processes_with_validation(tmp_path):
+    """Validation at the end of each epoch under torchrun: every rank evaluates its share (issue 24: only rank 0
+    validated and the other waited in a barrier until the process group's timeout)."""
+    make_shapes_dataset(tmp_path / "data", 8, image_size=96, seed=2)
+    make_shapes_dataset(tmp_path / "val", 4, image_size=96, seed=3)
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+               str(_free_port()), "-m", "ssd", "train", "--images", str(tmp_path / "data" / "images"),
+               "--annotations", str(tmp_path / "data" / "annotations.json"), "--val-images",
+               str(tmp_path / "val" / "images"), "--val-annotations", str(tmp_path / "val" / "annotations.json"),
+               "--out", str(out), "--checkpoint", "none", "--epochs", "2", "--batch-size", "2",
+               "--max-iterations-per-epoch", "1", "--device", "cpu", "--no-augment", "--workers", "0"]
+    started = time.monotonic()
+    done = _run_bounded(command, tmp_path, env, timeout=420)
+    wall = time.monotonic() - started
+    assert done.returncode == 0, done.stderr[-3000:]
+    print(f"2-process torchrun training with validation, 2 epochs: {wall:.1f} s wall")
+    assert done.stdout.count("validation: mAP") == 2 and done.stdout.count("validation data: 4 images") == 1
+    lines = _records(out, "validation")
+    assert [r["epoch"] for r in lines] == [0, 1] and all(len(r["stats"]) == 12 for r in lines)
+    assert lines[0]["best"] is True
+    best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
+    assert best["best_map"] == max(r["mAP"] for r in lines)
+    assert torch.load(out / "last.pt", map_location="cpu", weights_only=True)["epoch"] == 1
 
 
 def test_hub_fine_tuning_start_keeps_everything_but_the_heads(golden_checkpoint, monkeypatch):
