@@ -1,14 +1,25 @@
-"""Training throughput of SSD300: images per second of one optimisation step (forward, loss, backward, SGD).
+"""Training throughput of SSD300: images per second of one optimisation step (forward, loss, backward, SGD), and of
+the whole training loop with and without DataLoader workers.
 
-The batch is built once from a synthetic shapes set through the real data path (augmentation, target encoding),
-so the figure is the network's cost, not the JPEG decoding's; channels_last as in the training loop, fp32 or bf16
-autocast. Run: ``OMP_NUM_THREADS=N python -m benchmarks --suite training [--device cpu] [--batch 4] [--iterations 3]``.
+Step: the batch is built once from a synthetic shapes set through the real data path (augmentation, target
+encoding), so the figure is the network's cost, not the JPEG decoding's; channels_last as in the training loop,
+fp32 or bf16 autocast. Run: ``OMP_NUM_THREADS=N python -m benchmarks --suite training [--device cpu] [--batch 4]
+[--iterations 3]``.
+
+Workers (``--workers-compare``): the real loop (:func:`ssd.training.train`, augmentation on) over a shapes set of
+640 x 480 JPEGs, once with ``--workers 0`` and once with the default (:func:`ssd.training.loop.default_workers`),
+in the same run, alternating ``--rounds`` times, each also while ``--busy N`` processes spin on the CPU (another job
+holding cores); a run's images/s is the median of its per-iteration figures after the first (worker start-up).
+Run: ``python -m benchmarks --suite training -- --workers-compare [--busy 0,1] [--iterations 6] [--batch 4]``.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import statistics
+import subprocess
+import sys
 import tempfile
 from collections.abc import Sequence
 from typing import Any
@@ -23,7 +34,7 @@ from ssd.training.augment import SSDAugmentation
 from ssd.training.loop import EncodingCollate, build_optimizer
 from ssd.training.loss import SSDLoss
 
-__all__ = ["main", "measure_training"]
+__all__ = ["main", "measure_training", "measure_workers"]
 
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -33,8 +44,8 @@ def _batch(size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[st
         annotations = make_shapes_dataset(folder, size, image_size=300, seed=0)
         transform = SSDAugmentation(NVIDIA_SSD300.input, augment=True)
         dataset = CocoDetectionDataset(annotations, f"{folder}/images", transform=transform)
-        images, gloc, glabels, _ = EncodingCollate(NVIDIA_SSD300)([dataset[i] for i in range(size)])
-        return images, gloc, glabels, dataset.class_names
+        batch = EncodingCollate(NVIDIA_SSD300)([dataset[i] for i in range(size)])
+        return batch.images, batch.gloc, batch.glabels, dataset.class_names
 
 
 def measure_training(device: str = "cpu", batch_size: int = 4, precisions: Sequence[str] = ("fp32", "bf16"),
@@ -77,6 +88,54 @@ def measure_training(device: str = "cpu", batch_size: int = 4, precisions: Seque
     return results
 
 
+def _spinners(count: int) -> list[subprocess.Popen]:
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+
+
+def _loop_rate(annotations: str, images: str, out: str, model: str, batch_size: int, workers: int,
+               precision: str, spinning: int) -> float:
+    """Median images/s of the loop's iterations after the first (worker start-up), with ``spinning`` busy
+    processes beside it."""
+    from ssd.training.loop import TrainConfig, train
+
+    spinners = _spinners(spinning)
+    try:
+        train(TrainConfig(annotations, images, out, model=model, epochs=1, batch_size=batch_size, device="cpu",
+                          num_workers=workers, log_every=1, precision=precision, warmup_iters=0, resume=False))
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+    with open(f"{out}/metrics.jsonl") as metrics:
+        records = [json.loads(line) for line in metrics]
+    return statistics.median([r["images_per_second"] for r in records if r["type"] == "iteration"][1:])
+
+
+def measure_workers(model: str = "nvidia_ssd", batch_size: int = 4, iterations: int = 6, busy: Sequence[int] = (0, 1),
+                    precision: str = "fp32", rounds: int = 2) -> list[dict[str, Any]]:
+    """Training images/s of the real loop with ``--workers 0`` and with the default, each with ``busy`` spinning
+    processes beside it; one dict per configuration. The configurations alternate, ``rounds`` times, so that a
+    change in the machine's load (other jobs) hits them alike; each reports the median of its rounds and the
+    range."""
+    from ssd.training.loop import default_workers
+
+    default = default_workers("cpu")
+    configurations = [(spinning, workers) for spinning in busy for workers in (0, default)]
+    rates: dict[tuple[int, int], list[float]] = {c: [] for c in configurations}
+    with tempfile.TemporaryDirectory() as folder:
+        annotations = make_shapes_dataset(f"{folder}/data", batch_size * iterations, image_size=(480, 640), seed=0)
+        for round_ in range(rounds):
+            for spinning, workers in configurations:
+                rates[(spinning, workers)].append(_loop_rate(
+                    str(annotations), f"{folder}/data/images", f"{folder}/run-{round_}-{spinning}-{workers}", model,
+                    batch_size, workers, precision, spinning))
+    return [{"model": model, "workers": workers, "default": workers == default, "busy": spinning,
+             "batch_size": batch_size, "precision": precision, "threads": torch.get_num_threads(),
+             "images_per_second": round(statistics.median(rates[(spinning, workers)]), 3),
+             "range": [round(min(rates[(spinning, workers)]), 3), round(max(rates[(spinning, workers)]), 3)],
+             "rounds": rounds} for spinning, workers in configurations]
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks --suite training --", description=__doc__)
     parser.add_argument("--device", default="cpu")
@@ -85,7 +144,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--workers-compare", action="store_true",
+                        help="the whole loop with --workers 0 and the default, on CPU (see the module docstring)")
+    parser.add_argument("--busy", default="0,1", help="with --workers-compare: spinning processes beside it")
+    parser.add_argument("--model", default="nvidia_ssd", help="with --workers-compare: the model")
+    parser.add_argument("--rounds", type=int, default=2, help="with --workers-compare: alternating rounds")
     args = parser.parse_args(argv)
+    if args.workers_compare:
+        busy = [int(b) for b in args.busy.split(",")]
+        rows = measure_workers(args.model, args.batch, args.iterations, busy, args.precisions.split(",")[0],
+                               args.rounds)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return
+        print("| model | precision | batch | threads | busy processes | workers | images / s (median, range) |")
+        print("|---|---|---|---|---|---|---|")
+        for row in rows:
+            workers = f"{row['workers']} (default)" if row["default"] else str(row["workers"])
+            print(f"| {row['model']} | {row['precision']} | {row['batch_size']} | {row['threads']} | {row['busy']} | "
+                  f"{workers} | {row['images_per_second']} ({row['range'][0]}-{row['range'][1]}) |")
+        return
     rows = measure_training(args.device, args.batch, args.precisions.split(","), args.iterations, args.warmup)
     if args.json:
         print(json.dumps(rows, indent=2))

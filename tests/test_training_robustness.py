@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import pathlib
 import shutil
@@ -395,8 +396,7 @@ def test_cosine_and_fractional_milestones():
 
 
 def math_cos(fraction: float) -> float:
-    import math
-
+    """cos(pi * fraction): the cosine schedule's curve."""
     return math.cos(math.pi * fraction)
 
 
@@ -408,6 +408,19 @@ def test_cosine_schedule_runs_and_resumes_on_the_same_curve(shapes, tmp_path):
     # Iteration i (1-based) ran at the rate of step i - 1 of this run's curve: the resumed one is over 4 epochs.
     assert logged[3] == pytest.approx(0.01 * 0.5 * (1 + math_cos(2 / 4)))
     assert logged[4] == pytest.approx(0.01 * 0.5 * (1 + math_cos(3 / 4)))
+
+
+@pytest.mark.parametrize(("cores", "local_world", "device", "expected"), [
+    (2, None, "cpu", 1), (16, None, "cpu", 4), (64, None, "cpu", 4), (8, None, "cpu", 2),
+    (2, None, "cuda", 2), (16, None, "cuda", 8), (16, "4", "cuda", 4), (16, "8", "cuda", 2), (4, "8", "cuda", 1),
+])
+def test_default_workers_feed_the_device_within_the_cores(cores, local_world, device, expected, monkeypatch):
+    monkeypatch.setattr(loop, "usable_cores", lambda: cores)
+    if local_world is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world)
+    assert loop.default_workers(device) == expected
 
 
 # ------------------------------------------------------------------------------------------ the command line
@@ -431,6 +444,26 @@ def test_new_options_are_checked_in_one_line(extra, message, shapes, tmp_path, c
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and message in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.timeout(300)
+def test_a_peer_that_never_comes_is_one_line_after_the_timeout(shapes, tmp_path):
+    """A rank started by hand whose peer never starts: the rendezvous gives up after --timeout (minutes, here 3 s),
+    where it waited up to the 6-hour default before."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "WORLD_SIZE": "2", "RANK": "0",
+           "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "ssd", *_train_args(shapes, tmp_path / "out", "--timeout", "0.05")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    err = done.stderr.strip()
+    assert done.returncode == 1, err
+    assert "\n" not in err and "did not answer within --timeout 0.05 minutes" in err and "Traceback" not in err
+    assert time.monotonic() - started < 120
 
 
 def test_out_naming_a_file_is_refused_before_anything(shapes, tmp_path, hub_dir, capsys):

@@ -186,8 +186,6 @@ def _check_train_args(args: argparse.Namespace) -> None:
     _check_min("--max-iterations-per-epoch", args.max_iterations_per_epoch, 1)
     if args.lr is not None and not (args.lr > 0 and args.lr < float("inf")):
         raise _UsageError(f"--lr: expected a positive number, got {args.lr}")
-    if not (args.timeout > 0 and args.timeout < float("inf")):
-        raise _UsageError(f"--timeout: expected a positive number of minutes, got {args.timeout}")
     if args.milestones is not None and args.schedule != "step":
         raise _UsageError(f"--milestones: expected only with --schedule step, got --schedule {args.schedule}")
     args.milestone_epochs = _parse_milestones(args.milestones, args.epochs)
@@ -253,11 +251,29 @@ def _starting_weights(args: argparse.Namespace) -> tuple[Any, str | None]:
 
 
 def _setup(args: argparse.Namespace) -> tuple[int, int, Any]:
+    """Join the torchrun job (if any) with ``--timeout``: how long any collective (the rendezvous included) waits for
+    the other processes before it fails."""
+    import datetime
+
     from .. import distributed
 
-    # COORDINATOR: once ssd.distributed.setup takes timeout= (backends package), pass it on this line:
-    # distributed.setup(args.device, "--device", timeout=datetime.timedelta(minutes=args.timeout))
-    return distributed.setup(args.device, "--device")
+    if not (args.timeout > 0 and args.timeout < float("inf")):
+        raise _UsageError(f"--timeout: expected a positive number of minutes, got {args.timeout}")
+    device = distributed.resolve_device(args.device, "--device")
+    try:
+        distributed.init_from_env(device, timeout=datetime.timedelta(minutes=args.timeout))
+    except RuntimeError as exc:
+        raise _peer_error(exc, args.timeout) or exc from None
+    return distributed.setup(device, "--device")
+
+
+def _peer_error(exc: BaseException, minutes: float) -> _RunError | None:
+    """The one line for a collective that timed out waiting for another process (None for other errors)."""
+    text = " ".join(str(exc).split())
+    if "timed out" not in text.lower() and "timeout" not in text.lower():
+        return None
+    return _RunError(f"another torchrun process did not answer within --timeout {minutes:g} minutes (it may have "
+                     f"stopped, frozen or never started; raise --timeout for long waits): {text[:200]}")
 
 
 def _interrupted(message: str) -> int:
@@ -279,6 +295,8 @@ def _run_train(args: argparse.Namespace) -> int:
         rank, world, device = _setup(args)
     except ValueError as exc:
         raise _UsageError(str(exc)) from None
+    except KeyboardInterrupt:
+        return _interrupted("interrupted before training started; nothing to resume")
     try:
         # Every rank checks; all stop when any fails (a lone failing rank would leave the others waiting).
         problem = None
@@ -317,6 +335,11 @@ def _run_train(args: argparse.Namespace) -> int:
             summary = train(config)
         except (RunOutputError, NonFiniteLossError) as exc:
             raise _RunError(str(exc)) from None
+        except RuntimeError as exc:
+            problem = _peer_error(exc, args.timeout) if world > 1 else None
+            if problem is None:
+                raise
+            raise problem from None
         except (AnnotationFileError, InvalidCheckpointError, OSError, ValueError, TypeError, ImportError) as exc:
             raise _UsageError(str(exc)) from None
         except TrainingInterrupted as exc:

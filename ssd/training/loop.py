@@ -546,13 +546,13 @@ def train(config: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
     if not distributed.all_ok(problem is None, device if device.type == "cuda" else None):
         raise problem or RuntimeError("out_dir: rank 0 could not open it (see its message)")
     try:
-        return _run(config, device, rank, world, entry, model, dataset, validate, folder,
-                    swept if main else [], resume_from, workers, summaries, say)
+        return _run(config, device, rank, world, model, dataset, validate, folder, swept if main else [],
+                    resume_from, workers, summaries, say)
     finally:
         folder.close()
 
 
-def _run(config: TrainConfig, device: torch.device, rank: int, world: int, entry: Any, model: Detector,
+def _run(config: TrainConfig, device: torch.device, rank: int, world: int, model: Detector,
          dataset: CocoDetectionDataset, validate: Callable[[nn.Module], Any] | None, folder: RunFolder,
          swept: list[pathlib.Path], resume_from: pathlib.Path | None, workers: int, summaries: list[str],
          say: Callable[[str], None]) -> dict[str, Any]:
