@@ -379,10 +379,10 @@ def test_atomic_path_failure_leaves_no_temporary_file_and_the_target_untouched(t
 
 
 def test_training_metrics_log_non_finite_numbers_as_null(tmp_path):
-    from ssd.training.loop import _write_metrics
+    from ssd.training.outputs import write_metrics
 
     path = tmp_path / "metrics.jsonl"
-    _write_metrics(path, {"step": 3, "loss": float("nan"), "lr": float("inf"), "ok": 0.5})
+    write_metrics(path, {"step": 3, "loss": float("nan"), "lr": float("inf"), "ok": 0.5})
     [line] = path.read_text().splitlines()
     assert json.loads(line, parse_constant=lambda token: pytest.fail(token)) == {"step": 3, "loss": None,
                                                                                   "lr": None, "ok": 0.5}
