@@ -6,6 +6,7 @@ The runs use SSDLite (about a second per iteration here) where the model does no
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -342,6 +343,45 @@ def test_a_live_run_holds_its_folder_and_the_age_rule_without_locks(shapes, tmp_
     stale = time.time() - 2 * outputs.STALE_TEMPORARY_S
     os.utime(old, (stale, stale))
     assert RunFolder(out).open() == [old] and young.exists()
+
+
+_HOLDER = """
+import os, sys
+from ssd.training.outputs import RunFolder
+folder = RunFolder(sys.argv[1])
+folder.open()
+child = os.fork()
+if child == 0:  # what a forked DataLoader worker does first (worker_init_fn), then it lives on
+    if sys.argv[2] == "forget":
+        folder.forget_in_child()
+    os.read(0, 1)
+    os._exit(0)
+print(child, flush=True)
+os.read(0, 1)
+"""
+
+
+@pytest.mark.parametrize("forget", [True, False])
+def test_a_killed_runs_workers_do_not_keep_its_folder_locked(forget, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(tmp_path), "forget" if forget else "keep"],
+                              env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    worker = int(holder.stdout.readline())
+    try:
+        holder.kill()  # SIGKILL of the training process alone: its worker lives on
+        holder.wait()
+        folder = RunFolder(tmp_path)
+        if forget:
+            folder.open()  # the lock died with the process that took it
+            assert folder.locked
+            folder.close()
+        else:  # the failure the worker_init_fn prevents: the orphan's copy of the descriptor holds the lock
+            with pytest.raises(RunOutputError, match="another ssd train"):
+                folder.open()
+    finally:
+        os.kill(worker, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(worker, 0)
 
 
 def test_metrics_of_a_killed_epoch_are_dropped_on_resume(tmp_path):

@@ -53,6 +53,7 @@ class RunFolder:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = pathlib.Path(path)
         self._fd: int | None = None
+        self._identity: tuple[int, int] | None = None
         self.locked = False
 
     def open(self) -> list[pathlib.Path]:
@@ -86,15 +87,20 @@ class RunFolder:
                 raise RunOutputError(f"out_dir {str(self.path)!r}: another ssd train is writing to this folder; "
                                      "wait for it to finish or use another folder") from None
             return  # a file system without flock (some network mounts)
-        self._fd, self.locked = fd, True
+        info = os.fstat(fd)
+        self._fd, self._identity, self.locked = fd, (info.st_dev, info.st_ino), True
 
     def forget_in_child(self) -> None:
         """For a forked DataLoader worker: close the inherited descriptor, so that only this process holds the lock
-        (a lock shared with workers would outlive a killed run by as long as they take to notice)."""
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
+        (a lock shared with workers would outlive a killed run by as long as they take to notice). A worker started
+        otherwise (spawn) inherited nothing: a descriptor of that number there is another file, and stays open."""
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            info = os.fstat(self._fd)
+            if (info.st_dev, info.st_ino) == self._identity:
                 os.close(self._fd)
-            self._fd = None
+        self._fd = None
 
     def close(self) -> None:
         if self._fd is None:
