@@ -21,7 +21,7 @@ import torch
 
 from benchmarks.timing import median_seconds
 from benchmarks.weights import detecting_model
-from ssd.inference.plan import usable_cores
+from ssd.backends.plan import usable_cores
 from ssd.io.files import atomic_open
 from ssd.transforms import preprocess_for_detection
 
@@ -110,8 +110,9 @@ def measure_backends(batch: int = 8, repeats: int = 3, threads: int | None = Non
 
     with tempfile.TemporaryDirectory(dir=workdir) as folder:
         try:
+            from ssd.backends import OnnxBackend, OpenVinoBackend
             from ssd.export import export_onnx, export_openvino
-            from ssd.export.backends import OnnxDetector, OpenVinoDetector
+            from ssd.inference import detect
 
             raw = export_onnx(model, pathlib.Path(folder) / "ssd.onnx")
             nms = export_onnx(model, pathlib.Path(folder) / "ssd-nms.onnx", nms=True)
@@ -120,21 +121,21 @@ def measure_backends(batch: int = 8, repeats: int = 3, threads: int | None = Non
             return rows
         feed = x.numpy()
         try:
-            runner = OnnxDetector(raw, threads=threads)
-            add("onnxruntime fp32", lambda: runner.run(feed), lambda: runner.detect(images, batch_size=batch))
-            in_graph = OnnxDetector(nms, threads=threads)
+            runner = OnnxBackend(raw, threads=threads)
+            add("onnxruntime fp32", lambda: runner.run(feed), lambda: detect(runner, images, batch_size=batch))
+            in_graph = OnnxBackend(nms, threads=threads)
             add("onnxruntime fp32, NMS in graph", lambda: in_graph.run(feed),
-                lambda: in_graph.detect(images, batch_size=batch))
+                lambda: detect(in_graph, images, batch_size=batch))
         except ImportError as exc:
             log(f"onnxruntime rows skipped: {exc}")
         try:
             xml = export_openvino(model, pathlib.Path(folder) / "ssd.xml")
             for precision in ("fp32", "default"):
-                ov = OpenVinoDetector(xml, precision=precision, threads=threads)
+                ov = OpenVinoBackend(xml, precision=precision, threads=threads)
                 # Shown as the precision OpenVINO actually chose (e.g. bf16 on AMX CPUs for "default").
                 hint = getattr(ov.compiled.get_property("INFERENCE_PRECISION_HINT"), "get_type_name", str)()
                 add(f"OpenVINO {precision} ({hint})", lambda ov=ov: ov.run(feed),
-                    lambda ov=ov: ov.detect(images, batch_size=batch))
+                    lambda ov=ov: detect(ov, images, batch_size=batch))
         except ImportError as exc:
             log(f"OpenVINO rows skipped: {exc}")
     return rows

@@ -2,8 +2,9 @@
 pipelines around them (detection, evaluation, training, checkpoints, the command line).
 
 The public API is small and loaded lazily, so that ``import ssd`` does not import torch (``ssd --version`` stays
-fast): :func:`build_model` and :func:`list_models` (the registry), :func:`detect`, :func:`evaluate`, :func:`train`,
-:class:`Detections` / :class:`DetectionBatch` (results), :class:`DetectorSpec` and :class:`DownloadError`.
+fast): :func:`build_model` and :func:`list_models` (the registry), :func:`load` (a model name, an exported file or a
+network in, a backend out), :func:`detect`, :func:`evaluate`, :func:`train`, :class:`Detections` /
+:class:`DetectionBatch` (results), :class:`DetectorSpec` and :class:`DownloadError`.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ __version__ = "0.2.0"  # read by pyproject.toml (setuptools' attr:), so the pack
 _LAZY = {
     "build_model": (".registry", "build_model"),
     "list_models": (".registry", "list_models"),
+    "load": (".backends", "load"),
     "detect": (".inference.detect", "detect"),
     "evaluate": (".evaluation", "evaluate"),
     "train": (".training.loop", "train"),
@@ -26,7 +28,7 @@ _LAZY = {
 }
 
 __all__ = ["DetectionBatch", "Detections", "DetectorSpec", "DownloadError", "__version__", "build_model", "detect",
-           "evaluate", "list_models", "train"]
+           "evaluate", "list_models", "load", "train"]
 
 
 def __getattr__(name: str) -> Any:

@@ -4,28 +4,28 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import queue
 import sys
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 from . import __version__, distributed
+from .backends.loading import is_exported_file
 from .evaluation import cli as evaluate_cli
 from .export import cli as export_cli
-from .inference.detect import detect_iter
-from .inference.detections import Detections, picture_name
-from .inference.jsonl import run_streaming_detect
-from .io.files import UniqueNames, write_json
+from .inference.detections import picture_name
+from .inference.runs import Job, PictureWriter, RunOptions, picture_paths, run_jobs, summary
+from .io.files import write_json
 from .io.images import is_image_file, readable_extensions
 from .models.spec import check_int, check_real
-from .registry import build_model, list_models
+from .registry import list_models
 from .training import cli as training_cli
 from .weights import CheckpointUnavailableError, InvalidCheckpointError
 
+__all__ = ["Job", "PictureWriter", "collect_inputs", "main", "run_detect", "summary"]
+
 SAMPLE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")  # scikit-image's bundled photographs
-_PROGRESS_FROM = 5  # images; fewer finish before a bar would be useful
 _SAVE_EVERY_S = 5.0  # detections.json is rewritten (atomically) at least this often while a run goes on
 REPORT_NAME = "detections.json"
 
@@ -51,7 +51,8 @@ output:
   --out gets one annotated picture per input, in the input's format (JPEG stays JPEG, PNG stays PNG,
   others become PNG), in the input folder's own subfolders, and detections.json (per image: file, size,
   picture, and each detection's name, COCO category id, score and bbox [x, y, width, height] in pixels).
-  Unreadable inputs are reported and skipped; the exit code is then 1.
+  Unreadable inputs are reported and skipped; the exit code is then 1. An input given twice is detected once.
+  --jsonl (and torchrun) writes detections.jsonl instead, one line per image as results come.
 
 """ + _EXAMPLES
 
@@ -83,27 +84,41 @@ def _parser() -> argparse.ArgumentParser:
                           "file")
     run.add_argument("--backend", choices=("onnxruntime", "openvino"), default=None,
                      help="runtime for --model FILE (default: onnxruntime for .onnx, openvino for .xml)")
+    run.add_argument("--timeout", type=float, default=30.0, metavar="MINUTES",
+                     help="under torchrun: how long a process waits for the others at each exchange before it stops "
+                          "with an error (default 30)")
     evaluate_cli.add_parser(commands)
     training_cli.add_parser(commands)
     export_cli.add_parser(commands)
     return parser
 
 
-class Job(NamedTuple):
-    name: str  # as the user wrote it (or the path found in a folder): reports and detections.json use it
-    source: Any  # what detect loads
-    picture: pathlib.PurePosixPath  # where its picture goes, relative to --out (before making names unique)
-
-
-def collect_inputs(inputs: Sequence[str], out: pathlib.Path | None = None,
-                   ignored: list[str] | None = None) -> tuple[list[Job], list[tuple[str, str]]]:
+def collect_inputs(inputs: Sequence[str], out: pathlib.Path | None = None, ignored: list[str] | None = None,
+                   duplicates: list[str] | None = None) -> tuple[list[Job], list[tuple[str, str]]]:
     """Expand folders; returns the jobs to run and ``(name, error)`` pairs already failed.
 
     A picture's place under --out mirrors the input: files found in a folder keep their path below that folder, a
     file or URL given by itself is placed at the top, under its own name. Folder scans never enter ``out`` (the
     output folder, when it lies inside a scanned folder: ``detect .`` must not read its own ./ssd-out); files
-    without a readable image extension are appended to ``ignored``.
+    without a readable image extension are appended to ``ignored``. An input met again under the same name (given
+    twice, or named and also found in a folder) is one job, in JSON and JSON Lines alike; its name is appended to
+    ``duplicates``.
     """
+    found, problems = _expand(inputs, out, ignored)
+    seen: set[str] = set()
+    jobs = []
+    for job in found:
+        if job.name in seen:
+            if duplicates is not None:
+                duplicates.append(job.name)
+            continue
+        seen.add(job.name)
+        jobs.append(job)
+    return jobs, problems
+
+
+def _expand(inputs: Sequence[str], out: pathlib.Path | None,
+            ignored: list[str] | None) -> tuple[list[Job], list[tuple[str, str]]]:
     found: list[Job] = []
     problems: list[tuple[str, str]] = []
     if not inputs:
@@ -173,160 +188,138 @@ def _out_conflict(out: pathlib.Path, inputs: Sequence[str]) -> str | None:
     return None
 
 
-class PictureWriter:
-    """Saves pictures in one background thread, so that the network never waits for drawing and encoding.
-
-    The queue is bounded: when pictures fall behind, ``put`` blocks, so at most ``depth`` decoded images wait in
-    memory however long the input list is.
-    """
-
-    def __init__(self, depth: int = 16) -> None:
-        self._queue: queue.Queue[tuple[int, Detections, pathlib.Path] | None] = queue.Queue(maxsize=depth)
-        self.written: dict[int, pathlib.Path] = {}
-        self.errors: dict[int, str] = {}
-        self._thread = threading.Thread(target=self._run, name="ssd-pictures", daemon=True)
-        self._thread.start()
-
-    def put(self, index: int, found: Detections, path: pathlib.Path) -> None:
-        self._queue.put((index, found, path))
-
-    def _run(self) -> None:
-        while (job := self._queue.get()) is not None:
-            index, found, path = job
-            try:
-                self.written[index] = found.save(path)
-            except Exception as exc:  # noqa: BLE001 - the thread must keep draining the queue, or put() hangs
-                self.errors[index] = f"cannot write {path}: {exc}"
-
-    def close(self) -> None:
-        """Wait until every queued picture is written."""
-        self._queue.put(None)
-        self._thread.join()
-
-    def __enter__(self) -> PictureWriter:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-
-def summary(names: Sequence[str], scores: Sequence[float], most: int = 5) -> str:
-    """'3 objects: person 0.98, dog 0.87, cat 0.45' (the best few, then how many more)."""
-    if not names:
-        return "nothing found"
-    best = ", ".join(f"{n} {s:.2f}" for n, s in zip(names[:most], scores[:most]))
-    more = f", +{len(names) - most} more" if len(names) > most else ""
-    return f"{len(names)} object{'s' if len(names) != 1 else ''}: {best}{more}"
-
-
 def _option_error(args: argparse.Namespace) -> str | None:
     """The first option detect would refuse, as one line, checked before the model loads."""
     try:
         # The spec's own validators: the command line accepts exactly what detect accepts (threshold in [0, 1)).
         args.threshold = check_real("--threshold", args.threshold, 0.0, 1.0, open_high=True)
         args.batch_size = check_int("--batch-size", args.batch_size, 1)
+        args.timeout = distributed.check_timeout(args.timeout, "--timeout")
     except (TypeError, ValueError) as exc:
         return str(exc)
+    if args.backend is not None and not is_exported_file(args.model):
+        return (f"--backend: expected it only with an exported --model file (.onnx or .xml), got --backend "
+                f"{args.backend} with the model name {args.model!r}, which runs in PyTorch")
     return _out_conflict(args.out, args.inputs)
 
 
 class _Report:
     """detections.json, rewritten atomically as results come (every few seconds and at the end), so that an
-    interrupted or crashed run keeps what it had done."""
+    interrupted or crashed run keeps what it had done. Records may come from several threads."""
 
     def __init__(self, path: pathlib.Path, header: dict, size: int, skipped: list[tuple[str, str]]) -> None:
         self.path, self.header, self.skipped = path, header, skipped
         self.records: list[dict | None] = [None] * size
         self.saved_at = time.monotonic()
+        self._lock = threading.RLock()
 
     def add(self, index: int, record: dict) -> None:
-        self.records[index] = record
-        if time.monotonic() - self.saved_at >= _SAVE_EVERY_S:
-            try:
-                self.save()
-            except OSError as exc:
-                # A full disk now and then must not end the run: the results stay in memory for the next save.
-                print(f"warning: could not update {self.path}: {exc}", file=sys.stderr)
-                self.saved_at = time.monotonic()
+        with self._lock:
+            self.records[index] = record
+            if time.monotonic() - self.saved_at >= _SAVE_EVERY_S:
+                try:
+                    self.save()
+                except OSError as exc:
+                    # A full disk now and then must not end the run: the results stay in memory for the next save.
+                    print(f"warning: could not update {self.path}: {exc}", file=sys.stderr)
+                    self.saved_at = time.monotonic()
+
+    def skip(self, name: str, error: str) -> None:
+        with self._lock:
+            self.skipped.append((name, error))
 
     @property
     def done(self) -> list[dict]:
-        return [r for r in self.records if r is not None]
+        with self._lock:
+            return [r for r in self.records if r is not None]
 
     def save(self) -> None:
-        write_json(self.path, {**self.header, "images": self.done,
-                                "skipped": [{"file": name, "error": error} for name, error in self.skipped]})
-        self.saved_at = time.monotonic()
+        with self._lock:
+            write_json(self.path, {**self.header, "images": self.done,
+                                    "skipped": [{"file": name, "error": error} for name, error in self.skipped]})
+            self.saved_at = time.monotonic()
+
+
+def _error(message: Any, status: int) -> int:
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    return status
 
 
 def run_detect(args: argparse.Namespace) -> int:
-    import torch
+    from .backends import BackendError
+    from .backends.loading import command_device, load_for_command
+    from .inference.jsonl import run_streaming_detect
 
+    args.model = args.model or "nvidia_ssd"
     problem = _option_error(args)
     try:
-        device = distributed.resolve_device(args.device, "--device")
+        device = command_device(args.model, args.device)
     except ValueError as exc:
         problem = problem or str(exc)
     if problem is not None:
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
+        return _error(problem, 2)
     ignored: list[str] = []
-    jobs, skipped = collect_inputs(args.inputs, out=args.out, ignored=ignored)
-    exported = args.model is not None and pathlib.Path(args.model).suffix.lower() in export_cli.EXPORTED_SUFFIXES
+    duplicates: list[str] = []
+    jobs, skipped = collect_inputs(args.inputs, out=args.out, ignored=ignored, duplicates=duplicates)
     streaming = args.jsonl or args.resume or distributed.env_world_size() > 1
-    if exported and streaming:
-        print("error: --model FILE: expected a PyTorch model for --jsonl, --resume and torchrun runs, got an "
-              f"exported file {args.model!r}", file=sys.stderr)
-        return 2
     try:
-        if exported:
-            model = export_cli.load_exported(args.model, args.backend)
-        else:
-            model = build_model(args.model or "nvidia_ssd", half=args.precision == "fp16",
-                                checkpoint=args.checkpoint).to(device)
-            if args.precision == "bf16":
-                # bf16 already rounds differently from fp32; channels_last adds speed (2.7x fp32 on an AVX-512
-                # CPU, see benchmarks/RESULTS.md) at no further cost in agreement.
-                model.to(memory_format=torch.channels_last)
+        # detect's --precision fp16 means half weights (NVIDIA's model_math='fp16'); bf16 is autocast.
+        backend = load_for_command(args.model, backend=args.backend, checkpoint=args.checkpoint, device=device,
+                                   precision="bf16" if args.precision == "bf16" else None,
+                                   half=args.precision == "fp16")
     except (CheckpointUnavailableError, InvalidCheckpointError, OSError, ValueError, ImportError) as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
+        return _error(exc, 2)
     except KeyboardInterrupt:
         print("interrupted while loading the model; nothing was done", file=sys.stderr)
         return 130
+    options = RunOptions(out=args.out, threshold=args.threshold, batch_size=args.batch_size, pictures=args.pictures,
+                         resume=args.resume, timeout=args.timeout)
+    if duplicates:
+        print(f"{len(duplicates)} input(s) given more than once, detected once: {', '.join(duplicates[:5])}"
+              + (" ..." if len(duplicates) > 5 else ""))
     if streaming:
-        return run_streaming_detect(args, model, jobs, skipped, summary)
-    try:
-        args.out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        print(f"error: --out: could not create the folder {str(args.out)!r}: {exc}", file=sys.stderr)
-        return 2
+        try:
+            return run_streaming_detect(backend, jobs, skipped, options)
+        except ValueError as exc:  # ranks given different arguments, a part that is a folder, a threshold refused
+            return _error(exc, 2)
+        except (BackendError, OSError) as exc:  # a runtime's failure, a peer that stopped answering, a full disk
+            return _error(exc, 1)
+    return _detect_to_json(backend, jobs, skipped, ignored, options)
 
-    report = _Report(args.out / REPORT_NAME, {
-        "model": model.spec.name, "checkpoint": getattr(model, "checkpoint_source", None),
-        "threshold": args.threshold}, len(jobs), skipped)
+
+def _detect_to_json(backend: Any, jobs: list[Job], skipped: list[tuple[str, str]], ignored: list[str],
+                    options: RunOptions) -> int:
+    from .backends import BackendError
+
+    try:
+        options.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return _error(f"--out: could not create the folder {str(options.out)!r}: {exc}", 2)
+    report = _Report(options.out / REPORT_NAME, {"model": backend.spec.name,
+                                                 "checkpoint": getattr(backend, "source", None),
+                                                 "threshold": options.threshold}, len(jobs), skipped)
     started = time.perf_counter()
     try:
-        _detect_all(model, jobs, args, report)
+        _detect_all(backend, jobs, options, report)
     except ValueError as exc:  # e.g. a --threshold below the one fixed in a graph exported with --nms
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
+        return _error(exc, 2)
+    except (BackendError, KeyboardInterrupt) as exc:
         try:
             report.save()
             kept = f"they are in {report.path}"
-        except OSError as exc:
-            kept = f"but {report.path} could not be written: {exc}"
+        except OSError as error:
+            kept = f"but {report.path} could not be written: {error}"
+        if isinstance(exc, BackendError):
+            return _error(f"{exc}; {len(report.done)} image(s) were done, {kept}", 1)
         print(f"interrupted: {len(report.done)} of {len(jobs)} image(s) done; {kept}", file=sys.stderr)
         return 130
     try:
         report.save()
     except OSError as exc:
-        print(f"error: could not write {report.path}: {exc}", file=sys.stderr)
-        return 1
+        return _error(f"could not write {report.path}: {exc}", 1)
     elapsed = time.perf_counter() - started
-    written = f"pictures and {REPORT_NAME}" if args.pictures else REPORT_NAME
-    print(f"{len(report.done)} image(s) in {elapsed:.1f} s; {written} in {args.out}")
+    written = f"pictures and {REPORT_NAME}" if options.pictures else REPORT_NAME
+    print(f"{len(report.done)} image(s) in {elapsed:.1f} s; {written} in {options.out}")
     if ignored:
         print(f"{len(ignored)} non-image file(s) in the folders ignored (readable: "
               f"{', '.join(sorted(readable_extensions()))})")
@@ -338,49 +331,22 @@ def run_detect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _detect_all(model: Any, jobs: list[Job], args: argparse.Namespace, report: _Report) -> None:
-    """Run every job, queueing each picture for the background writer and handing each record to ``report``; bad
-    inputs and pictures that cannot be written are reported in ``report.skipped`` and the run goes on."""
-    import torch
-    from tqdm.auto import tqdm
+def _detect_all(backend: Any, jobs: list[Job], options: RunOptions, report: _Report) -> None:
+    """Run every job through the shared loop, handing each record to ``report``; bad inputs and pictures that
+    cannot be written are reported in ``report.skipped`` (a record then keeps its detections, with no picture) and
+    the run goes on."""
 
-    bar = tqdm(total=len(jobs), unit="image", disable=len(jobs) < _PROGRESS_FROM, file=sys.stderr)
-    unique = UniqueNames()
-    unique.claim(pathlib.PurePosixPath(REPORT_NAME))
-    sources = [job.source for job in jobs]
-    if isinstance(model, torch.nn.Module):
-        stream = detect_iter(model, sources, threshold=args.threshold, batch_size=args.batch_size,
-                             precision="bf16" if args.precision == "bf16" else None, keep_images=args.pictures,
-                             skip_errors=True)
-    else:  # an exported model: the same pipeline through its runtime
-        stream = model.detect_iter(sources, threshold=args.threshold, batch_size=args.batch_size,
-                                   keep_images=args.pictures, skip_errors=True)
-    with bar, PictureWriter() as pictures:
-        for index, result in stream:
-            name = jobs[index].name
-            bar.update(1)
-            if isinstance(result, Exception):
-                report.skipped.append((name, str(result)))
-                tqdm.write(f"skipped {name}: {result}", file=sys.stderr)
-                continue
-            picture = unique.claim(jobs[index].picture) if args.pictures else None
-            if picture is not None:
-                pictures.put(index, result, args.out / picture)
-            height, width = result.image_size
-            report.add(index, {
-                "file": name, "width": width, "height": height,
-                "picture": picture.as_posix() if picture is not None else None,
-                "detections": [{k: d[k] for k in ("name", "category_id", "score", "bbox")}
-                               for d in result.to_dict()["detections"]],
-            })
-            tqdm.write(f"{name} ({width}x{height}): {summary(result.names, result.scores)}")
-            # Only the current batch and the writer's queue keep images alive: memory stays bounded on long lists.
-            del result
-    for index, error in sorted(pictures.errors.items()):
-        # The detections are still good: keep them, with no picture, and say why.
-        report.records[index]["picture"] = None
-        report.skipped.append((jobs[index].name, f"picture not saved: {error}"))
-        print(f"error: {error}", file=sys.stderr)
+    def emit(index: int, record: dict[str, Any], picture_error: str | None) -> None:
+        report.add(index, record)
+        if picture_error is not None:
+            report.skip(jobs[index].name, f"picture not saved: {picture_error}")
+            print(f"error: {picture_error}", file=sys.stderr)
+
+    def failed(index: int, error: str) -> None:
+        report.skip(jobs[index].name, error)
+
+    pictures = picture_paths(jobs, reserved=(REPORT_NAME,)) if options.pictures else [None] * len(jobs)
+    run_jobs(backend, jobs, range(len(jobs)), options, pictures, emit=emit, failed=failed)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

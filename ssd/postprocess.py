@@ -25,7 +25,12 @@ from .box_coder import BoxCoder
 from .boxes import box_iou
 from .models.spec import DetectorSpec, PostProcessSpec
 
-__all__ = ["Decoded", "check_predictions", "class_scores", "postprocess", "postprocess_decoded", "split_detections"]
+__all__ = ["OUTPUT_KINDS", "Decoded", "check_predictions", "class_scores", "postprocess", "postprocess_decoded",
+           "postprocess_outputs", "select_padded", "split_detections"]
+
+# What a backend's raw outputs are (ssd.backends): the network's offsets and logits, an exported graph's decoded
+# boxes and probabilities, or an exported graph's own padded detections (post-processing in the graph).
+OUTPUT_KINDS = ("offsets", "decoded", "nms")
 
 # Softmax gives p_c = exp(x_c - max) / s with s >= 1, so p_c > t needs x_c - max > log(t). Boxes failing that by
 # this margin (far more than float32 rounding) cannot hold a candidate, and their softmax is never computed.
@@ -439,6 +444,41 @@ def postprocess_decoded(boxes: Tensor, scores: Tensor, spec: DetectorSpec, recip
     with _one_thread(boxes.device):
         # The finders take the model's N x C x A layout; this is a view, and they permute it straight back.
         return _finish(scores.float().permute(0, 2, 1), False, boxes.float, spec, recipe)
+
+
+@torch.no_grad()
+def select_padded(boxes: Tensor, scores: Tensor, labels: Tensor, counts: Tensor, recipe: PostProcessSpec) -> Decoded:
+    """Detections from padded ones that a graph's own post-processing gave (``--nms`` exports): per image, rows by
+    descending score, ``counts`` of them valid. ``recipe`` can only tighten them: rows scoring at most
+    ``recipe.score_threshold`` and rows beyond ``recipe.max_detections`` are dropped (the IoU threshold and the
+    candidate caps were the graph's)."""
+    if not isinstance(recipe, PostProcessSpec):
+        raise TypeError(f"recipe: expected a PostProcessSpec, got {type(recipe).__name__}")
+    k = min(recipe.max_detections, boxes.shape[1])
+    # Rows are by descending score: a stricter threshold or a smaller K only shortens each image's list.
+    counts = torch.minimum(counts, (scores > recipe.score_threshold).sum(dim=1)).clamp(max=k)
+    keep = torch.arange(k, device=counts.device)[None, :] < counts[:, None]
+    return Decoded(torch.where(keep[..., None], boxes[:, :k], 0.0), torch.where(keep, labels[:, :k], 0),
+                   torch.where(keep, scores[:, :k], 0.0), counts)
+
+
+def postprocess_outputs(outputs: Sequence[Tensor], kind: str, spec: DetectorSpec,
+                        recipe: PostProcessSpec | None = None) -> Decoded:
+    """Detections from a backend's raw ``outputs`` of ``kind`` (:data:`OUTPUT_KINDS`): the one dispatch.
+
+    ``"offsets"`` (``(locs, confs)``) go through :func:`postprocess`, ``"decoded"`` (``(boxes, scores)``) through
+    :func:`postprocess_decoded`, ``"nms"`` (``(det_boxes, det_scores, det_labels, num_detections)``) through
+    :func:`select_padded`; ``recipe`` defaults to ``spec.postprocess``.
+    """
+    recipe = spec.postprocess if recipe is None else recipe
+    if kind == "offsets":
+        return postprocess(outputs, spec, recipe)
+    if kind == "decoded":
+        boxes, scores = outputs
+        return postprocess_decoded(boxes, scores, spec, recipe)
+    if kind == "nms":
+        return select_padded(*outputs, recipe)
+    raise ValueError(f"kind: expected one of {', '.join(map(repr, OUTPUT_KINDS))}, got {kind!r}")
 
 
 def split_detections(decoded: Decoded, ascending: bool = False) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:

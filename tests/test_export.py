@@ -19,6 +19,7 @@ from helpers.checkpoints import detecting_state_dict, save_detecting_checkpoint
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
+from ssd.backends import OnnxBackend, load_exported  # noqa: E402
 from ssd.export import (  # noqa: E402
     MissingExportPackage,
     export_onnx,
@@ -26,7 +27,7 @@ from ssd.export import (  # noqa: E402
     export_program,
     export_torchscript,
 )
-from ssd.export.backends import OnnxDetector, load_detector  # noqa: E402
+from ssd.inference import detect, detect_iter  # noqa: E402
 
 TOL = 1e-4
 
@@ -106,9 +107,9 @@ def test_onnx_file_passes_checker_and_carries_metadata(exports):
 def test_onnxruntime_detect_equals_pytorch_detect(model, exports, photos):
     expected = model.detect(photos)
     for kind in ("raw", "nms"):
-        detector = load_detector(exports[kind])
-        assert isinstance(detector, OnnxDetector) and detector.outputs == ("nms" if kind == "nms" else "decoded")
-        _same_detections(detector.detect(photos, batch_size=2), expected)
+        detector = load_exported(exports[kind])
+        assert isinstance(detector, OnnxBackend) and detector.outputs == ("nms" if kind == "nms" else "decoded")
+        _same_detections(detect(detector, photos, batch_size=2), expected)
 
 
 def test_nms_graph_outputs_are_padded_detections(model, exports, photos):
@@ -123,32 +124,32 @@ def test_nms_graph_outputs_are_padded_detections(model, exports, photos):
 
 
 def test_stricter_threshold_on_nms_graph_and_fixed_iou(model, exports, photos):
-    detector = load_detector(exports["nms"])
-    _same_detections(detector.detect(photos, threshold=0.83, max_detections=3),
+    detector = load_exported(exports["nms"])
+    _same_detections(detect(detector, photos, threshold=0.83, max_detections=3),
                      model.detect(photos, threshold=0.83, max_detections=3))
     with pytest.raises(ValueError, match="iou_threshold: expected 0.5"):
-        detector.detect(photos, iou_threshold=0.3)
+        detect(detector, photos, iou_threshold=0.3)
     with pytest.raises(ValueError, match="threshold, max_detections: expected at least 0.4"):
-        detector.detect_iter(photos, threshold=0.1)  # refused at the call, not at the first result
+        detect_iter(detector, photos, threshold=0.1)  # refused at the call, not at the first result
     with pytest.raises(ValueError, match="precision: expected None or 'fp32'"):
-        detector.detect(photos, precision="bf16")
+        detect(detector, photos, precision="bf16")
 
 
 def test_openvino_fp32_matches_pytorch(model, exports, photos, tmp_path):
     pytest.importorskip("openvino")
     xml = export_openvino(model, tmp_path / "ssd.xml")
     assert xml.with_suffix(".bin").is_file()
-    detector = load_detector(xml)
-    assert detector.backend == "openvino" and detector.names == model.names
+    detector = load_exported(xml)
+    assert detector.runtime == "openvino" and detector.names == model.names
     batch = _batch(photos, 3)
     boxes, scores = detector(batch)
     ref_boxes, ref_scores = _reference(model, batch)
     np.testing.assert_allclose(boxes.numpy(), ref_boxes, atol=TOL, rtol=0)
     np.testing.assert_allclose(scores.numpy(), ref_scores, atol=TOL, rtol=0)
     expected = model.detect(photos)
-    _same_detections(detector.detect(photos), expected)
+    _same_detections(detect(detector, photos), expected)
     nms = export_openvino(model, tmp_path / "ssd-nms.xml", nms=True)
-    _same_detections(load_detector(nms).detect(photos), expected)
+    _same_detections(detect(load_exported(nms), photos), expected)
 
 
 def _four_class_state_dict() -> dict[str, torch.Tensor]:
@@ -168,13 +169,13 @@ def test_fine_tuned_four_class_model_round_trips_its_classes(tmp_path, photos):
     net.load_state_dict(_four_class_state_dict())
     net.eval()
     path = export_onnx(net, tmp_path / "four.onnx", opset=13, nms=True)
-    detector = load_detector(path)
+    detector = load_exported(path)
     assert detector.names == list(names) and detector.spec.classes.category_ids == (11, 12, 13, 14)
     assert detector.spec.num_classes == 5
     expected = net.detect(photos)
-    _same_detections(detector.detect(photos), expected)
-    assert expected[0].names[0] == "cup" and detector.detect(photos[0])[0].category_ids[0] == 11
-    raw = load_detector(export_onnx(net, tmp_path / "four-raw.onnx"))
+    _same_detections(detect(detector, photos), expected)
+    assert expected[0].names[0] == "cup" and detect(detector, photos[0])[0].category_ids[0] == 11
+    raw = load_exported(export_onnx(net, tmp_path / "four-raw.onnx"))
     batch = _batch(photos, 1)
     boxes, scores = raw(batch)
     ref_boxes, ref_scores = _reference(net, batch)
@@ -199,7 +200,7 @@ def test_missing_package_names_the_requirements_file(model, tmp_path, monkeypatc
     with pytest.raises(MissingExportPackage, match=r"pip install -r requirements-export.txt"):
         export_onnx(model, tmp_path / "x.onnx")
     with pytest.raises(ImportError, match=r"onnxruntime: expected the package installed"):
-        OnnxDetector(tmp_path / "x.onnx")
+        OnnxBackend(tmp_path / "x.onnx")
     from ssd.cli import main
 
     assert main(["export", "--out", str(tmp_path / "y.onnx")]) == 2
@@ -230,7 +231,7 @@ def test_foreign_onnx_file_is_refused(tmp_path):
     proto.ir_version = 8  # loadable by any onnxruntime: the refusal must come from the missing metadata
     onnx.save(proto, str(path))
     with pytest.raises(ValueError, match=r"foreign.onnx: expected a model exported by `python -m ssd export`"):
-        load_detector(path)
+        load_exported(path)
 
 
 def test_wrong_input_size_is_refused(exports, tmp_path):
@@ -241,7 +242,7 @@ def test_wrong_input_size_is_refused(exports, tmp_path):
     path = tmp_path / "resized.onnx"
     onnx.save(proto, str(path))
     with pytest.raises(ValueError, match=r"resized.onnx: expected input 'images' of shape N x 3 x 512 x 512"):
-        load_detector(path)
+        load_exported(path)
 
 
 def test_too_old_opset_is_refused(model, exports, tmp_path):
@@ -255,7 +256,7 @@ def test_too_old_opset_is_refused(model, exports, tmp_path):
     path = tmp_path / "old.onnx"
     onnx.save(proto, str(path))
     with pytest.raises(ValueError, match=r"old.onnx: expected an opset that has every op .* opset 9, too old"):
-        load_detector(path)
+        load_exported(path)
 
 
 def test_cli_export_then_detect_with_backends(tmp_path, capsys):
@@ -318,6 +319,6 @@ def test_mmdetection_style_recipe_in_graph(model, photos, tmp_path):
     net.eval()
     expected = net.detect(photos[:2])
     for nms in (True, False):
-        detector = load_detector(export_onnx(net, tmp_path / f"mm-{nms}.onnx", nms=nms))
+        detector = load_exported(export_onnx(net, tmp_path / f"mm-{nms}.onnx", nms=nms))
         assert detector.spec.detect_postprocess == recipe
-        _same_detections(detector.detect(photos[:2]), expected)
+        _same_detections(detect(detector, photos[:2]), expected)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-import ssd.inference.plan as plan_module
-from ssd.inference.plan import plan_for, thread_plan
+import ssd.backends.plan as plan_module
+from ssd.backends.plan import plan_for, thread_plan
 from ssd.models import SSD300
 
 from helpers import SAMPLE_PHOTOS, photo

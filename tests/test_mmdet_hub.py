@@ -97,17 +97,18 @@ def test_evaluate_and_the_command_line_accept_mmdetection_models(ssdlite_file, t
 
 def test_mmdetection_models_export_to_onnx_and_detect_alike(ssdlite_file, tmp_path):
     pytest.importorskip("onnxruntime")
+    from ssd.backends import load_exported
     from ssd.cli import main
-    from ssd.export.backends import load_detector
+    from ssd.inference import detect
 
     out = tmp_path / "ssdlite.onnx"
     assert main(["export", "--format", "onnx", "--model", "ssdlite320_mobilenet_v2", "--checkpoint",
                  str(ssdlite_file), "--out", str(out)]) == 0
     model = build_model("ssdlite320_mobilenet_v2", checkpoint=str(ssdlite_file))
-    exported = load_detector(out)
+    exported = load_exported(out)
     assert exported.spec.name == "ssdlite320_mobilenet_v2" and exported.names == model.names
     photo = data.astronaut()
-    [ours], [theirs] = model.detect(photo, threshold=0.3), exported.detect(photo, threshold=0.3)
+    [ours], [theirs] = model.detect(photo, threshold=0.3), detect(exported, photo, threshold=0.3)
     assert len(ours) == len(theirs) > 0
     # SSDLite under the golden recipe is hypersensitive (the golden README) and near-equal scores may swap places:
     # every confident box of ours is in theirs, same class, within half a pixel.

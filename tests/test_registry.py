@@ -42,15 +42,18 @@ def test_import_ssd_and_list_models_import_no_torch():
 
 
 def test_public_api_is_small_and_lazy():
-    assert sorted(ssd.__all__) == sorted(["build_model", "list_models", "detect", "evaluate", "train", "Detections",
-                                          "DetectionBatch", "DetectorSpec", "DownloadError", "__version__"])
+    assert sorted(ssd.__all__) == sorted(["build_model", "list_models", "load", "detect", "evaluate", "train",
+                                          "Detections", "DetectionBatch", "DetectorSpec", "DownloadError",
+                                          "__version__"])
+    from ssd.backends import load
     from ssd.inference.detect import detect
     from ssd.inference.detections import DetectionBatch, Detections
     from ssd.io.http import DownloadError
     from ssd.models.spec import DetectorSpec
     from ssd.training.loop import train
 
-    assert (ssd.build_model, ssd.list_models, ssd.detect, ssd.train) == (build_model, list_models, detect, train)
+    assert (ssd.build_model, ssd.list_models, ssd.load, ssd.detect, ssd.train) == (build_model, list_models, load,
+                                                                                      detect, train)
     assert (ssd.Detections, ssd.DetectionBatch, ssd.DetectorSpec, ssd.DownloadError) == (
         Detections, DetectionBatch, DetectorSpec, DownloadError)
     if importlib.util.find_spec("pycocotools") is not None:

@@ -26,15 +26,22 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="COCO annotation file (e.g. instances_val2017.json)")
     parser.add_argument("--checkpoint", default=None, metavar="PATH_OR_URL",
                         help="checkpoint file or URL (default: SSD_CHECKPOINT, else the published weights)")
-    parser.add_argument("--model", default="nvidia_ssd", choices=list_models(),
-                        help="which network (default nvidia_ssd)")
+    parser.add_argument("--model", default="nvidia_ssd", metavar="NAME_OR_FILE",
+                        help=f"{', '.join(list_models())} (default nvidia_ssd), or an exported .onnx / OpenVINO .xml "
+                             "file")
+    parser.add_argument("--backend", choices=("onnxruntime", "openvino"), default=None,
+                        help="runtime for --model FILE (default: onnxruntime for .onnx, openvino for .xml)")
     parser.add_argument("--batch-size", type=int, default=8, metavar="N", help="images per forward pass (default 8)")
     parser.add_argument("--workers", type=int, default=0, metavar="N",
                         help="data-loader processes decoding and resizing images (default 0: in the main process)")
     parser.add_argument("--device", default=None,
                         help="cpu, cuda, cuda:1, ... (default: cuda when available; under torchrun cuda:LOCAL_RANK)")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                        help="fp32 (default, the published protocol); bf16 or fp16 autocast")
+                        help="fp32 (default, the published protocol); bf16 or fp16 autocast (an exported file: fp32, "
+                             "or bf16 with OpenVINO)")
+    parser.add_argument("--timeout", type=float, default=30.0, metavar="MINUTES",
+                        help="under torchrun: how long a process waits for the others at each exchange before it "
+                             "stops with an error (default 30)")
     parser.add_argument("--out", default=pathlib.Path("ssd-eval"), type=pathlib.Path, metavar="DIR",
                         help="output folder for metrics.json and detections.json (default ./ssd-eval)")
     parser.add_argument("--skip-errors", action="store_true",
@@ -43,20 +50,20 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
-def _fail(message: str) -> int:
+def _fail(message: str, status: int = 2) -> int:
     world = os.environ.get("WORLD_SIZE", "1")
     prefix = f"[rank {os.environ.get('RANK', '?')}] " if world not in ("", "1") else ""
     # One line, whatever the exception carried: the command's contract with scripts reading stderr.
     print(f"error: {prefix}{' '.join(message.split())}", file=sys.stderr)
-    return 2
+    return status
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``evaluate`` from parsed arguments; 0 on success, 2 (and one line on stderr) on bad input."""
-    import torch
-
+    """Run ``evaluate`` from parsed arguments; 0 on success, 1 when images were skipped or the run failed (a
+    runtime's failure, a peer that stopped answering), 2 (and one line on stderr) on bad input."""
     from .. import distributed
-    from ..registry import build_model
+    from ..backends import BackendError
+    from ..backends.loading import command_device, load_for_command
     from ..weights import CheckpointUnavailableError, InvalidCheckpointError
     from .coco import evaluate
 
@@ -65,16 +72,21 @@ def run(args: argparse.Namespace) -> int:
     if args.workers < 0:
         return _fail(f"--workers: expected an integer >= 0, got {args.workers}")
     try:
-        _, _, device = distributed.setup(args.device, "--device")
-        model = build_model(args.model, checkpoint=args.checkpoint).to(device)
-        if args.precision == "bf16":
-            # As for detect: channels_last speeds bf16 up on CPUs and GPUs and changes no more than bf16 does.
-            model.to(memory_format=torch.channels_last)
+        timeout = distributed.check_timeout(args.timeout, "--timeout")
+        device = command_device(args.model, args.device)
+    except (TypeError, ValueError) as exc:
+        return _fail(str(exc))
+    try:
+        distributed.init_from_env(device, timeout=timeout, timeout_name="--timeout")
+        backend = load_for_command(args.model, backend=args.backend, checkpoint=args.checkpoint, device=device,
+                                   precision=args.precision)
         main = distributed.is_main()
-        result = evaluate(model, args.images, args.annotations, batch_size=args.batch_size, workers=args.workers,
-                          precision=args.precision, out_dir=args.out, progress=not args.no_progress,
-                          verbose=main, skip_errors=args.skip_errors)
-    except (CheckpointUnavailableError, InvalidCheckpointError, OSError, ValueError, TypeError) as exc:
+        result = evaluate(backend, args.images, args.annotations, batch_size=args.batch_size, workers=args.workers,
+                          out_dir=args.out, progress=not args.no_progress, verbose=main,
+                          skip_errors=args.skip_errors)
+    except (BackendError, distributed.PeerTimeoutError, distributed.PeerLostError) as exc:
+        return _fail(str(exc), 1)
+    except (CheckpointUnavailableError, InvalidCheckpointError, OSError, ValueError, TypeError, ImportError) as exc:
         return _fail(str(exc))
     finally:
         distributed.cleanup()

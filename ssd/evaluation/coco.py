@@ -1,4 +1,5 @@
-"""COCO-style evaluation of a detector: its published protocol, batched, on one process or many (torchrun).
+"""COCO-style evaluation of a detector over any backend: its published protocol, batched, on one process or many
+(torchrun). A PyTorch network, an exported ONNX or OpenVINO file (``ssd.load("model.onnx")``) are scored alike.
 
 The protocol is the model's own (``model.spec``): for NVIDIA's SSD300 that of DeepLearningExamples, which gives the
 published 0.25 mAP on val2017: every image with at least one annotation, resized whole to 300 x 300 (PIL bilinear),
@@ -25,11 +26,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .. import distributed
+from ..backends.base import as_backend, input_format, is_detector, nms_mismatch, spec_of
+from ..backends.plan import first_conv_weight
+from ..backends.pytorch import PyTorchBackend
 from ..data.coco_format import check_image_size, parse_annotations
 from ..io.files import write_json
 from ..io.images import load_uint8
-from ..models.spec import ClassSpec, DetectorSpec, InputSpec, check_int
-from ..postprocess import postprocess, split_detections
+from ..models.spec import ClassSpec, DetectorSpec, InputSpec, PostProcessSpec, check_int
+from ..postprocess import postprocess_outputs, split_detections
 from ..transforms import has_uint8_resize, preprocess_for_detection, resize_uint8
 
 __all__ = [
@@ -273,26 +277,43 @@ class EvalResult:
         return dict(zip(STAT_NAMES, self.stats))
 
 
-def _spec_of(model: torch.nn.Module) -> DetectorSpec:
-    spec = getattr(model, "spec", None)
-    if not isinstance(spec, DetectorSpec):
-        raise TypeError(f"model: expected a detector of this library (with a .spec), got {type(model).__name__}")
-    return spec
+def _target(device: torch.device | str) -> torch.device:
+    device = distributed.resolve_device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
-def _placed(model: torch.nn.Module, device: torch.device | str | None) -> torch.nn.Module:
-    """The model on ``device`` in eval mode, copied rather than changed when it is elsewhere or training."""
-    from ..inference.plan import _first_conv_weight
-
+def _backend_for(model: Any, device: torch.device | str | None, precision: str | None) -> Any:
+    """What evaluate runs: a network is moved to ``device`` (a copy: the caller's model is not changed) and run by a
+    PyTorch backend (in eval mode) with torch's own thread count, since the data loader does not load images
+    alongside in threads; a backend is moved the same way when it can be, or must already be on ``device``."""
+    if is_detector(model):
+        if device is not None:
+            target = _target(device)
+            if first_conv_weight(model).device != target:
+                # Moving the caller's model would change it under them; the copy costs one model's memory.
+                model = copy.deepcopy(model).to(target)
+        return PyTorchBackend(model, precision, threads=torch.get_num_threads())
+    backend = as_backend(model, precision)
     if device is not None:
-        device = distributed.resolve_device(device)
-        current = _first_conv_weight(model).device
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        if current != device:
-            # Moving the caller's model would change it under them; the copy costs one model's memory.
-            return copy.deepcopy(model).to(device).eval()
-    return copy.deepcopy(model).eval() if model.training else model
+        target = _target(device)
+        if backend.device != target:
+            if callable(getattr(backend, "to", None)):
+                return backend.to(target)
+            raise ValueError(f"device: expected {backend.device} for this backend (its runtime runs there) or None, "
+                             f"got {str(device)!r}")
+    return backend
+
+
+def _evaluation_recipe(backend: Any, spec: DetectorSpec) -> PostProcessSpec:
+    """The published protocol's recipe (``spec.postprocess``), which a graph with NMS in it must be able to give."""
+    problem = nms_mismatch(backend, spec.postprocess, ("iou_threshold", "score_threshold", "max_detections"))
+    if problem is not None:
+        raise ValueError(f"model: expected a backend that gives the evaluation protocol's post-processing "
+                         f"(spec.postprocess), got a graph exported with --nms that cannot ({problem}); export the "
+                         "model without --nms to evaluate it")
+    return spec.postprocess
 
 
 def _rows(decoded: list, samples: Sequence[CocoSample], label_to_cat: np.ndarray) -> np.ndarray:
@@ -316,10 +337,12 @@ def _rows(decoded: list, samples: Sequence[CocoSample], label_to_cat: np.ndarray
     return np.concatenate(out) if out else np.empty((0, 7))
 
 
-def _infer(model: torch.nn.Module, spec: DetectorSpec, loader: DataLoader, plan: Any, label_to_cat: np.ndarray,
+def _infer(backend: Any, spec: DetectorSpec, recipe: PostProcessSpec, loader: DataLoader, label_to_cat: np.ndarray,
            skip_errors: bool, bar: Any) -> tuple[list[np.ndarray], list[int], list[tuple[str, str]]]:
     rows, done, skipped = [], [], []
-    non_blocking = plan.device.type == "cuda"
+    device = backend.device
+    dtype, memory_format = input_format(backend)
+    non_blocking = device.type == "cuda"
     started = time.perf_counter()
     for batch in loader:
         if isinstance(batch, list):
@@ -336,12 +359,11 @@ def _infer(model: torch.nn.Module, spec: DetectorSpec, loader: DataLoader, plan:
             images = batch.pixels
             if isinstance(images, torch.Tensor):
                 # Pinned by the DataLoader on CUDA, so this copy overlaps with the work still queued on the device.
-                images = images.to(plan.device, non_blocking=non_blocking)
-            inputs = preprocess_for_detection(images, spec.input, device=plan.device, dtype=plan.input_dtype,
-                                              memory_format=plan.memory_format)
-            with torch.inference_mode(), plan.autocast():
-                predictions = model(inputs)
-            decoded = split_detections(postprocess(predictions, spec, spec.postprocess))
+                images = images.to(device, non_blocking=non_blocking)
+            inputs = preprocess_for_detection(images, spec.input, device=device, dtype=dtype,
+                                              memory_format=memory_format)
+            outputs = backend(inputs)
+            decoded = split_detections(postprocess_outputs(outputs, backend.outputs, spec, recipe))
             rows.append(_rows(decoded, batch.samples, label_to_cat))
             done += [s.image_id for s in batch.samples]
         bar.update(len(batch.samples) + len(batch.failed))
@@ -391,7 +413,7 @@ def per_class_table(per_class_ap: Mapping[str, float]) -> str:
 
 
 def evaluate(
-    model: torch.nn.Module,
+    model: Any,
     images_dir: str | os.PathLike,
     annotations: str | os.PathLike | Mapping[str, Any],
     *,
@@ -407,25 +429,29 @@ def evaluate(
     """COCO bbox evaluation of ``model`` on ``annotations`` (a COCO JSON file) with images from ``images_dir``.
 
     Args:
-        model: a detector of this library; its spec gives the preprocessing and the evaluation recipe
-            (``spec.postprocess``). It is not modified (a copy runs when it must move or is in training mode).
+        model: a detector network of this library, or any backend (``ssd.load(NAME_OR_FILE)``: an exported ONNX or
+            OpenVINO file is scored the same way); its spec gives the preprocessing and the evaluation recipe
+            (``spec.postprocess``). A network is not modified (a copy runs when it must move or is in training
+            mode). A graph exported with ``--nms`` is refused unless its own recipe can give that one.
         batch_size: images per forward pass. workers: DataLoader processes decoding and resizing (0: in this one).
-        device: where to run (default: the model's). precision: None (the weights' dtype), 'fp32', 'bf16' or 'fp16'.
+        device: where to run (default: the model's; an exported file's runtime runs where it runs). precision: None
+            (the weights' dtype), 'fp32', 'bf16' or 'fp16' for a network; a backend has its own.
         out_dir: when given, ``metrics.json`` and ``detections.json`` (the COCO results list) are written there.
         progress: a progress bar with images/s. verbose: print COCO's 12-line summary, the per-class AP table and
             the speed (default: same as ``progress``).
         skip_errors: images missing or unreadable are counted, reported and left out of the score instead of
             raising.
 
-    Under ``torchrun`` (a process group of several processes), every rank must call this with the same arguments:
-    each evaluates the images ``rank::world`` of the id-sorted list, rank 0 gathers the detections, scores them and
+    Under ``torchrun`` (a process group of several processes), every rank must call this with the same arguments
+    (checked before any image is read: ranks with another model, annotation set or image count are refused): each
+    evaluates the images ``rank::world`` of the id-sorted list, rank 0 gathers the detections, scores them and
     writes the outputs; every rank returns the scores (the detections list only on rank 0). An error on any rank
     is raised on all of them, so none waits for the others. Category ids: see :func:`category_map`.
 
     Raises:
         FileNotFoundError, ValueError, TypeError: bad arguments, annotation file, images (messages name them).
     """
-    spec = _spec_of(model)
+    spec = spec_of(model)
     batch_size = check_int("batch_size", batch_size, 1)
     workers = check_int("workers", workers, 0)
     verbose = progress if verbose is None else verbose
@@ -435,15 +461,15 @@ def evaluate(
     for label, cat_id in mapping.items():
         label_to_cat[label] = cat_id
     dataset = CocoImages(images_dir, coco, input_spec=spec.input, skip_errors=skip_errors)
-
-    from ..inference.plan import plan_for
-
-    model = _placed(model, device)
-    plan = plan_for(model, precision, stacklevel=3)
+    backend = _backend_for(model, device, precision)
+    recipe = _evaluation_recipe(backend, spec)
     rank, world, main = distributed.rank(), distributed.world_size(), distributed.is_main()
+    # Before any image is read: ranks given other arguments would score a mix of two evaluations.
+    distributed.check_same({"model": (spec.name, spec.classes.names), "annotations": coco.source,
+                            "image count": len(dataset)}, "evaluate")
     mine = distributed.shard(range(len(dataset)), rank, world)
     loader = DataLoader(Subset(dataset, mine), batch_size=batch_size, num_workers=workers,
-                        collate_fn=collate_samples, pin_memory=plan.device.type == "cuda")
+                        collate_fn=collate_samples, pin_memory=backend.device.type == "cuda")
 
     from tqdm.auto import tqdm
 
@@ -452,7 +478,7 @@ def evaluate(
     with tqdm(total=len(mine), unit="image", disable=not (progress and main), file=sys.stderr,
               desc="evaluate" if world == 1 else f"evaluate (rank 0 of {world})") as bar:
         try:
-            rows, done, skipped = _infer(model, spec, loader, plan, label_to_cat, skip_errors, bar)
+            rows, done, skipped = _infer(backend, spec, recipe, loader, label_to_cat, skip_errors, bar)
             outcome = (np.concatenate(rows) if rows else np.empty((0, 7)), done, skipped)
         except Exception as exc:
             if world == 1:
@@ -475,7 +501,7 @@ def evaluate(
             # Stable by image id: each image's rows stay by descending score, as in a single process.
             rows = rows[np.argsort(rows[:, 0], kind="stable")]
             try:
-                result = _finish(model, spec, coco, rows, done, skipped, seconds, out_dir, verbose)
+                result = _finish(backend, spec, coco, rows, done, skipped, seconds, out_dir, verbose)
             except Exception as exc:
                 result = exc
     shared = distributed.broadcast_from_main(result if not isinstance(result, EvalResult) else
@@ -491,7 +517,7 @@ def _replace_detections(result: EvalResult, detections: list) -> EvalResult:
     return clone
 
 
-def _finish(model: torch.nn.Module, spec: DetectorSpec, coco: Any, rows: np.ndarray, done: list[int],
+def _finish(backend: Any, spec: DetectorSpec, coco: Any, rows: np.ndarray, done: list[int],
             skipped: list[tuple[str, str]], seconds: float, out_dir: str | os.PathLike | None,
             verbose: bool) -> EvalResult:
     if not done:
@@ -508,7 +534,8 @@ def _finish(model: torch.nn.Module, spec: DetectorSpec, coco: Any, rows: np.ndar
         write_json(out / "detections.json", detections, indent=None)
         write_json(out / "metrics.json", {
             "model": spec.name,
-            "checkpoint": getattr(model, "checkpoint_source", None),
+            "checkpoint": getattr(backend, "source", None),
+            "backend": getattr(backend, "runtime", type(backend).__name__),
             "annotations": coco.source_path,
             "images": result.images,
             "seconds": round(seconds, 3),

@@ -1,7 +1,7 @@
-"""Exported detectors: ONNX and OpenVINO files that carry their spec, and runtimes with ``detect``'s API.
+"""Writers of exported detectors: ONNX, OpenVINO, TorchScript and torch.export files that carry their spec.
 
-Importing this package needs only torch; onnx, onnxruntime and openvino are imported when used
-(``pip install -r requirements-export.txt``).
+The files run through :mod:`ssd.backends` (``ssd.load("model.onnx")``). Importing this package needs only torch;
+onnx and openvino are imported when used (``pip install -r requirements-export.txt``).
 """
 from .metadata import FORMAT_VERSION, MissingExportPackage
 from .onnx import DecodingWrapper, export_onnx, export_openvino, export_program, export_torchscript

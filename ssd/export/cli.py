@@ -1,6 +1,7 @@
-"""``python -m ssd export``: write a model as ONNX or OpenVINO IR; and ``detect --model FILE`` for such files.
+"""``python -m ssd export``: write a model as ONNX or OpenVINO IR.
 
-Kept apart from ``ssd/cli.py``, which only calls :func:`add_parser`, :func:`run` and :func:`load_exported`.
+Kept apart from ``ssd/cli.py``, which only calls :func:`add_parser` and :func:`run`. Such files are run by the
+backends of :mod:`ssd.backends` (``detect``/``evaluate --model FILE``).
 """
 from __future__ import annotations
 
@@ -10,10 +11,9 @@ import pathlib
 import sys
 from typing import Any
 
-__all__ = ["EXPORTED_SUFFIXES", "add_parser", "load_exported", "run"]
+__all__ = ["add_parser", "run"]
 
 FORMATS = {"onnx": ".onnx", "openvino": ".xml"}
-EXPORTED_SUFFIXES = (".onnx", ".xml")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -95,12 +95,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {path} ({args.model}, {len(model.spec.classes.names)} classes, opset {args.opset}, "
           f"outputs: {outputs})")
     return 0
-
-
-def load_exported(model: str, backend: str | None) -> Any:
-    """The detector for ``detect --model FILE [--backend NAME]``; raises ValueError/ImportError/OSError."""
-    from .backends import load_detector
-
-    if pathlib.Path(model).suffix.lower() not in EXPORTED_SUFFIXES:
-        raise ValueError(f"--model: expected an exported .onnx or OpenVINO .xml file, got {model!r}")
-    return load_detector(model, backend or "auto")

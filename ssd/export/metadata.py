@@ -9,16 +9,24 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import math
 from typing import Any
 
 from ..models.spec import AnchorSpec, BoxCoderSpec, ClassSpec, DetectorSpec, InputSpec, PostProcessSpec
 
-__all__ = ["FORMAT_VERSION", "MissingExportPackage", "metadata_for", "require", "spec_from_metadata"]
+__all__ = ["FORMAT_VERSION", "MAX_ANCHORS", "MAX_CLASSES", "MAX_INPUT_SIZE", "MissingExportPackage", "metadata_for",
+           "require", "spec_from_metadata"]
 
 # Bumped when the graph's inputs/outputs or these keys change meaning; a loader refuses versions it does not know.
 FORMAT_VERSION = 1
 PREFIX = "ssd."
 REQUIREMENTS = "requirements-export.txt"
+# Bounds on what a file's metadata may declare, so that a damaged or hostile file is refused at load time instead
+# of asking for an absurd allocation later: an input side of 4096 pixels (13.7x SSD300's; one float32 image is then
+# 201 MB), a million default boxes (SSD512 has 24,564) and 10,000 classes (COCO has 80, LVIS 1,203).
+MAX_INPUT_SIZE = 4096
+MAX_ANCHORS = 1_000_000
+MAX_CLASSES = 10_000
 
 
 class MissingExportPackage(ImportError):
@@ -100,4 +108,46 @@ def spec_from_metadata(meta: dict[str, str], where: str) -> tuple[DetectorSpec, 
         raise ValueError(f"{where}: expected complete {PREFIX}* metadata, got a damaged entry ({exc!r})") from exc
     if outputs not in ("decoded", "nms") or (outputs == "nms") != (nms is not None):
         raise ValueError(f"{where}: expected {PREFIX}outputs 'decoded', or 'nms' with its recipe, got {outputs!r}")
+    _check_bounds(spec, where)
     return spec, outputs, nms
+
+
+def _finite(values: Any, count: int, positive: bool = False) -> bool:
+    if not isinstance(values, tuple) or len(values) != count:
+        return False
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v > 0 or not positive)
+               for v in values)
+
+
+def _check_bounds(spec: DetectorSpec, where: str) -> None:
+    """The values a file declares must be usable: the specs check their structure, this their sizes and numbers."""
+    inp, anchors, coder, classes = spec.input, spec.anchors, spec.box_coder, spec.classes
+    problems = []
+    if isinstance(inp.size, bool) or not isinstance(inp.size, int) or not 1 <= inp.size <= MAX_INPUT_SIZE:
+        problems.append(f"an input size of 1 to {MAX_INPUT_SIZE} pixels, got {inp.size!r}")
+    if not _finite(inp.mean, 3):
+        problems.append(f"3 finite input means, got {inp.mean!r}")
+    if not _finite(inp.std, 3, positive=True):
+        problems.append(f"3 finite positive input standard deviations, got {inp.std!r}")
+    if not _finite((inp.value_range,), 1, positive=True):
+        problems.append(f"a finite positive input value range, got {inp.value_range!r}")
+    sizes = anchors.feature_sizes
+    if not all(isinstance(f, int) and not isinstance(f, bool) and f > 0 for f in sizes) or not all(
+            isinstance(r, tuple) and all(isinstance(a, int) and not isinstance(a, bool) and a > 0 for a in r)
+            for r in anchors.aspect_ratios):
+        problems.append(f"positive integer feature sizes and aspect ratios, got {sizes!r} and "
+                        f"{anchors.aspect_ratios!r}")
+    elif anchors.num_anchors > MAX_ANCHORS:
+        problems.append(f"at most {MAX_ANCHORS} default boxes, got {anchors.num_anchors}")
+    for name in ("steps", "min_sizes", "max_sizes"):
+        if not _finite(getattr(anchors, name), len(sizes), positive=True):
+            problems.append(f"finite positive anchor {name}, got {getattr(anchors, name)!r}")
+    if not _finite((coder.center_variance, coder.size_variance), 2, positive=True) or (
+            coder.max_log_size is not None and not _finite((coder.max_log_size,), 1)):
+        problems.append(f"finite positive box coder variances, got {coder!r}")
+    if len(classes.names) > MAX_CLASSES or not all(isinstance(n, str) for n in classes.names) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in classes.category_ids):
+        problems.append(f"at most {MAX_CLASSES} class names (strings) with integer category ids, got "
+                        f"{len(classes.names)} classes")
+    if problems:
+        raise ValueError(f"{where}: expected metadata with {problems[0]}")

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..backends.base import is_detector, local_spec
 from ..box_coder import BoxCoder
 from ..io.files import atomic_path
 from ..models.base import Detector
@@ -58,10 +59,11 @@ class DecodingWrapper(nn.Module):
 
 
 def _spec_of(model: Any) -> DetectorSpec:
-    if not isinstance(model, nn.Module) or not isinstance(getattr(model, "spec", None), DetectorSpec):
+    # By what it is, not by isinstance: a model of another copy of this package (torch.hub's) exports too.
+    if not is_detector(model):
         raise TypeError(f"model: expected a detector of this library (an nn.Module with a .spec), "
                         f"got {type(model).__name__}")
-    return model.spec
+    return local_spec(model.spec, "model.spec")
 
 
 def _export_copy(model: nn.Module) -> nn.Module:
@@ -283,7 +285,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, opset: int = 17, n
 
     Returns:
         The path written. The file's ``metadata_props`` carry the spec (``ssd.*`` keys), which
-        :func:`ssd.export.backends.load_detector` reads back.
+        :func:`ssd.load` (:mod:`ssd.backends`) reads back.
     """
     path = _check_destination(path, (".onnx",))
     proto = build_onnx(model, opset=opset, nms=nms, batch=batch, dynamic_batch=dynamic_batch, recipe=recipe,

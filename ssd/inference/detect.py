@@ -1,8 +1,6 @@
-"""One-call detection: images in, labelled boxes in original image pixels out."""
+"""One-call detection over any backend: images in, labelled boxes in original image pixels out."""
 from __future__ import annotations
 
-import contextlib
-import copy
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -10,29 +8,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..backends.base import as_backend, default_recipe, input_format, nms_mismatch, spec_of
 from ..io.images import ImageSource, load_uint8
 from ..models.spec import MAX_DETECTIONS_LIMIT, DetectorSpec, PostProcessSpec, check_int
-from ..postprocess import Decoded, postprocess, split_detections
+from ..postprocess import Decoded, postprocess_outputs, split_detections
 from ..transforms import preprocess_for_detection
 from .batching import prefetched_batches
 from .detections import DetectionBatch, Detections, StageTimes
-from .plan import InferencePlan, plan_for, thread_plan
 
-__all__ = ["Runner", "detect", "detect_iter", "detect_with", "detection_recipe"]
-
-# Anything that turns a preprocessed N x 3 x S x S batch into detections: the PyTorch model plus postprocess, or an
-# exported graph (ssd.export.backends). Loading, batching, preprocessing and the Detections are shared by all.
-Runner = Callable[[torch.Tensor], Decoded]
+__all__ = ["detect", "detect_iter", "detection_recipe", "resolve_classes"]
 
 # detect's argument names for the recipe's fields, so that errors name what the caller wrote.
 _ARGUMENT_NAMES = {"score_threshold": "threshold"}
-
-
-def _spec_of(model: torch.nn.Module) -> DetectorSpec:
-    spec = getattr(model, "spec", None)
-    if not isinstance(spec, DetectorSpec):
-        raise TypeError(f"model: expected a detector of this library (with a .spec), got {type(model).__name__}")
-    return spec
 
 
 def resolve_classes(classes: Any, spec: DetectorSpec) -> np.ndarray | None:
@@ -62,9 +49,12 @@ def resolve_classes(classes: Any, spec: DetectorSpec) -> np.ndarray | None:
     return np.array(sorted(wanted), dtype=np.int64)
 
 
-def _uncapped(recipe: PostProcessSpec, spec: DetectorSpec) -> PostProcessSpec:
+def _uncapped(recipe: PostProcessSpec, backend: Any, spec: DetectorSpec) -> PostProcessSpec:
     """The recipe with room for every detection NMS can keep, so that the class filter picks the best of the wanted
-    classes rather than the wanted ones among the overall best."""
+    classes rather than the wanted ones among the overall best (for a graph with NMS in it: all it keeps)."""
+    baked = getattr(backend, "nms_recipe", None)
+    if backend.outputs == "nms" and baked is not None:
+        return recipe.updated(max_detections=baked.max_detections)
     if recipe.candidates_per_class is not None:
         bound = recipe.candidates_per_class * (spec.num_classes - 1)
     else:
@@ -79,8 +69,20 @@ def _load(item: ImageSource) -> tuple[np.ndarray, str] | Exception:
         return exc
 
 
+def detection_recipe(backend: Any, threshold: float | None, iou_threshold: float | None,
+                     max_detections: int | None) -> PostProcessSpec:
+    """The backend's default recipe (``spec.detect_postprocess``, or the one baked into an ``--nms`` graph) with the
+    caller's overrides; errors name detect's arguments, and a graph with NMS in it refuses what it cannot give."""
+    recipe = default_recipe(backend).updated(_ARGUMENT_NAMES, score_threshold=threshold, iou_threshold=iou_threshold,
+                                             max_detections=max_detections)
+    problem = nms_mismatch(backend, recipe)
+    if problem is not None:
+        raise ValueError(problem)
+    return recipe
+
+
 def detect_iter(
-    model: torch.nn.Module,
+    model: Any,
     images: Iterable[ImageSource],
     *,
     threshold: float | None = None,
@@ -95,62 +97,40 @@ def detect_iter(
 ) -> Iterator[tuple[int, Detections | Exception]]:
     """Detect objects in ``images``, yielding ``(index, Detections)`` in input order as batches finish.
 
-    Images load in a thread pool one batch ahead of the network; ``images`` may be any iterable, consumed lazily.
-    With ``skip_errors`` an unreadable image yields ``(index, exception)`` and the rest go on; otherwise the
-    exception propagates. The model is never modified: a model in training mode runs as an evaluation-mode copy.
-    ``classes`` keeps only those classes (see :func:`detect`); ``times``, when given, accumulates the seconds
-    spent per stage.
+    ``model`` is a detector network or any backend (``ssd.load(...)``); the arguments are those of :func:`detect`,
+    checked now rather than when the first result is asked for. Images load in a thread pool one batch ahead of the
+    network; ``images`` may be any iterable, consumed lazily. With ``skip_errors`` an unreadable image yields
+    ``(index, exception)`` and the rest go on; otherwise the exception propagates. The model is never modified: a
+    model in training mode runs as an evaluation-mode copy. ``times``, when given, accumulates the seconds spent per
+    stage.
     """
-    spec = _spec_of(model)
-    recipe = detection_recipe(spec, threshold, iou_threshold, max_detections)
+    backend = as_backend(model, precision)
+    spec = spec_of(backend)  # this copy's, whichever copy of the package made the backend
+    recipe = detection_recipe(backend, threshold, iou_threshold, max_detections)
     wanted = resolve_classes(classes, spec)
-    decode_recipe = recipe if wanted is None else _uncapped(recipe, spec)
-    times = times if times is not None else StageTimes()
-    plan = plan_for(model, precision, stacklevel=4)
-    if model.training:
-        # Switching the caller's model to eval mode and back would race with other threads and with training.
-        model = copy.deepcopy(model).eval()
-    threads = thread_plan() if plan.device.type == "cpu" else None
-    network = plan.module(model)  # the plan's channels_last copy, or the model itself
+    batch_size = check_int("batch_size", batch_size, 1)
+    return _detections(backend, spec, images, recipe if wanted is None else _uncapped(recipe, backend, spec),
+                       batch_size, keep_images, skip_errors, wanted, recipe.max_detections,
+                       times if times is not None else StageTimes())
+
+
+def _detections(backend: Any, spec: DetectorSpec, images: Iterable[ImageSource], recipe: PostProcessSpec,
+                batch_size: int, keep_images: bool, skip_errors: bool, wanted: np.ndarray | None,
+                max_detections: int, times: StageTimes) -> Iterator[tuple[int, Detections | Exception]]:
+    kind, device = backend.outputs, backend.device
 
     def run(batch: torch.Tensor) -> Decoded:
         started = time.perf_counter()
-        with torch.inference_mode(), plan.autocast(), (threads.forward() if threads else contextlib.nullcontext()):
-            predictions = network(batch)
-        _sync(batch.device)
+        outputs = backend(batch)
+        _sync(device)
         inferred = time.perf_counter()
-        decoded = postprocess(predictions, spec, decode_recipe)
+        decoded = postprocess_outputs(outputs, kind, spec, recipe)
         times.inference += inferred - started
         times.postprocess += time.perf_counter() - inferred
         return decoded
 
-    yield from detect_with(run, spec, images, batch_size=batch_size, plan=plan, keep_images=keep_images,
-                           skip_errors=skip_errors, load_workers=threads.load_workers if threads else None,
-                           wanted=wanted, max_detections=recipe.max_detections, times=times, runner_times=True)
-
-
-def detection_recipe(spec: DetectorSpec, threshold: float | None, iou_threshold: float | None,
-                     max_detections: int | None) -> PostProcessSpec:
-    """``spec.detect_postprocess`` with the caller's overrides, errors naming detect's arguments."""
-    return spec.detect_postprocess.updated(_ARGUMENT_NAMES, score_threshold=threshold, iou_threshold=iou_threshold,
-                                           max_detections=max_detections)
-
-
-def detect_with(runner: Runner, spec: DetectorSpec, images: Iterable[ImageSource], *, batch_size: int = 8,
-                plan: InferencePlan | None = None, keep_images: bool = True, skip_errors: bool = False,
-                load_workers: int | None = None, wanted: np.ndarray | None = None,
-                max_detections: int | None = None, times: StageTimes | None = None,
-                runner_times: bool = False) -> Iterator[tuple[int, Detections | Exception]]:
-    """:func:`detect_iter` for any ``runner`` (preprocessed batch -> :class:`Decoded`): images are loaded, batched
-    and preprocessed as ``spec.input`` says (on ``plan``'s device, dtype and memory format; CPU float32 when None),
-    and the detections come back in each image's pixels. ``wanted`` labels (with at most ``max_detections`` of
-    them per image) filter the classes; ``times`` accumulates the stages (the runner's whole time counts as
-    inference unless ``runner_times`` says it records its own)."""
-    batch_size = check_int("batch_size", batch_size, 1)
-    if plan is None:
-        plan = InferencePlan(torch.device("cpu"), torch.float32, torch.contiguous_format)
-    times = times if times is not None else StageTimes()
-    extra = {} if load_workers is None else {"workers": load_workers}
+    workers = getattr(backend, "load_workers", None)
+    extra = {} if workers is None else {"workers": workers}
     for batch in prefetched_batches(images, _load, batch_size, **extra):
         good = []
         for index, result in batch:
@@ -162,8 +142,7 @@ def detect_with(runner: Runner, spec: DetectorSpec, images: Iterable[ImageSource
                 good.append((index, *result))
         if good:
             # Built before yielding, so that a consumer's time between two yields is never counted.
-            yield from _detect_batch(runner, spec, good, plan, keep_images, wanted, max_detections, times,
-                                     runner_times)
+            yield from _detect_batch(run, backend, spec, good, keep_images, wanted, max_detections, times)
 
 
 def _sync(device: torch.device) -> None:
@@ -172,16 +151,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _detect_batch(runner: Runner, spec: DetectorSpec, good: list, plan: InferencePlan, keep_images: bool,
-                  wanted: np.ndarray | None, max_detections: int | None, times: StageTimes,
-                  runner_times: bool) -> list[tuple[int, Detections]]:
+def _detect_batch(run: Callable[[torch.Tensor], Decoded], backend: Any, spec: DetectorSpec, good: list,
+                  keep_images: bool, wanted: np.ndarray | None, max_detections: int, times: StageTimes
+                  ) -> list[tuple[int, Detections]]:
     started = time.perf_counter()
     tensors = [torch.from_numpy(pixels).permute(2, 0, 1) for _, pixels, _ in good]
-    batch = preprocess_for_detection(tensors, spec.input, device=plan.device, dtype=plan.input_dtype,
-                                     memory_format=plan.memory_format)
+    dtype, memory_format = input_format(backend)
+    batch = preprocess_for_detection(tensors, spec.input, device=backend.device, dtype=dtype,
+                                     memory_format=memory_format)
     _sync(batch.device)
     preprocessed = time.perf_counter()
-    decoded = runner(batch)
+    decoded = run(batch)
     decoded_at = time.perf_counter()
     classes = spec.classes
     results = []
@@ -201,15 +181,13 @@ def _detect_batch(runner: Runner, spec: DetectorSpec, good: list, plan: Inferenc
         results.append((index, Detections(pixel_boxes, scores, labels, (height, width), source,
                                           pixels if keep_images else None, classes.names, classes.category_ids)))
     times.preprocess += preprocessed - started
-    if not runner_times:
-        times.inference += decoded_at - preprocessed
     times.postprocess += time.perf_counter() - decoded_at
     times.images += len(good)
     return results
 
 
 def detect(
-    model: torch.nn.Module,
+    model: Any,
     images: Any,
     threshold: float | None = None,
     iou_threshold: float | None = None,
@@ -222,8 +200,9 @@ def detect(
     """Detect objects in original image coordinates.
 
     Args:
-        model: the detector to run (this is ``model.detect(images, ...)``); its device, dtype and memory format
-            are followed, and it is never modified.
+        model: the detector network to run (this is ``model.detect(images, ...)``; its device, dtype and memory
+            format are followed, and it is never modified), or any backend (``ssd.load("model.onnx")``, a
+            :class:`~ssd.backends.PyTorchBackend`, ...): the same pipeline and results whatever runs the network.
         images: one image or any iterable of them (lists, tuples, generators, consumed lazily): paths, http(s)
             URLs, bytes, PIL images, numpy arrays (H x W x 3, uint8 or float in [0, 1]) or tensors (3 x H x W, uint8
             or float in [0, 1]). Files are turned upright as their EXIF orientation says, so boxes are in the
@@ -236,7 +215,7 @@ def detect(
             most ``MAX_DETECTIONS_LIMIT``, 100,000).
         batch_size: images per forward pass; results agree across batch sizes up to float rounding.
         precision: None to follow the model's weights; 'fp32'; 'bf16' (autocast; fast on CPUs with bf16
-            and on recent GPUs); 'fp16' (autocast on CUDA).
+            and on recent GPUs); 'fp16' (autocast on CUDA). A backend has its own: None (or that one) there.
         keep_images: keep each decoded image in its ``Detections`` for ``plot``/``save``: uint8, H x W x 3, that is
             3 bytes per pixel (36 MB for a 12-megapixel photo), so the returned list grows with the input. False
             keeps no pixels: memory is then bounded by two batches (the one running and the one loading), however

@@ -1,4 +1,5 @@
-"""The inference plan: where and how a model runs (device, input dtype, memory format, autocast)."""
+"""The PyTorch backend's plan: where and how a model runs (device, input dtype, memory format, autocast, the
+channels_last CPU copy) and how the cores are split between the forward pass and the image loaders."""
 from __future__ import annotations
 
 import contextlib
@@ -13,7 +14,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["PRECISIONS", "InferencePlan", "ThreadPlan", "plan_for", "thread_plan", "usable_cores"]
+__all__ = ["PRECISIONS", "InferencePlan", "ThreadPlan", "first_conv_weight", "plan_for", "thread_plan",
+           "usable_cores"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -38,7 +40,7 @@ class InferencePlan:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
 
-def _first_conv_weight(model: torch.nn.Module) -> torch.Tensor:
+def first_conv_weight(model: torch.nn.Module) -> torch.Tensor:
     for p in model.parameters():
         if p.dim() == 4:
             return p
@@ -49,7 +51,7 @@ def plan_for(model: torch.nn.Module, precision: str | None, *, stacklevel: int =
     """The plan that follows the model (device, dtype, memory format); ``precision`` None keeps its weights' dtype,
     'fp32' needs a float32 model, 'bf16' and 'fp16' autocast a float32 model (or run a model already in that dtype).
     """
-    weight = _first_conv_weight(model)
+    weight = first_conv_weight(model)
     device, model_dtype = weight.device, weight.dtype
     channels_last = weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format

@@ -1,0 +1,136 @@
+"""``ssd.load``: a model name, an exported file or a network in, a backend out; and the same for the command line."""
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any
+
+import torch
+
+from .base import is_detector
+from .exported import EXPORTED_SUFFIXES, load_exported
+from .pytorch import PyTorchBackend
+
+__all__ = ["command_device", "is_exported_file", "load", "load_for_command"]
+
+# What build_model takes, plus what the PyTorch backend takes.
+_BUILD_OPTIONS = ("pretrained", "weights", "checkpoint", "num_classes", "class_names", "half", "model_math",
+                  "force_download", "progress")
+_BACKEND_OPTIONS = ("precision", "device", "threads")
+
+
+def is_exported_file(model: Any) -> bool:
+    """Whether ``model`` names an exported file (by its suffix: .onnx or OpenVINO's .xml)."""
+    return isinstance(model, (str, os.PathLike)) and pathlib.Path(model).suffix.lower() in EXPORTED_SUFFIXES
+
+
+def load(model: Any, /, **options: Any) -> Any:
+    """A backend for ``model``, which every consumer takes (``ssd.detect``, ``ssd.evaluate``, the command line).
+
+    Args:
+        model: a registered model name (``ssd.list_models()``), built with :func:`ssd.build_model`; an exported
+            ``.onnx`` or OpenVINO ``.xml`` file; or a detector network (``nn.Module`` with a spec, of any copy of
+            this package, torch.hub's included).
+        options: for a name, :func:`ssd.build_model`'s (``pretrained``, ``weights``, ``checkpoint``,
+            ``num_classes``, ``class_names``, ``half``, ``model_math``, ``force_download``, ``progress``), and
+            ``device`` (default: the CPU; ``"auto"``: CUDA when available), ``precision`` (None: the weights'
+            dtype, ``'fp32'``, ``'bf16'`` or ``'fp16'`` autocast; bf16 also runs the model channels_last) and
+            ``threads`` (CPU intra-op threads) for the :class:`~ssd.backends.PyTorchBackend`. For a network:
+            ``precision`` and ``threads``. For a file: ``backend`` (``"auto"``, ``"onnxruntime"`` or
+            ``"openvino"``), ``threads``, and ``precision`` (OpenVINO: ``"fp32"``, ``"bf16"``, ``"default"``),
+            ``providers`` (onnxruntime) or ``runtime_device`` (OpenVINO).
+
+    Raises:
+        ValueError: an unknown name, a file of another kind, or ``backend`` given with a model name (a name runs
+            in PyTorch); the errors of :func:`ssd.build_model` and :func:`~ssd.backends.load_exported`.
+        TypeError: an option the model's kind does not take.
+    """
+    if is_detector(model):
+        _only(options, ("precision", "threads"), "a detector network")
+        return PyTorchBackend(model, options.get("precision"), threads=options.get("threads"))
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"model: expected a model name, an exported .onnx/.xml file or a detector network, got "
+                        f"{type(model).__name__}")
+    from .. import registry
+
+    if isinstance(model, str) and model in registry.list_models():
+        if options.get("backend") is not None:
+            raise ValueError(f"backend: expected None for the model name {model!r}, which runs in PyTorch (a runtime "
+                             f"is chosen for an exported .onnx/.xml file), got {options['backend']!r}")
+        options.pop("backend", None)
+        _only(options, _BUILD_OPTIONS + _BACKEND_OPTIONS, "a model name")
+        return _load_registered(model, options)
+    if is_exported_file(model):
+        return load_exported(model, **options)
+    raise ValueError(f"model: expected one of {', '.join(registry.list_models())} or an exported .onnx / OpenVINO "
+                     f".xml file, got {os.fspath(model)!r}")
+
+
+def _only(options: dict[str, Any], allowed: tuple[str, ...], what: str) -> None:
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TypeError(f"load: expected options among {', '.join(allowed)} for {what}, got {', '.join(unknown)}")
+
+
+def _load_registered(name: str, options: dict[str, Any]) -> PyTorchBackend:
+    from .. import distributed, registry
+
+    precision = options.pop("precision", None)
+    device = options.pop("device", None)
+    threads = options.pop("threads", None)
+    # Looked up at call time (not imported by name), so that replacing ssd.registry.build_model reaches here.
+    model = registry.build_model(name, **options)
+    if device is not None:
+        model.to(distributed.resolve_device(device))
+    if precision == "bf16":
+        # Ours to change: channels_last adds speed to bf16 (2.7x fp32 on an AVX-512 CPU, benchmarks/RESULTS.md) at
+        # no further cost in agreement.
+        model.to(memory_format=torch.channels_last)
+    return PyTorchBackend(model, precision, threads=threads)
+
+
+def command_device(model: str, device: str | None, name: str = "--device") -> torch.device:
+    """The device for a command's ``--model`` (checked: a model name or an exported file): for a model name
+    ``device`` as :func:`ssd.distributed.resolve_device` gives it (default CUDA when available; under torchrun
+    ``cuda:LOCAL_RANK``); for an exported file the CPU, where its runtime runs here (anything else is an error)."""
+    from .. import distributed, registry
+
+    if not is_exported_file(model):
+        if model not in registry.list_models():
+            raise ValueError(f"--model: expected one of {', '.join(registry.list_models())} or an exported .onnx / "
+                             f"OpenVINO .xml file, got {model!r}")
+        return distributed.resolve_device(device, name)
+    resolved = distributed.resolve_device(device or "cpu", name)
+    if resolved.type != "cpu":
+        raise ValueError(f"{name}: expected cpu for an exported --model file (onnxruntime and OpenVINO run on the "
+                         f"CPU here), got {device!r}")
+    return resolved
+
+
+def load_for_command(model: str, *, backend: str | None, checkpoint: str | None, device: torch.device,
+                     precision: str | None, half: bool = False) -> Any:
+    """The backend for a command's ``--model NAME_OR_FILE`` with ``--backend``, ``--checkpoint``, a device from
+    :func:`command_device`, ``precision`` (autocast: None, fp32, bf16, fp16) and ``half`` (half weights). Errors
+    name the options.
+
+    Raises:
+        ValueError: options that do not go together (``--backend`` with a model name, ``--checkpoint`` with a file, a
+            precision the file's runtime does not have), and every error of :func:`load`.
+    """
+    if not is_exported_file(model):
+        if backend is not None:
+            raise ValueError(f"--backend: expected it only with an exported --model file (.onnx or .xml), got "
+                             f"--backend {backend} with the model name {model!r}, which runs in PyTorch")
+        return load(model, checkpoint=checkpoint, device=device, precision=precision, half=half)
+    if checkpoint is not None:
+        raise ValueError(f"--checkpoint: expected none with an exported --model file (its weights are in "
+                         f"{model}), got {checkpoint!r}")
+    runtime = backend or "auto"
+    if half or precision not in (None, "fp32", "bf16"):
+        raise ValueError(f"--precision: expected fp32 (or bf16 with OpenVINO) for an exported --model file, got "
+                         f"{'fp16' if half else precision}")
+    if precision == "bf16":
+        if runtime == "onnxruntime" or (runtime == "auto" and pathlib.Path(model).suffix.lower() == ".onnx"):
+            raise ValueError("--precision: expected fp32 with onnxruntime (bf16 needs --backend openvino), got bf16")
+        return load_exported(model, runtime, precision="bf16")
+    return load_exported(model, runtime)
