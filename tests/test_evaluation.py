@@ -7,7 +7,6 @@ import os
 import pathlib
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from ssd.registry import build_model
 
 from helpers import GOLDEN, REPO
 from helpers.checkpoints import save_minicoco_checkpoint
+from helpers.processes import torchrun
 
 MINICOCO = GOLDEN / "minicoco"
 IMAGES = MINICOCO / "images"
@@ -65,19 +65,6 @@ def annotations() -> dict:
 def write_json(path: pathlib.Path, payload) -> pathlib.Path:
     path.write_text(json.dumps(payload))
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(*args: str, checkpoint: pathlib.Path, timeout: float = 400) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SSD_CHECKPOINT": str(checkpoint)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-               "--master-port", str(free_port()), "-m", "ssd", *args]
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 # ---------------------------------------------------------------------------------------------------------------

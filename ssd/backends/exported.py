@@ -265,6 +265,8 @@ class OnnxBackend(ExportedBackend):
         options.intra_op_num_threads = threads if threads is not None else thread_plan().intra_op
         # Spinning threads burn the cores a loader or a neighbouring process needs; waiting costs ~nothing here.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # onnxruntime would also log each failure on stderr; it reaches the caller once, as our error naming the file.
+        options.log_severity_level = 4
         try:
             session = ort.InferenceSession(where, options, providers=providers or ["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types for every kind of bad file
