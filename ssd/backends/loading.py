@@ -37,8 +37,8 @@ def load(model: Any, /, **options: Any) -> Any:
             dtype, ``'fp32'``, ``'bf16'`` or ``'fp16'`` autocast; bf16 also runs the model channels_last) and
             ``threads`` (CPU intra-op threads) for the :class:`~ssd.backends.PyTorchBackend`. For a network:
             ``precision`` and ``threads``. For a file: ``backend`` (``"auto"``, ``"onnxruntime"`` or
-            ``"openvino"``), ``threads``, and ``precision`` (OpenVINO: ``"fp32"``, ``"bf16"``, ``"default"``),
-            ``providers`` (onnxruntime) or ``runtime_device`` (OpenVINO).
+            ``"openvino"``), ``threads``, ``device`` (None or ``"cpu"``), and ``precision`` (OpenVINO: ``"fp32"``,
+            ``"bf16"``, ``"default"``), ``providers`` (onnxruntime) or ``runtime_device`` (OpenVINO).
 
     Raises:
         ValueError: an unknown name, a file of another kind, or ``backend`` given with a model name (a name runs
@@ -51,7 +51,7 @@ def load(model: Any, /, **options: Any) -> Any:
     if not isinstance(model, (str, os.PathLike)):
         raise TypeError(f"model: expected a model name, an exported .onnx/.xml file or a detector network, got "
                         f"{type(model).__name__}")
-    from .. import registry
+    from .. import distributed, registry
 
     if isinstance(model, str) and model in registry.list_models():
         if options.get("backend") is not None:
@@ -61,6 +61,10 @@ def load(model: Any, /, **options: Any) -> Any:
         _only(options, _BUILD_OPTIONS + _BACKEND_OPTIONS, "a model name")
         return _load_registered(model, options)
     if is_exported_file(model):
+        device = options.pop("device", None)
+        if device is not None and distributed.resolve_device(device, "device").type != "cpu":
+            raise ValueError(f"device: expected None or cpu for an exported file (onnxruntime and OpenVINO run on "
+                             f"the CPU here), got {device!r}")
         return load_exported(model, **options)
     raise ValueError(f"model: expected one of {', '.join(registry.list_models())} or an exported .onnx / OpenVINO "
                      f".xml file, got {os.fspath(model)!r}")
