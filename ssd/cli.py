@@ -241,8 +241,8 @@ class _Report:
 
 
 def _error(message: Any, status: int) -> int:
-    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
-    return status
+    # The same one-line error as evaluate's (with "[rank R] " under torchrun).
+    return evaluate_cli.fail(str(message), status)
 
 
 def run_detect(args: argparse.Namespace) -> int:

@@ -41,6 +41,7 @@ __all__ = [
     "is_distributed",
     "is_main",
     "local_rank",
+    "rank_label",
     "rank",
     "resolve_device",
     "setup",
@@ -98,14 +99,12 @@ def _collective(what: str) -> Iterator[None]:
         yield
     except RuntimeError as exc:  # DistBackendError, DistNetworkError and gloo's plain RuntimeErrors among them
         text = " ".join(str(exc).split())
-        where = f"rank {rank()} of {world_size()}" if is_distributed() else "this process"
         if "timed out" in text.lower() or "timeout" in text.lower():
             raise PeerTimeoutError(
-                f"{where}: the other processes did not reach {what} within the timeout of {_describe(_TIMEOUT)} "
+                f"the other processes did not reach {what} within the timeout of {_describe(_TIMEOUT)} "
                 f"({_TIMEOUT_NAME}): a peer froze or quit, or some ranks are that much slower; raise "
                 f"{_TIMEOUT_NAME} if they legitimately need longer") from exc
-        raise PeerLostError(f"{where}: {what} failed (another process stopped or cannot be reached): "
-                            f"{text[:300]}") from exc
+        raise PeerLostError(f"{what} failed (another process stopped or cannot be reached): {text[:300]}") from exc
 
 
 def _env_int(name: str, default: int, low: int) -> int:
@@ -119,6 +118,14 @@ def _env_int(name: str, default: int, low: int) -> int:
     if value < low:
         raise ValueError(f"{name}: expected an integer >= {low}, got {raw!r}")
     return value
+
+
+def rank_label() -> str:
+    """``"[rank R] "`` when torchrun started several processes (from the environment, so that it works before and
+    after the process group), else ``""``: the prefix of the commands' error lines."""
+    if env_world_size() <= 1:
+        return ""
+    return f"[rank {os.environ.get('RANK', '?')}] "
 
 
 def env_world_size() -> int:

@@ -323,7 +323,7 @@ def test_two_processes_on_one_gpu_are_told_so(weights, tmp_path, monkeypatch, ca
     with pytest.raises(ValueError, match="2 processes on this machine want a GPU each"):
         distributed.resolve_device(None, "--device")  # the default, CUDA when available
     assert main(["detect", "--out", str(tmp_path / "o"), "--device", "cuda"]) == 2
-    assert capsys.readouterr().err.strip().splitlines() == [f"error: {message}"]
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: [rank 1] {message}"]
     with pytest.raises(ValueError, match=r"--device: 2 processes on this machine would all use cuda:0"):
         distributed.resolve_device("cuda:0", "--device")
     monkeypatch.setenv("LOCAL_RANK", "0")

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
 import sys
 from typing import Any
 
 from ..registry import list_models
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_parser", "fail", "run"]
 
 DESCRIPTION = """Evaluate a detector on a COCO-format set (pycocotools bbox AP) with the protocol its published
 accuracy was measured with. Prints COCO's 12-line summary, AP per category and the speed; writes metrics.json and
@@ -50,9 +49,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
-def _fail(message: str, status: int = 2) -> int:
-    world = os.environ.get("WORLD_SIZE", "1")
-    prefix = f"[rank {os.environ.get('RANK', '?')}] " if world not in ("", "1") else ""
+def fail(message: str, status: int = 2) -> int:
+    """Print ``message`` as the one error line of a command (with ``[rank R] `` under torchrun); returns ``status``."""
+    from ..distributed import rank_label
+
+    try:
+        prefix = rank_label()
+    except ValueError:  # a WORLD_SIZE that is not a number: reported by the command itself
+        prefix = ""
     # One line, whatever the exception carried: the command's contract with scripts reading stderr.
     print(f"error: {prefix}{' '.join(message.split())}", file=sys.stderr)
     return status
@@ -68,14 +72,14 @@ def run(args: argparse.Namespace) -> int:
     from .coco import evaluate
 
     if args.batch_size < 1:
-        return _fail(f"--batch-size: expected a positive integer, got {args.batch_size}")
+        return fail(f"--batch-size: expected a positive integer, got {args.batch_size}")
     if args.workers < 0:
-        return _fail(f"--workers: expected an integer >= 0, got {args.workers}")
+        return fail(f"--workers: expected an integer >= 0, got {args.workers}")
     try:
         timeout = distributed.check_timeout(args.timeout, "--timeout")
         device = command_device(args.model, args.device)
     except (TypeError, ValueError) as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     try:
         distributed.init_from_env(device, timeout=timeout, timeout_name="--timeout")
         backend = load_for_command(args.model, backend=args.backend, checkpoint=args.checkpoint, device=device,
@@ -85,9 +89,9 @@ def run(args: argparse.Namespace) -> int:
                           out_dir=args.out, progress=not args.no_progress, verbose=main,
                           skip_errors=args.skip_errors)
     except (BackendError, distributed.PeerTimeoutError, distributed.PeerLostError) as exc:
-        return _fail(str(exc), 1)
+        return fail(str(exc), 1)
     except (CheckpointUnavailableError, InvalidCheckpointError, OSError, ValueError, TypeError, ImportError) as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     finally:
         distributed.cleanup()
     if main:

@@ -284,7 +284,7 @@ def _stream(backend: Any, jobs: Sequence[Job], problems: Sequence[tuple[str, str
     # others waiting, and ranks given different arguments would each write half a result.
     for other, problem in enumerate(distributed.all_gather(_preflight(out, rank, main))):
         if problem is not None:
-            raise ValueError(problem if other == rank else f"[rank {other}] {problem}")
+            raise ValueError(problem if other == rank else f"{problem} (on rank {other})")
     try:
         distributed.check_same({"model and settings": identity, "--out": str(out.resolve()),
                                 "inputs": f"{len(names)} inputs, listing {listing}"}, "detect")
