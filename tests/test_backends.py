@@ -208,6 +208,14 @@ def test_a_file_that_is_not_what_its_metadata_says_is_refused_at_load_naming_it(
         load_exported(path, runtime)
 
 
+def test_an_nms_graph_whose_metadata_promises_fewer_detections_is_refused(files, tmp_path):
+    path = _edited(files["nms"], tmp_path / "fewer.onnx",
+                   metadata={"ssd.nms": lambda recipe: {**recipe, "max_detections": 50}})
+    with pytest.raises(ValueError, match=r"fewer\.onnx: expected padded detections of one length K <= 50 \(the "
+                                         r"recipe in its metadata\), got outputs of shapes \? x 100 x 4"):
+        load_exported(path)
+
+
 def _allocating_graph(path):
     """A graph with this library's metadata whose run asks for 128 TB (a shape made from the batch size, so that
     no runtime can fold it away at load time): an allocation that fails inside the runtime."""

@@ -79,8 +79,9 @@ def _check_outputs(where: str, found: dict[str, Dims | None], spec: DetectorSpec
     if missing:
         raise ValueError(f"{where}: expected outputs {', '.join(expected)} (its metadata says outputs {kind!r}), "
                          f"got {', '.join(sorted(found)) or 'none'}")
+    # spec_from_metadata gives an "nms" graph its recipe (and refuses one without).
     what = (f"{spec.anchors.num_anchors} default boxes, {spec.num_classes - 1} classes + background"
-            if kind == "decoded" else f"at most {nms.max_detections if nms else '?'} detections")
+            if kind == "decoded" else f"at most {nms.max_detections} detections")
     counts = set()
     for name, want in expected.items():
         have = found[name]
@@ -91,9 +92,9 @@ def _check_outputs(where: str, found: dict[str, Dims | None], spec: DetectorSpec
                              f"got {_shape_text(have)}")
         if kind == "nms" and len(have) > 1 and have[1] is not None:
             counts.add(have[1])
-    if counts and (len(counts) > 1 or nms is None or counts.pop() > nms.max_detections):
-        raise ValueError(f"{where}: expected padded detections of one length K <= {nms.max_detections if nms else '?'}"
-                         f" (the recipe in its metadata), got outputs of shapes "
+    if counts and (len(counts) > 1 or max(counts) > nms.max_detections):
+        raise ValueError(f"{where}: expected padded detections of one length K <= {nms.max_detections} (the recipe "
+                         f"in its metadata), got outputs of shapes "
                          f"{', '.join(_shape_text(found[n] or []) for n in expected)}")
 
 
