@@ -1,5 +1,6 @@
 """Evaluation throughput: ``evaluate`` against ``detect`` on the same images, fp32 and bf16, 0 and 2 data-loader
-workers, and ``torchrun`` with 2 processes against 1 (whole command, startup included).
+workers, the PyTorch backend against the onnxruntime and OpenVINO ones (when the export extras are installed), and
+``torchrun`` with 2 processes against 1 (whole command, startup included).
 
 The images are the minicoco golden set repeated to ``--images`` (default 24) under new ids, scored with the
 golden minicoco weights (no download). Run with ``OMP_NUM_THREADS`` set to the threads each process may use.
@@ -70,7 +71,7 @@ def in_process(model: torch.nn.Module, images_dir: pathlib.Path, annotations: pa
     # One untimed pass: first-call allocations and oneDNN kernel selection are not what a long evaluation pays.
     detect(model, paths[:2], keep_images=False)
 
-    def run_evaluate(net: torch.nn.Module, precision: str, workers: int) -> dict:
+    def run_evaluate(net: object, precision: str | None, workers: int) -> dict:
         start = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):
             result = evaluate(net, images_dir, annotations, workers=workers, precision=precision, progress=False,
@@ -91,6 +92,8 @@ def in_process(model: torch.nn.Module, images_dir: pathlib.Path, annotations: pa
         for workers in (0, 2):
             configs[f"evaluate {precision}, {workers} workers"] = (run_evaluate, (net, precision, workers))
         configs[f"detect {precision} (threshold 0.4)"] = (run_detect, (net, precision))
+    for name, backend in exported_backends(model, images_dir.parent).items():
+        configs[f"evaluate {name}, 0 workers"] = (run_evaluate, (backend, None, 0))
     samples: dict[str, list[dict]] = {name: [] for name in configs}
     for _ in range(repeats):
         for name, (fn, args) in configs.items():
@@ -102,6 +105,21 @@ def in_process(model: torch.nn.Module, images_dir: pathlib.Path, annotations: pa
             row["with_cocoeval_per_second"] = statistics.median(r["with_cocoeval_per_second"] for r in runs)
         rows.append(row)
     return rows
+
+
+def exported_backends(model: torch.nn.Module, folder: pathlib.Path) -> dict[str, object]:
+    """The model exported and loaded as onnxruntime and OpenVINO fp32 backends, those whose packages are here."""
+    made: dict[str, object] = {}
+    try:
+        from ssd.backends import load_exported
+        from ssd.export import export_onnx
+
+        path = export_onnx(model, folder / "bench.onnx")
+        made["onnxruntime fp32"] = load_exported(path, "onnxruntime")
+        made["OpenVINO fp32"] = load_exported(path, "openvino")
+    except ImportError as exc:
+        print(f"export extras missing, some backend rows skipped: {exc}", file=sys.stderr)
+    return made
 
 
 def _free_port() -> int:
