@@ -22,7 +22,7 @@ from ssd.cli import main
 from ssd.inference.jsonl import read_records
 
 from helpers import GOLDEN, REPO
-from helpers.checkpoints import save_detecting_checkpoint
+from helpers.checkpoints import detecting_state_dict, save_detecting_checkpoint
 from helpers.processes import free_port, ssd_env, torchrun
 
 IMAGES = GOLDEN / "minicoco" / "images"
@@ -184,6 +184,11 @@ def test_resume_keeps_a_record_only_when_its_fingerprint_matches(weights, tmp_pa
     assert main([*base, "--resume"]) == 0
     assert "resuming: 2 image(s) already done" in capsys.readouterr().out
     assert [r["file"] for r in strict_records(part)] == [*files, files[1]]
+    # Other weights under another name: nothing is kept.
+    other = tmp_path / "other.pt"
+    torch.save({"model": detecting_state_dict(salt=1)}, other)
+    assert main([*base, "--resume", "--checkpoint", str(other)]) == 0
+    assert "resuming: 0 image(s) already done" in capsys.readouterr().out
     # Another threshold: no record of the earlier settings is kept, and the merge takes the new ones.
     assert main([*base, "--resume", "--threshold", "0.9"]) == 0
     assert "resuming: 0 image(s) already done" in capsys.readouterr().out

@@ -9,9 +9,9 @@ What protects the work:
 
 - every rank compares the run's fingerprint (model, checkpoint, threshold, recipe, pictures, ``--out``, the input
   list) before any work, so ranks given different arguments stop at once instead of losing half the images;
-- a part line carries a ``fingerprint`` of the model, checkpoint, threshold, recipe and pictures plus the input
-  file's size and modification time: ``--resume`` skips an input only when its record matches, and the merge takes
-  only matching records (a stale part of another run or model is ignored);
+- a part line carries a ``fingerprint`` of the model (a digest of its weights), threshold, recipe and pictures plus
+  the input file's size and modification time, decided by rank 0: ``--resume`` skips an input only when its record
+  matches, and the merge takes only matching records (a stale part of another run or model is ignored);
 - the merge lists every input without a record (a rank's part lost, a node whose ``--out`` was not shared) and the
   command then exits with status 1; damaged lines (not JSON, NaN, not a record) are skipped and reported.
 """
@@ -28,6 +28,8 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from typing import IO, Any
+
+import torch
 
 from ..backends.base import input_format, spec_of
 from ..io.files import atomic_open
@@ -182,7 +184,7 @@ def merge_parts(out_dir: pathlib.Path, order: Sequence[str], extra: Iterable[dic
 
 
 def _file_identity(source: Any) -> Any:
-    """A local file as (its name, size, modification time); anything else (a URL, an array) as its description."""
+    """An input file as (its name, size, modification time); anything else (a URL, an array) as its description."""
     if isinstance(source, (str, os.PathLike)):
         try:
             status = os.stat(source)
@@ -192,10 +194,35 @@ def _file_identity(source: Any) -> Any:
     return None if source is None else type(source).__name__
 
 
+def _weights_digest(backend: Any) -> str | None:
+    """A digest of the weights ``backend`` runs, whatever their path or download time: the network's tensors, or an
+    exported file's bytes (an OpenVINO .xml with its .bin). So a fresh download and its cache entry, or one
+    checkpoint copied to every machine, are the same weights, and a checkpoint rewritten in place is not."""
+    digest = hashlib.sha256()
+    model = getattr(backend, "model", None)
+    if isinstance(model, torch.nn.Module):
+        for name, tensor in model.state_dict().items():
+            value = tensor.detach().to("cpu").contiguous()
+            digest.update(f"{name} {value.dtype} {tuple(value.shape)}".encode())
+            digest.update(value.view(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+        return digest.hexdigest()
+    path = getattr(backend, "path", None)
+    if not isinstance(path, (str, os.PathLike)):
+        return getattr(backend, "source", None)
+    files = [pathlib.Path(path)]
+    if files[0].suffix.lower() == ".xml":
+        files.append(files[0].with_suffix(".bin"))
+    for file in files:
+        with open(file, "rb") as data:
+            while chunk := data.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 def run_identity(backend: Any, options: RunOptions) -> dict[str, Any]:
     """What decides a record's content, apart from the input: the model (name, classes, runtime, precision, input
-    dtype, and its checkpoint or file with size and modification time), the detection recipe (threshold included)
-    and whether pictures are written."""
+    dtype and a digest of its weights), the detection recipe (threshold included) and whether pictures are
+    written."""
     spec = spec_of(backend)
     recipe = detection_recipe(backend, options.threshold, None, None)
     return {
@@ -204,7 +231,7 @@ def run_identity(backend: Any, options: RunOptions) -> dict[str, Any]:
         "runtime": getattr(backend, "runtime", type(backend).__name__),
         "precision": getattr(backend, "precision", None),
         "input_dtype": str(input_format(backend)[0]),
-        "checkpoint": _file_identity(getattr(backend, "source", None)),
+        "weights": _weights_digest(backend),
         "recipe": dataclasses.asdict(recipe),
         "pictures": options.pictures,
     }
@@ -216,6 +243,39 @@ def _fingerprint(identity_text: str, job: Job) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ the run
+
+
+def _plan(out: pathlib.Path, jobs: Sequence[Job], identity_text: str, resume: bool) -> tuple[list[str], set[int]]:
+    """Each job's fingerprint, and (with ``resume``) the jobs whose finished record with that fingerprint the parts
+    in ``out`` already hold."""
+    fingerprints = [_fingerprint(identity_text, job) for job in jobs]
+    done: set[int] = set()
+    if resume:
+        position = {job.name: i for i, job in enumerate(jobs)}
+        for path in _parts(out):
+            for record in read_records(path):
+                index = position.get(record["file"])
+                if index is not None and _finished(record) and record.get(FINGERPRINT) == fingerprints[index]:
+                    done.add(index)
+    return fingerprints, done
+
+
+def _cut_torn_tail(path: pathlib.Path) -> None:
+    """Cut a last line without its newline (a write cut short by a kill) off ``path``, reading only its end."""
+    with open(path, "rb") as data:
+        end = data.seek(0, os.SEEK_END)
+        position = end
+        while position > 0:
+            step = min(1 << 16, position)
+            data.seek(position - step)
+            chunk = data.read(step)
+            newline = chunk.rfind(b"\n")
+            if newline >= 0:
+                position = position - step + newline + 1
+                break
+            position -= step
+    if position < end:
+        os.truncate(path, position)
 
 
 def _preflight(out: pathlib.Path, rank: int, main: bool) -> str | None:
@@ -260,8 +320,8 @@ def run_streaming_detect(backend: Any, jobs: Sequence[Job], problems: Sequence[t
     from .. import distributed
 
     progress = _Progress()
-    distributed.init_from_env(backend.device, timeout=options.timeout, timeout_name="--timeout")
     try:
+        distributed.init_from_env(backend.device, timeout=options.timeout, timeout_name="--timeout")
         return _stream(backend, jobs, problems, options, distributed, progress)
     except KeyboardInterrupt:
         part = progress.writer
@@ -291,22 +351,19 @@ def _stream(backend: Any, jobs: Sequence[Job], problems: Sequence[tuple[str, str
     except ValueError as exc:
         raise ValueError(f"{exc}; every rank needs the same command, and a run over several machines a --out "
                          "they all share (or one run per machine, merged with --resume)") from None
-    identity_text = json.dumps(identity, sort_keys=True)
-    fingerprints = [_fingerprint(identity_text, job) for job in jobs]
-    by_name = dict(zip(names, fingerprints))
     pictures = picture_paths(jobs) if options.pictures else [None] * len(jobs)
     mine_path = part_path(out, rank)
     if not options.resume and main:
         for path in _parts(out):  # a fresh run: earlier parts would be merged with this run's otherwise
             path.unlink()
-    distributed.barrier()
-    done: set[str] = set()
-    if options.resume:
-        for path in _parts(out):
-            records, _ = read_part(path, repair=path == mine_path)
-            done |= {r["file"] for r in records if _finished(r) and r.get(FINGERPRINT) == by_name.get(r["file"])}
-    distributed.barrier()  # everyone has read the parts before anyone appends
-    mine = [i for i in distributed.shard(range(len(jobs)), rank, world) if names[i] not in done]
+    # Rank 0 decides, from its view of the input files, each input's fingerprint and what an earlier run already
+    # did; every rank gets the same answer, so the shards agree even where the machines see the files differently.
+    plan = _plan(out, jobs, json.dumps(identity, sort_keys=True), options.resume) if main else None
+    fingerprints, done = distributed.broadcast_from_main(plan)
+    if options.resume and mine_path.is_file():
+        _cut_torn_tail(mine_path)  # appending goes on from a clean line boundary
+    by_name = dict(zip(names, fingerprints))
+    mine = [i for i in distributed.shard(range(len(jobs)), rank, world) if i not in done]
     if options.resume and main:
         print(f"resuming: {len(done)} image(s) already done in {out}")
 
