@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import __version__, distributed
-from .backends.loading import is_exported_file
+from .backends.loading import check_command_options
 from .evaluation import cli as evaluate_cli
 from .export import cli as export_cli
 from .inference.detections import picture_name
@@ -195,11 +195,11 @@ def _option_error(args: argparse.Namespace) -> str | None:
         args.threshold = check_real("--threshold", args.threshold, 0.0, 1.0, open_high=True)
         args.batch_size = check_int("--batch-size", args.batch_size, 1)
         args.timeout = distributed.check_timeout(args.timeout, "--timeout")
+        # detect's --precision fp16 means half weights (NVIDIA's model_math='fp16'); bf16 is autocast.
+        check_command_options(args.model, backend=args.backend, checkpoint=args.checkpoint,
+                              precision="bf16" if args.precision == "bf16" else None, half=args.precision == "fp16")
     except (TypeError, ValueError) as exc:
         return str(exc)
-    if args.backend is not None and not is_exported_file(args.model):
-        return (f"--backend: expected it only with an exported --model file (.onnx or .xml), got --backend "
-                f"{args.backend} with the model name {args.model!r}, which runs in PyTorch")
     return _out_conflict(args.out, args.inputs)
 
 
@@ -263,7 +263,6 @@ def run_detect(args: argparse.Namespace) -> int:
     jobs, skipped = collect_inputs(args.inputs, out=args.out, ignored=ignored, duplicates=duplicates)
     streaming = args.jsonl or args.resume or distributed.env_world_size() > 1
     try:
-        # detect's --precision fp16 means half weights (NVIDIA's model_math='fp16'); bf16 is autocast.
         backend = load_for_command(args.model, backend=args.backend, checkpoint=args.checkpoint, device=device,
                                    precision="bf16" if args.precision == "bf16" else None,
                                    half=args.precision == "fp16")

@@ -11,7 +11,7 @@ from .base import is_detector
 from .exported import EXPORTED_SUFFIXES, load_exported
 from .pytorch import PyTorchBackend
 
-__all__ = ["command_device", "is_exported_file", "load", "load_for_command"]
+__all__ = ["check_command_options", "command_device", "is_exported_file", "load", "load_for_command"]
 
 # What build_model takes, plus what the PyTorch backend takes.
 _BUILD_OPTIONS = ("pretrained", "weights", "checkpoint", "num_classes", "class_names", "half", "model_math",
@@ -111,30 +111,39 @@ def command_device(model: str, device: str | None, name: str = "--device") -> to
     return resolved
 
 
-def load_for_command(model: str, *, backend: str | None, checkpoint: str | None, device: torch.device,
-                     precision: str | None, half: bool = False) -> Any:
-    """The backend for a command's ``--model NAME_OR_FILE`` with ``--backend``, ``--checkpoint``, a device from
-    :func:`command_device`, ``precision`` (autocast: None, fp32, bf16, fp16) and ``half`` (half weights). Errors
-    name the options.
-
-    Raises:
-        ValueError: options that do not go together (``--backend`` with a model name, ``--checkpoint`` with a file, a
-            precision the file's runtime does not have), and every error of :func:`load`.
-    """
+def check_command_options(model: str, *, backend: str | None, checkpoint: str | None, precision: str | None,
+                          half: bool = False) -> None:
+    """Refuse, before anything loads, the options of a command that do not go together with ``--model``:
+    ``--backend`` with a model name (it runs in PyTorch), ``--checkpoint`` with an exported file (its weights are in
+    it), and a precision the file's runtime does not have. Raises ValueError naming the option."""
     if not is_exported_file(model):
         if backend is not None:
             raise ValueError(f"--backend: expected it only with an exported --model file (.onnx or .xml), got "
                              f"--backend {backend} with the model name {model!r}, which runs in PyTorch")
-        return load(model, checkpoint=checkpoint, device=device, precision=precision, half=half)
+        return
     if checkpoint is not None:
         raise ValueError(f"--checkpoint: expected none with an exported --model file (its weights are in "
                          f"{model}), got {checkpoint!r}")
-    runtime = backend or "auto"
     if half or precision not in (None, "fp32", "bf16"):
         raise ValueError(f"--precision: expected fp32 (or bf16 with OpenVINO) for an exported --model file, got "
                          f"{'fp16' if half else precision}")
+    onnxruntime = backend == "onnxruntime" or (backend is None and pathlib.Path(model).suffix.lower() == ".onnx")
+    if precision == "bf16" and onnxruntime:
+        raise ValueError("--precision: expected fp32 with onnxruntime (bf16 needs --backend openvino), got bf16")
+
+
+def load_for_command(model: str, *, backend: str | None, checkpoint: str | None, device: torch.device,
+                     precision: str | None, half: bool = False) -> Any:
+    """The backend for a command's ``--model NAME_OR_FILE`` with ``--backend``, ``--checkpoint``, a device from
+    :func:`command_device`, ``precision`` (autocast: None, fp32, bf16, fp16) and ``half`` (half weights).
+
+    Raises:
+        ValueError: the options do not go together (:func:`check_command_options`), and every error of
+            :func:`load`.
+    """
+    check_command_options(model, backend=backend, checkpoint=checkpoint, precision=precision, half=half)
+    if not is_exported_file(model):
+        return load(model, checkpoint=checkpoint, device=device, precision=precision, half=half)
     if precision == "bf16":
-        if runtime == "onnxruntime" or (runtime == "auto" and pathlib.Path(model).suffix.lower() == ".onnx"):
-            raise ValueError("--precision: expected fp32 with onnxruntime (bf16 needs --backend openvino), got bf16")
-        return load_exported(model, runtime, precision="bf16")
-    return load_exported(model, runtime)
+        return load_exported(model, backend or "auto", precision="bf16")
+    return load_exported(model, backend or "auto")

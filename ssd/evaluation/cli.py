@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     runtime's failure, a peer that stopped answering), 2 (and one line on stderr) on bad input."""
     from .. import distributed
     from ..backends import BackendError
-    from ..backends.loading import command_device, load_for_command
+    from ..backends.loading import check_command_options, command_device, load_for_command
     from ..weights import CheckpointUnavailableError, InvalidCheckpointError
     from .coco import evaluate
 
@@ -78,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         timeout = distributed.check_timeout(args.timeout, "--timeout")
         device = command_device(args.model, args.device)
+        check_command_options(args.model, backend=args.backend, checkpoint=args.checkpoint, precision=args.precision)
     except (TypeError, ValueError) as exc:
         return fail(str(exc))
     try:
