@@ -334,7 +334,7 @@ def other_copy():
             del sys.modules[key]
 
 
-def test_a_model_of_another_copy_is_accepted_everywhere(other_copy, model, photos, tmp_path):
+def test_a_model_of_another_copy_is_accepted_everywhere(other_copy, model, files, photos, tmp_path):
     other_models = importlib.import_module("ssd_other_copy.models")
     theirs = other_models.SSD300()
     theirs.load_state_dict(model.state_dict())
@@ -345,6 +345,9 @@ def test_a_model_of_another_copy_is_accepted_everywhere(other_copy, model, photo
     _same_detections(detect(ssd.load(theirs), photos), detect(model, photos))
     exported = load_exported(export_onnx(theirs, tmp_path / "theirs.onnx"))
     _same_detections(detect(exported, photos), detect(model, photos))
+    # A backend of that copy too, an --nms graph's (its baked recipe is that copy's class) included.
+    their_backend = importlib.import_module("ssd_other_copy.backends").load_exported(files["nms"])
+    _same_detections(detect(their_backend, photos, threshold=0.5), detect(model, photos, threshold=0.5))
     net = _net(minicoco_state_dict())
     twin = other_models.SSD300()
     twin.load_state_dict(net.state_dict())

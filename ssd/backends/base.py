@@ -139,9 +139,17 @@ def input_format(backend: Any) -> tuple[torch.dtype, torch.memory_format]:
             getattr(backend, "memory_format", torch.contiguous_format))
 
 
+def _baked(backend: Any) -> PostProcessSpec | None:
+    """The recipe in an ``"nms"`` graph (as this copy's PostProcessSpec), or None."""
+    baked = getattr(backend, "nms_recipe", None)
+    if baked is None or isinstance(baked, PostProcessSpec):
+        return baked
+    return _rebuilt(baked, PostProcessSpec, {})
+
+
 def default_recipe(backend: Any) -> PostProcessSpec:
     """What ``detect`` uses by default: the recipe in an ``"nms"`` graph, else the spec's ``detect_postprocess``."""
-    baked = getattr(backend, "nms_recipe", None)
+    baked = _baked(backend)
     return baked if baked is not None else local_spec(backend.spec).detect_postprocess
 
 
@@ -150,7 +158,7 @@ def nms_mismatch(backend: Any, recipe: PostProcessSpec, names: tuple[str, str, s
     """Why ``recipe`` cannot be had from ``backend``'s outputs, or None. Only an ``"nms"`` graph limits it: its IoU
     threshold is fixed, and a score threshold or detection count can only be stricter than its own. ``names``
     words the message with the caller's argument names."""
-    baked = getattr(backend, "nms_recipe", None)
+    baked = _baked(backend)
     if getattr(backend, "outputs", None) != "nms" or baked is None:
         return None
     where = f"fixed in {getattr(backend, 'source', None) or 'the graph'}, exported with --nms"

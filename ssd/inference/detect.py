@@ -52,9 +52,8 @@ def resolve_classes(classes: Any, spec: DetectorSpec) -> np.ndarray | None:
 def _uncapped(recipe: PostProcessSpec, backend: Any, spec: DetectorSpec) -> PostProcessSpec:
     """The recipe with room for every detection NMS can keep, so that the class filter picks the best of the wanted
     classes rather than the wanted ones among the overall best (for a graph with NMS in it: all it keeps)."""
-    baked = getattr(backend, "nms_recipe", None)
-    if backend.outputs == "nms" and baked is not None:
-        return recipe.updated(max_detections=baked.max_detections)
+    if backend.outputs == "nms" and getattr(backend, "nms_recipe", None) is not None:
+        return recipe.updated(max_detections=backend.nms_recipe.max_detections)
     if recipe.candidates_per_class is not None:
         bound = recipe.candidates_per_class * (spec.num_classes - 1)
     else:
