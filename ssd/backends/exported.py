@@ -293,6 +293,20 @@ class OnnxBackend(ExportedBackend):
         return dict(zip(self._output_names, self.session.run(self._output_names, {"images": batch})))
 
 
+_CORE: Any = None
+_CORE_LOCK = threading.Lock()
+
+
+def _openvino_core(ov: Any) -> Any:
+    """The process's one ``openvino.Core``: OpenVINO expects one per application (each holds its plugins and their
+    thread pools), and several alive at once left the process crashing later, in a fork or a subprocess."""
+    global _CORE
+    with _CORE_LOCK:
+        if _CORE is None:
+            _CORE = ov.Core()
+        return _CORE
+
+
 class OpenVinoBackend(ExportedBackend):
     """An OpenVINO IR (.xml with its .bin) or an exported .onnx file run by OpenVINO.
 
@@ -320,7 +334,7 @@ class OpenVinoBackend(ExportedBackend):
             spec_from_metadata(metadata, where)
             _check_onnx_opset(where, proto)
             del proto
-        core = ov.Core()
+        core = _openvino_core(ov)
         try:
             model = core.read_model(where)
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses of its own
