@@ -62,13 +62,15 @@ _TIMEOUT = DEFAULT_TIMEOUT  # the group's, for messages
 _TIMEOUT_NAME = "timeout"  # what the caller calls it (--timeout on the command line)
 
 
-class PeerTimeoutError(TimeoutError):
+class PeerTimeoutError(TimeoutError, RuntimeError):
     """Another process did not reach a collective (or the start) within the group's timeout: it froze, quit, or is
-    far slower. An ``OSError``, so that the commands report it in one line."""
+    far slower. An ``OSError`` (so that the commands report it in one line) and a ``RuntimeError`` (what torch raises
+    there, so that callers catching that still do)."""
 
 
-class PeerLostError(ConnectionError):
-    """Another process of the job went away during a collective (it crashed or was stopped)."""
+class PeerLostError(ConnectionError, RuntimeError):
+    """Another process of the job went away during a collective (it crashed or was stopped); an ``OSError`` and a
+    ``RuntimeError`` as :class:`PeerTimeoutError`."""
 
 
 def check_timeout(minutes: Any, name: str = "timeout") -> datetime.timedelta:
