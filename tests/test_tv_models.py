@@ -179,7 +179,7 @@ def _assert_same_detections(ours, theirs: dict[str, np.ndarray], image: np.ndarr
 
 @pytest.mark.parametrize("name", NAMES)
 def test_detect_finds_torchvisions_detections_with_its_recipe(name, tv_file, monkeypatch):
-    import ssd.inference.plan
+    import ssd.backends.plan
 
     images = [photo(p) for p in PHOTOS]
     theirs = _torchvision_detections(name, images)
@@ -187,7 +187,7 @@ def test_detect_finds_torchvisions_detections_with_its_recipe(name, tv_file, mon
     # detect runs fp32 CPU models as a channels_last copy by default (faster; other convolution kernels, so logits
     # a few 1e-6 apart): here it runs the model's own layout, as torchvision's model does, so that any difference
     # is the post-processing's. test_detect_defaults covers the default path.
-    monkeypatch.setattr(ssd.inference.plan, "CPU_CHANNELS_LAST", False)
+    monkeypatch.setattr(ssd.backends.plan, "CPU_CHANNELS_LAST", False)
     recipe = model.spec.postprocess
     found = model.detect(images, threshold=recipe.score_threshold, iou_threshold=recipe.iou_threshold,
                          max_detections=recipe.max_detections)
@@ -206,7 +206,7 @@ def test_detect_finds_torchvisions_detections_with_its_recipe(name, tv_file, mon
 def test_detect_defaults(tv_file):
     """``model.detect(images)`` as users call it (channels_last copy, scores above 0.4, 100 per image): torchvision's
     detections above 0.4, to the tolerance of the other convolution kernels."""
-    from ssd.inference.plan import channels_last_copy
+    from ssd.backends.plan import channels_last_copy
 
     images = [photo(p) for p in PHOTOS]
     model = build_model(LITE, checkpoint=tv_file(LITE))
