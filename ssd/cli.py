@@ -90,7 +90,36 @@ def _parser() -> argparse.ArgumentParser:
     evaluate_cli.add_parser(commands)
     training_cli.add_parser(commands)
     export_cli.add_parser(commands)
+    _add_convert_parser(commands)
     return parser
+
+
+def _add_convert_parser(commands: Any) -> None:
+    convert = commands.add_parser(
+        "convert", help="convert a YOLO-format dataset split to a COCO annotation file",
+        description="Write one split of a YOLO-format dataset (Ultralytics' data file: path, train, val, names; "
+                    "images/ and labels/ folders of 'class cx cy w h' lines) as a COCO JSON file, for evaluate "
+                    "--annotations (with --images the dataset root it prints). Bad label lines are reported with "
+                    "their file and line.")
+    convert.add_argument("--from", dest="source_format", required=True, choices=("yolo",), help="input format")
+    convert.add_argument("--to", dest="target_format", required=True, choices=("coco",), help="output format")
+    convert.add_argument("--data", required=True, type=pathlib.Path, metavar="DATA.yaml", help="the YOLO data file")
+    convert.add_argument("--split", default="val", choices=("train", "val", "test"), help="which split (default val)")
+    convert.add_argument("--out", required=True, type=pathlib.Path, metavar="FILE.json", help="the COCO file to write")
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    """``convert --from yolo --to coco``: 0 on success, 2 (one line on stderr) on bad input."""
+    from .data.yolo import convert_yolo_to_coco
+
+    try:
+        converted = convert_yolo_to_coco(args.data, args.split, args.out)
+    except (OSError, ValueError, ImportError) as exc:
+        return _error(exc, 2)
+    print(f"{converted.summary()}")
+    print(f"wrote {args.out}; its images are in {converted.images_dir} (evaluate --images {converted.images_dir} "
+          f"--annotations {args.out})")
+    return 0
 
 
 def collect_inputs(inputs: Sequence[str], out: pathlib.Path | None = None, ignored: list[str] | None = None,
@@ -358,4 +387,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return training_cli.run(args)
     if args.command == "export":
         return export_cli.run(args)
+    if args.command == "convert":
+        return run_convert(args)
     return 2  # argparse already rejected anything else

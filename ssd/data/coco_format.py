@@ -222,13 +222,16 @@ class CocoAnnotations:
 
 
 def parse_annotations(source: str | os.PathLike[str] | Mapping[str, Any], *, require_annotations: bool = False,
-                      require_size: bool = False, max_bytes: int | None = None) -> CocoAnnotations:
+                      require_size: bool = False, max_bytes: int | None = None,
+                      name: str | None = None) -> CocoAnnotations:
     """A COCO annotation file (read with :func:`read_annotation_file`) or an already parsed dict, validated.
 
     Args:
         require_annotations: refuse a set without annotations (evaluation: nothing to score).
         require_size: every image must declare ``width`` and ``height`` (training clips boxes to them).
         max_bytes: the file size cap (default :data:`MAX_ANNOTATION_BYTES`).
+        name: how messages (and ``CocoAnnotations.name``) name a dict source (default ``"annotations"``), e.g. the
+            YOLO data file it was converted from.
 
     Raises:
         FileNotFoundError / IsADirectoryError / OSError: see :func:`read_annotation_file`.
@@ -237,7 +240,7 @@ def parse_annotations(source: str | os.PathLike[str] | Mapping[str, Any], *, req
         TypeError: ``source`` is neither a path nor a dict.
     """
     if isinstance(source, Mapping):
-        name, path, document = "annotations", None, source
+        name, path, document = name or "annotations", None, source
     elif isinstance(source, (str, os.PathLike)):
         name, path = _source_name(source), os.fspath(source)
         document = read_annotation_file(source, max_bytes=max_bytes)

@@ -7,22 +7,28 @@ import sys
 from typing import Any
 
 from ..registry import list_models
+from .metrics import CONFUSION_IOU, CONFUSION_SCORE
 
 __all__ = ["add_parser", "fail", "run"]
 
 DESCRIPTION = """Evaluate a detector on a COCO-format set (pycocotools bbox AP) with the protocol its published
-accuracy was measured with. Prints COCO's 12-line summary, AP per category and the speed; writes metrics.json and
-detections.json (the COCO results list) to --out. Under torchrun every process takes its share of the images."""
+accuracy was measured with. Prints COCO's 12-line summary, AP per category and the speed; writes metrics.json,
+detections.json (the COCO results list), pr_curve.png, confusion_matrix.png and confusion_matrix.json to --out.
+A YOLO-format set is read with --data DATA.yaml. Under torchrun every process takes its share of the images."""
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the ``evaluate`` subcommand on an argparse ``add_subparsers()`` object; returns its parser."""
     parser = subparsers.add_parser("evaluate", help="COCO accuracy (mAP) on an annotated image set",
                                    description=DESCRIPTION)
-    parser.add_argument("--images", required=True, type=pathlib.Path, metavar="DIR",
+    parser.add_argument("--images", type=pathlib.Path, metavar="DIR",
                         help="folder of the annotation file's images")
-    parser.add_argument("--annotations", required=True, type=pathlib.Path, metavar="FILE.json",
+    parser.add_argument("--annotations", type=pathlib.Path, metavar="FILE.json",
                         help="COCO annotation file (e.g. instances_val2017.json)")
+    parser.add_argument("--data", type=pathlib.Path, metavar="DATA.yaml",
+                        help="a YOLO-format set (Ultralytics' data file) instead of --images and --annotations")
+    parser.add_argument("--split", default="val", choices=("train", "val", "test"),
+                        help="with --data: the split to evaluate (default val)")
     parser.add_argument("--checkpoint", default=None, metavar="PATH_OR_URL",
                         help="checkpoint file or URL (default: SSD_CHECKPOINT, else the published weights)")
     parser.add_argument("--model", default="nvidia_ssd", metavar="NAME_OR_FILE",
@@ -45,7 +51,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="output folder for metrics.json and detections.json (default ./ssd-eval)")
     parser.add_argument("--skip-errors", action="store_true",
                         help="leave out (and report) images missing or unreadable instead of failing")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar and no stage lines")
+    parser.add_argument("--quiet", action="store_true",
+                        help="print nothing but errors (no progress, stages, summary or table)")
+    parser.add_argument("--no-plots", action="store_true",
+                        help="do not write pr_curve.png, confusion_matrix.png and confusion_matrix.json")
+    parser.add_argument("--confusion-iou", type=float, default=CONFUSION_IOU, metavar="IOU",
+                        help=f"confusion matrix: IoU above which a detection matches an object (default "
+                             f"{CONFUSION_IOU}, as Ultralytics)")
+    parser.add_argument("--confusion-score", type=float, default=CONFUSION_SCORE, metavar="SCORE",
+                        help=f"confusion matrix: score above which a detection counts (default {CONFUSION_SCORE}, as "
+                             "Ultralytics)")
     return parser
 
 
@@ -75,6 +91,14 @@ def run(args: argparse.Namespace) -> int:
         return fail(f"--batch-size: expected a positive integer, got {args.batch_size}")
     if args.workers < 0:
         return fail(f"--workers: expected an integer >= 0, got {args.workers}")
+    if args.data is not None and (args.images is not None or args.annotations is not None):
+        return fail("--data/--images/--annotations: expected --data or --images and --annotations, got both")
+    if args.data is None and (args.images is None or args.annotations is None):
+        return fail("--images/--annotations: expected both (or --data DATA.yaml), got "
+                    + ("neither" if args.images is None and args.annotations is None else "only one"))
+    for option, value in (("--confusion-iou", args.confusion_iou), ("--confusion-score", args.confusion_score)):
+        if not 0 <= value < 1:
+            return fail(f"{option}: expected a number in [0, 1), got {value}")
     try:
         timeout = distributed.check_timeout(args.timeout, "--timeout")
         device = command_device(args.model, args.device)
@@ -86,16 +110,26 @@ def run(args: argparse.Namespace) -> int:
         backend = load_for_command(args.model, backend=args.backend, checkpoint=args.checkpoint, device=device,
                                    precision=args.precision)
         main = distributed.is_main()
-        result = evaluate(backend, args.images, args.annotations, batch_size=args.batch_size, workers=args.workers,
-                          out_dir=args.out, progress=not args.no_progress, verbose=main,
-                          skip_errors=args.skip_errors)
+        images, annotations = args.images, args.annotations
+        if args.data is not None:
+            from ..data.yolo import load_yolo_split
+
+            converted = load_yolo_split(args.data, args.split)
+            images, annotations = converted.images_dir, converted.annotations
+            if main and not args.quiet:
+                print(f"evaluate: YOLO data {converted.summary()}", file=sys.stderr)
+        result = evaluate(backend, images, annotations, batch_size=args.batch_size, workers=args.workers,
+                          out_dir=args.out, progress=not (args.no_progress or args.quiet),
+                          verbose=main and not args.quiet, skip_errors=args.skip_errors, plots=not args.no_plots,
+                          confusion_iou=args.confusion_iou, confusion_score=args.confusion_score)
     except (BackendError, distributed.PeerTimeoutError, distributed.PeerLostError) as exc:
         return fail(str(exc), 1)
     except (CheckpointUnavailableError, InvalidCheckpointError, OSError, ValueError, TypeError, ImportError) as exc:
         return fail(str(exc))
     finally:
         distributed.cleanup()
-    if main:
-        print(f"metrics.json and detections.json in {args.out}")
+    if main and not args.quiet:
+        written = ["metrics.json", "detections.json", *(pathlib.Path(p).name for p in result.plots)]
+        print(f"{', '.join(written)} in {args.out}")
     # Like detect: a run that left images out says so in its status, for scripts.
     return 1 if result.skipped else 0

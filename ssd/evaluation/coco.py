@@ -29,12 +29,21 @@ from .. import distributed
 from ..backends.base import as_backend, input_format, is_detector, nms_mismatch, spec_of
 from ..backends.plan import first_conv_weight
 from ..backends.pytorch import PyTorchBackend
-from ..data.coco_format import check_image_size, parse_annotations
+from ..data.coco_format import CocoAnnotations, check_image_size, parse_annotations
 from ..io.files import write_json
 from ..io.images import load_uint8
-from ..models.spec import ClassSpec, DetectorSpec, InputSpec, PostProcessSpec, check_int
+from ..models.spec import ClassSpec, DetectorSpec, InputSpec, PostProcessSpec, check_int, check_real
 from ..postprocess import postprocess_outputs, split_detections
 from ..transforms import has_uint8_resize, preprocess_for_detection, resize_uint8
+from .metrics import (
+    CONFUSION_IOU,
+    CONFUSION_SCORE,
+    ConfusionMatrix,
+    PRCurves,
+    confusion_matrix,
+    per_class_ap,
+    pr_curves,
+)
 
 __all__ = [
     "STAT_NAMES",
@@ -68,19 +77,27 @@ def _quiet() -> contextlib.AbstractContextManager:
 # Annotations
 
 
-def load_annotations(annotations: str | os.PathLike | Mapping[str, Any]) -> Any:
+def load_annotations(annotations: str | os.PathLike | Mapping[str, Any] | CocoAnnotations) -> Any:
     """A validated ``pycocotools.coco.COCO`` from an annotation file (or an already-parsed dict).
 
     The file is read and checked by :func:`ssd.data.coco_format.parse_annotations`, the parser training uses too
     (a regular file under a size cap; ids, references, boxes, ``iscrowd`` and sizes checked), with at least one
-    annotation required; missing ``area``/``iscrowd``/``id`` are filled in as COCO defines them.
+    annotation required; missing ``area``/``iscrowd``/``id`` are filled in as COCO defines them. A
+    :class:`~ssd.data.coco_format.CocoAnnotations` (e.g. ``ssd.data.yolo.load_yolo_split(...).annotations``) is
+    used as it is.
 
     Raises:
         FileNotFoundError / IsADirectoryError: the path does not exist / is a folder.
         ValueError: not a regular file, too large, not JSON, or not a COCO detection set with at least one image,
             annotation and category (each message names the file and the entry that was wrong).
     """
-    coco = parse_annotations(annotations, require_annotations=True).to_coco()
+    if isinstance(annotations, CocoAnnotations):  # validated already (a converted YOLO split)
+        if not annotations.annotations:
+            raise ValueError(f"{annotations.name}: expected at least one annotation, got none (an empty annotation "
+                             "set has nothing to evaluate)")
+        coco = annotations.to_coco()
+    else:
+        coco = parse_annotations(annotations, require_annotations=True).to_coco()
     coco.validated_by_ssd = True
     return coco
 
@@ -257,8 +274,10 @@ class CocoImages(Dataset):
 @dataclass
 class EvalResult:
     """What :func:`evaluate` measured. ``stats`` are COCOeval's 12 numbers in its order (:data:`STAT_NAMES`);
-    ``per_class_ap`` is AP@[.5:.95] per category name (categories with ground truth only); ``detections`` the COCO
-    results list (on rank 0 of a distributed run; empty on the others)."""
+    ``per_class_ap`` is AP@[.5:.95] and ``per_class_ap50`` AP50 per category name (categories with ground truth
+    only; :func:`ssd.evaluation.metrics.per_class_ap`); ``detections`` the COCO results list (on rank 0 of a
+    distributed run; empty on the others). ``pr_curves`` and ``confusion`` are what ``pr_curve.png`` and
+    ``confusion_matrix.png`` draw (:mod:`ssd.evaluation.metrics`); ``plots`` the files written, if any."""
 
     stats: list[float]
     per_class_ap: dict[str, float]
@@ -268,6 +287,10 @@ class EvalResult:
     detections: list[dict[str, Any]] = field(default_factory=list, repr=False)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     summary: str = ""
+    per_class_ap50: dict[str, float] = field(default_factory=dict)
+    pr_curves: PRCurves | None = field(default=None, repr=False)
+    confusion: ConfusionMatrix | None = field(default=None, repr=False)
+    plots: list[str] = field(default_factory=list)
 
     @property
     def ap(self) -> float:
@@ -373,6 +396,13 @@ def _infer(backend: Any, spec: DetectorSpec, recipe: PostProcessSpec, loader: Da
 
 
 def _coco_eval(coco: Any, rows: np.ndarray, image_ids: list[int]) -> tuple[list[float], dict[str, float], str]:
+    """COCO's 12 numbers, AP per class and the printed summary."""
+    evaluator, summary = _cocoeval(coco, rows, image_ids)
+    return [float(s) for s in evaluator.stats], per_class_ap(evaluator), summary
+
+
+def _cocoeval(coco: Any, rows: np.ndarray, image_ids: list[int]) -> tuple[Any, str]:
+    """pycocotools' COCOeval over ``rows``, evaluated, accumulated and summarised; and its printed summary."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -393,13 +423,7 @@ def _coco_eval(coco: Any, rows: np.ndarray, image_ids: list[int]) -> tuple[list[
     summary = io.StringIO()
     with contextlib.redirect_stdout(summary):
         evaluator.summarize()
-    precision = evaluator.eval["precision"]  # T x R x K x A x M; area 'all' is 0, maxDets 100 is last
-    per_class = {}
-    for k, cat_id in enumerate(evaluator.params.catIds):
-        p = precision[:, :, k, 0, -1]
-        if (p > -1).any():
-            per_class[coco.cats[cat_id]["name"]] = float(p[p > -1].mean())
-    return [float(s) for s in evaluator.stats], per_class, summary.getvalue()
+    return evaluator, summary.getvalue()
 
 
 def per_class_table(per_class_ap: Mapping[str, float]) -> str:
@@ -425,6 +449,9 @@ def evaluate(
     progress: bool = True,
     verbose: bool | None = None,
     skip_errors: bool = False,
+    plots: bool | str | os.PathLike = True,
+    confusion_iou: float = CONFUSION_IOU,
+    confusion_score: float = CONFUSION_SCORE,
 ) -> EvalResult:
     """COCO bbox evaluation of ``model`` on ``annotations`` (a COCO JSON file) with images from ``images_dir``.
 
@@ -437,10 +464,17 @@ def evaluate(
         device: where to run (default: the model's; an exported file's runtime runs where it runs). precision: None
             (the weights' dtype), 'fp32', 'bf16' or 'fp16' for a network; a backend has its own.
         out_dir: when given, ``metrics.json`` and ``detections.json`` (the COCO results list) are written there.
-        progress: a progress bar with images/s. verbose: print COCO's 12-line summary, the per-class AP table and
+        progress: the stages on stderr (reading the annotations, detecting N images with a progress bar and
+            images/s, scoring, the plots written). verbose: print COCO's 12-line summary, the per-class AP table and
             the speed (default: same as ``progress``).
         skip_errors: images missing or unreadable are counted, reported and left out of the score instead of
             raising.
+        plots: where ``pr_curve.png``, ``confusion_matrix.png`` and ``confusion_matrix.json`` go: True (default)
+            into ``out_dir`` when there is one, a folder path into that folder (with or without ``out_dir``), False
+            nowhere. The curves and the matrix are in the result either way (``pr_curves``, ``confusion``).
+        confusion_iou, confusion_score: the confusion matrix's IoU and score thresholds (detections scoring above
+            ``confusion_score`` are matched to objects with IoU above ``confusion_iou``; defaults Ultralytics' 0.45
+            and 0.25; see :func:`ssd.evaluation.metrics.confusion_matrix`). They do not change the COCO scores.
 
     Under ``torchrun`` (a process group of several processes), every rank must call this with the same arguments
     (checked before any image is read: ranks with another model, annotation set or image count are refused): each
@@ -455,7 +489,15 @@ def evaluate(
     batch_size = check_int("batch_size", batch_size, 1)
     workers = check_int("workers", workers, 0)
     verbose = progress if verbose is None else verbose
+    plot_dir = _plot_dir(plots, out_dir)
+    # Checked now, not after the whole set has run.
+    confusion_iou = check_real("confusion_iou", confusion_iou, 0.0, 1.0, open_high=True)
+    confusion_score = check_real("confusion_score", confusion_score, 0.0, 1.0, open_high=True)
+    say = _stage_printer(progress and distributed.is_main())
+    if isinstance(annotations, (str, os.PathLike)):
+        say(f"reading annotations {os.fspath(annotations)}")
     coco = _as_coco(annotations)
+    say(f"{len(coco.imgs)} images, {len(coco.anns)} boxes, {len(coco.cats)} categories in {coco.source}")
     mapping = category_map(spec.classes, coco.dataset["categories"], coco.source)
     label_to_cat = np.full(spec.num_classes, -1, dtype=np.int64)
     for label, cat_id in mapping.items():
@@ -473,6 +515,8 @@ def evaluate(
 
     from tqdm.auto import tqdm
 
+    say(f"detecting {len(dataset)} images (those with annotations) with {spec.name} on {backend.device}, batches "
+        f"of {batch_size}" + (f", {world} processes" if world > 1 else ""))
     started = time.perf_counter()
     outcome: tuple | BaseException
     with tqdm(total=len(mine), unit="image", disable=not (progress and main), file=sys.stderr,
@@ -501,7 +545,8 @@ def evaluate(
             # Stable by image id: each image's rows stay by descending score, as in a single process.
             rows = rows[np.argsort(rows[:, 0], kind="stable")]
             try:
-                result = _finish(backend, spec, coco, rows, done, skipped, seconds, out_dir, verbose)
+                result = _finish(backend, spec, coco, rows, done, skipped, seconds, out_dir, verbose,
+                                 _Plots(plot_dir, confusion_iou, confusion_score, say))
             except Exception as exc:
                 result = exc
     shared = distributed.broadcast_from_main(result if not isinstance(result, EvalResult) else
@@ -509,6 +554,30 @@ def evaluate(
     if isinstance(shared, BaseException):
         raise shared
     return result if main else shared
+
+
+class _Plots(NamedTuple):
+    folder: pathlib.Path | None
+    iou: float
+    score: float
+    say: Any
+
+
+def _plot_dir(plots: bool | str | os.PathLike, out_dir: str | os.PathLike | None) -> pathlib.Path | None:
+    if isinstance(plots, bool):
+        return pathlib.Path(out_dir) if plots and out_dir is not None else None
+    if isinstance(plots, (str, os.PathLike)):
+        return pathlib.Path(plots)
+    raise TypeError(f"plots: expected True, False or a folder path, got {type(plots).__name__}")
+
+
+def _stage_printer(enabled: bool) -> Any:
+    def say(message: str) -> None:
+        if enabled:
+            # stderr, with the progress bar: stdout keeps the results (summary, table) for scripts to read.
+            print(f"evaluate: {message}", file=sys.stderr, flush=True)
+
+    return say
 
 
 def _replace_detections(result: EvalResult, detections: list) -> EvalResult:
@@ -519,15 +588,23 @@ def _replace_detections(result: EvalResult, detections: list) -> EvalResult:
 
 def _finish(backend: Any, spec: DetectorSpec, coco: Any, rows: np.ndarray, done: list[int],
             skipped: list[tuple[str, str]], seconds: float, out_dir: str | os.PathLike | None,
-            verbose: bool) -> EvalResult:
+            verbose: bool, plots: _Plots) -> EvalResult:
     if not done:
         raise ValueError(f"{coco.source}: expected at least one image to evaluate, got none that could be read "
                          f"({len(skipped)} skipped)")
-    stats, per_class, summary = _coco_eval(coco, rows, done)
+    plots.say(f"scoring {rows.shape[0]} detections on {len(done)} images (pycocotools COCOeval)")
+    evaluator, summary = _cocoeval(coco, rows, done)
+    stats, per_class = [float(s) for s in evaluator.stats], per_class_ap(evaluator)
     detections = [{"image_id": int(r[0]), "category_id": int(r[6]), "bbox": [float(v) for v in r[1:5]],
                    "score": float(r[5])} for r in rows]
     result = EvalResult(stats, per_class, len(done), seconds, len(done) / seconds if seconds > 0 else 0.0,
-                        detections, skipped, summary)
+                        detections, skipped, summary, per_class_ap(evaluator, 0.5), pr_curves(evaluator),
+                        confusion_matrix(coco, rows, done, iou_threshold=plots.iou, score_threshold=plots.score))
+    if plots.folder is not None:
+        from .plots import write_plots
+
+        result.plots = [str(p) for p in write_plots(plots.folder, result.pr_curves, result.confusion)]
+        plots.say(f"wrote {', '.join(pathlib.Path(p).name for p in result.plots)} to {plots.folder}")
     if out_dir is not None:
         out = pathlib.Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -544,6 +621,8 @@ def _finish(backend: Any, spec: DetectorSpec, coco: Any, rows: np.ndarray, done:
             "stats": stats,
             "stat_names": list(STAT_NAMES),
             "per_class_ap": per_class,
+            "per_class_ap50": result.per_class_ap50,
+            "confusion_matrix": {"iou_threshold": plots.iou, "score_threshold": plots.score},
             "detections": len(detections),
             "skipped": [{"file": f, "error": e} for f, e in skipped],
         })

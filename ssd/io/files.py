@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
-__all__ = ["UniqueNames", "atomic_open", "atomic_path", "file_mode", "sweep_stale", "write_json"]
+__all__ = ["UniqueNames", "atomic_open", "atomic_path", "file_mode", "sweep_stale", "write_figure", "write_json"]
 
 _umask: int | None = None
 _umask_lock = threading.Lock()
@@ -99,6 +99,13 @@ def write_json(path: str | os.PathLike[str], payload: Any, indent: int | None = 
     """
     with atomic_open(path, "w") as out:
         json.dump(payload, out, indent=indent, allow_nan=False)
+
+
+def write_figure(figure: Any, path: str | os.PathLike[str], dpi: int = 100) -> None:
+    """Save a matplotlib ``Figure`` as PNG to ``path`` atomically (see :func:`atomic_open`): a viewer refreshing the
+    file while a run redraws it never sees half a picture."""
+    with atomic_open(path, "wb") as out:
+        figure.savefig(out, format="png", dpi=dpi)
 
 
 class UniqueNames:

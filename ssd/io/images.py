@@ -49,6 +49,7 @@ __all__ = [
     "load_uint8",
     "open_regular_file",
     "readable_extensions",
+    "upright_size",
 ]
 
 ImageSource: TypeAlias = (
@@ -339,6 +340,24 @@ def _decode_stream(fp: Any, name: str, orient: bool = False) -> np.ndarray:
         raise _decode_failure(exc, name) from exc
     with im:
         return _from_pil(im, name, orient)
+
+
+def upright_size(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """``(width, height)`` of the image file at ``path`` as :func:`load_uint8` would return it (EXIF orientation
+    applied: a 90-degree turn swaps the two), read from its header without decoding the pixels. The same guards as
+    loading: regular files only, Pillow's safe formats; ImageLoadError naming the file otherwise."""
+    from PIL import Image
+
+    name = os.fspath(path)
+    with _open_regular_file(pathlib.Path(path), name) as fp:
+        try:
+            with Image.open(fp, formats=_safe_formats()) as im:
+                width, height = im.size
+                # Orientations 5 to 8 turn the picture by 90 degrees (EXIF's numbering, which exif_transpose follows).
+                turned = im.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+        except Exception as exc:  # header parsers raise anything on hostile bytes
+            raise _decode_failure(exc, name) from exc
+    return (height, width) if turned else (width, height)
 
 
 def _safe_formats() -> list[str]:

@@ -45,8 +45,11 @@ def add_parser(subparsers: Any) -> None:
                     "default training starts from the model's published COCO weights; classes other than COCO's get "
                     "new classification heads.",
     )
-    train.add_argument("--images", required=True, type=pathlib.Path, help="folder of the training images")
-    train.add_argument("--annotations", required=True, type=pathlib.Path, help="COCO-format annotation JSON")
+    train.add_argument("--images", type=pathlib.Path, help="folder of the training images")
+    train.add_argument("--annotations", type=pathlib.Path, help="COCO-format annotation JSON")
+    train.add_argument("--data", type=pathlib.Path, metavar="DATA.yaml",
+                       help="a YOLO-format dataset (Ultralytics' data file: path, train, val, names) instead of "
+                            "--images/--annotations (and --val-*): its train split trains, its val split validates")
     train.add_argument("--out", required=True, type=pathlib.Path,
                        help="output folder: last.pt, best.pt (with validation), metrics.jsonl")
     train.add_argument("--model", choices=models, default=models[0], metavar="NAME",
@@ -175,6 +178,14 @@ def _check_train_args(args: argparse.Namespace) -> None:
     # --out first: a file there is found before anything is read, built or downloaded.
     if args.out.exists() and not args.out.is_dir():
         raise _UsageError(f"--out: expected a folder (created if missing), got the file {str(args.out)!r}")
+    _check_data_options(args)
+    if args.data is not None:
+        # Before the checks of --images/--annotations, which the converted files stand for; after the checks that
+        # protect --out, since they are written there.
+        if args.resume is not None and args.force:
+            raise _UsageError("--resume/--force: expected one of them, got both")
+        _check_previous_run(args)
+        _convert_yolo_data(args)
     _check_min("--epochs", args.epochs, 1)
     _check_min("--batch-size", args.batch_size, 2)  # BatchNorm on the 1 x 1 map needs two
     _check_min("--warmup-iterations", args.warmup_iterations, 0)
@@ -212,6 +223,10 @@ def _check_train_args(args: argparse.Namespace) -> None:
                               "lacks") from None
     if args.resume is not None and not args.resume.is_file():
         raise _UsageError(f"--resume: expected an existing last.pt, got {str(args.resume)!r}")
+    _check_previous_run(args)
+
+
+def _check_previous_run(args: argparse.Namespace) -> None:
     previous = [name for name in _PREVIOUS_RUN if (args.out / name).exists()]
     if previous and args.resume is None and not args.force:
         raise _UsageError(
@@ -219,6 +234,50 @@ def _check_train_args(args: argparse.Namespace) -> None:
             f"{args.out / 'last.pt'} to continue it or --force to start afresh (overwriting it)"
         )
 
+
+def _check_data_options(args: argparse.Namespace) -> None:
+    """Either --data, or --images and --annotations (each with its own --val-* pair)."""
+    given = [name for name, value in (("--images", args.images), ("--annotations", args.annotations),
+                                      ("--val-images", args.val_images), ("--val-annotations", args.val_annotations))
+             if value is not None]
+    if args.data is not None:
+        if given:
+            raise _UsageError(f"--data: expected alone (it names the images, labels and validation split), got "
+                              f"{', '.join(given)} too")
+        if not args.data.is_file():
+            raise _UsageError(f"--data: expected a YOLO data file (DATA.yaml), got {str(args.data)!r}")
+        return
+    if args.images is None or args.annotations is None:
+        raise _UsageError("--images/--annotations: expected both (or --data DATA.yaml), got "
+                          + ("neither" if args.images is None and args.annotations is None else "only one"))
+
+
+def _convert_yolo_data(args: argparse.Namespace) -> None:
+    """--data: the YOLO train (and val, when the file has one) splits converted, validated by the one COCO parser
+    and written to OUT/data/train.json and OUT/data/val.json (what this run trained and validated on, and a file
+    evaluate takes later); they then stand for --images/--annotations and --val-images/--val-annotations."""
+    from .. import distributed
+    from ..data.yolo import YoloDataError, convert_yolo_to_coco, read_data_yaml
+
+    folder = args.out / "data"
+    try:
+        data = read_data_yaml(args.data)
+        if "train" not in data.splits:
+            raise _UsageError(f"--data: expected a 'train' entry in {str(args.data)!r}, got only "
+                              f"{', '.join(data.splits)}")
+        folder.mkdir(parents=True, exist_ok=True)
+        # Every process converts (the same files, each written atomically): no process waits on another here.
+        train = convert_yolo_to_coco(data, "train", folder / "train.json")
+        val = convert_yolo_to_coco(data, "val", folder / "val.json") if "val" in data.splits else None
+    except (YoloDataError, OSError, ValueError, ImportError) as exc:
+        raise _UsageError(f"--data: {exc}") from None
+    args.images, args.annotations = train.images_dir, folder / "train.json"
+    if val is not None:
+        args.val_images, args.val_annotations = val.images_dir, folder / "val.json"
+    if distributed.is_main():
+        for split in (train, val):
+            if split is not None:
+                print(f"YOLO data {split.summary()}; as COCO in {folder / (split.split + '.json')}", flush=True)
 
 def _starting_weights(args: argparse.Namespace) -> tuple[Any, str | None]:
     """``(init_checkpoint, label)`` for TrainConfig: None, or the local file of the weights to start from (a path,
