@@ -152,11 +152,11 @@ def small_model():
 
 def test_evaluate_writes_plots_and_reports_stages(small_model, shapes, tmp_path, capsys):
     annotations, images = shapes
-    result = evaluate(small_model, images, annotations, out_dir=tmp_path, progress=True, verbose=False)
-    err = capsys.readouterr().err
+    result = evaluate(small_model, images, annotations, out_dir=tmp_path, plots=True, progress=True, verbose=False)
+    printed = capsys.readouterr().out
     for stage in ("evaluate: reading annotations", "evaluate: 3 images, ", "evaluate: detecting 3 images",
                   "evaluate: scoring ", "evaluate: wrote pr_curve.png, confusion_matrix.png, confusion_matrix.json"):
-        assert stage in err
+        assert stage in printed
     for name in ("pr_curve.png", "confusion_matrix.png"):
         assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
     assert not list(tmp_path.glob(".*.tmp"))  # written through temporary files, none left behind
@@ -171,13 +171,13 @@ def test_evaluate_writes_plots_and_reports_stages(small_model, shapes, tmp_path,
     assert result.pr_curves.ap == pytest.approx(result.stats[0], rel=1e-12, abs=1e-15)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["per_class_ap50"] == result.per_class_ap50 and set(result.per_class_ap50) == set(result.per_class_ap)
-    # A folder of its own for the plots; False writes none.
+    # A folder of its own for the plots; by default (plots=False) none are written, even with out_dir.
     evaluate(small_model, images, annotations, plots=tmp_path / "plots", progress=False)
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
         "confusion_matrix.json", "confusion_matrix.png", "pr_curve.png"]
-    quiet = evaluate(small_model, images, annotations, out_dir=tmp_path / "none", plots=False, progress=False)
+    quiet = evaluate(small_model, images, annotations, out_dir=tmp_path / "none", progress=False)  # plots=False
     assert quiet.plots == [] and not (tmp_path / "none" / "pr_curve.png").exists()
-    assert capsys.readouterr().err == ""
+    assert capsys.readouterr().out == ""
     with pytest.raises(ValueError, match=r"confusion_score: expected a number in \[0, 1\), got -0.1"):
         evaluate(small_model, images, annotations, confusion_score=-0.1, progress=False)
 

@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
             converted = load_yolo_split(args.data, args.split)
             images, annotations = converted.images_dir, converted.annotations
             if main and not args.quiet:
-                print(f"evaluate: YOLO data {converted.summary()}", file=sys.stderr)
+                print(f"evaluate: YOLO data {converted.summary()}")
         result = evaluate(backend, images, annotations, batch_size=args.batch_size, workers=args.workers,
                           out_dir=args.out, progress=not (args.no_progress or args.quiet),
                           verbose=main and not args.quiet, skip_errors=args.skip_errors, plots=not args.no_plots,

@@ -449,7 +449,7 @@ def evaluate(
     progress: bool = True,
     verbose: bool | None = None,
     skip_errors: bool = False,
-    plots: bool | str | os.PathLike = True,
+    plots: bool | str | os.PathLike = False,
     confusion_iou: float = CONFUSION_IOU,
     confusion_score: float = CONFUSION_SCORE,
 ) -> EvalResult:
@@ -464,14 +464,15 @@ def evaluate(
         device: where to run (default: the model's; an exported file's runtime runs where it runs). precision: None
             (the weights' dtype), 'fp32', 'bf16' or 'fp16' for a network; a backend has its own.
         out_dir: when given, ``metrics.json`` and ``detections.json`` (the COCO results list) are written there.
-        progress: the stages on stderr (reading the annotations, detecting N images with a progress bar and
+        progress: the stages on stdout (reading the annotations, detecting N images with a progress bar and
             images/s, scoring, the plots written). verbose: print COCO's 12-line summary, the per-class AP table and
             the speed (default: same as ``progress``).
         skip_errors: images missing or unreadable are counted, reported and left out of the score instead of
             raising.
-        plots: where ``pr_curve.png``, ``confusion_matrix.png`` and ``confusion_matrix.json`` go: True (default)
-            into ``out_dir`` when there is one, a folder path into that folder (with or without ``out_dir``), False
-            nowhere. The curves and the matrix are in the result either way (``pr_curves``, ``confusion``).
+        plots: where ``pr_curve.png``, ``confusion_matrix.png`` and ``confusion_matrix.json`` go: False (default)
+            nowhere, True into ``out_dir`` (``python -m ssd evaluate`` does this unless ``--no-plots``), a folder
+            path into that folder (with or without ``out_dir``; training's validation can pass its run folder). The
+            curves and the matrix are in the result either way (``pr_curves``, ``confusion``).
         confusion_iou, confusion_score: the confusion matrix's IoU and score thresholds (detections scoring above
             ``confusion_score`` are matched to objects with IoU above ``confusion_iou``; defaults Ultralytics' 0.45
             and 0.25; see :func:`ssd.evaluation.metrics.confusion_matrix`). They do not change the COCO scores.
@@ -574,8 +575,9 @@ def _plot_dir(plots: bool | str | os.PathLike, out_dir: str | os.PathLike | None
 def _stage_printer(enabled: bool) -> Any:
     def say(message: str) -> None:
         if enabled:
-            # stderr, with the progress bar: stdout keeps the results (summary, table) for scripts to read.
-            print(f"evaluate: {message}", file=sys.stderr, flush=True)
+            # stdout, with the summary: stderr stays the one error line a failing command prints (its contract
+            # with scripts), plus the progress bar.
+            print(f"evaluate: {message}", flush=True)
 
     return say
 

@@ -41,7 +41,8 @@ def add_parser(subparsers: Any) -> None:
     models = list_models()
     train = subparsers.add_parser(
         "train", help="fine-tune a model on a COCO-format dataset",
-        description="Fine-tune a detector (NVIDIA's training recipe, for every model) on a COCO-format dataset. By "
+        description="Fine-tune a detector (NVIDIA's training recipe, for every model) on a COCO-format dataset (or a "
+                    "YOLO-format one, --data DATA.yaml). By "
                     "default training starts from the model's published COCO weights; classes other than COCO's get "
                     "new classification heads.",
     )
