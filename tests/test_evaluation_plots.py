@@ -200,3 +200,5 @@ def test_evaluate_command_plot_options(small_model, shapes, tmp_path, monkeypatc
     assert "--confusion-score: expected a number in [0, 1), got 1.0" in capsys.readouterr().err
     assert main(["evaluate", "--images", str(images)]) == 2
     assert "--images/--annotations: expected both (or --data DATA.yaml), got only one" in capsys.readouterr().err
+    assert main([*base, "--split", "train"]) == 2
+    assert "--split: expected with --data DATA.yaml, got --split train alone" in capsys.readouterr().err

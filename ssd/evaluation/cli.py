@@ -27,7 +27,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="COCO annotation file (e.g. instances_val2017.json)")
     parser.add_argument("--data", type=pathlib.Path, metavar="DATA.yaml",
                         help="a YOLO-format set (Ultralytics' data file) instead of --images and --annotations")
-    parser.add_argument("--split", default="val", choices=("train", "val", "test"),
+    parser.add_argument("--split", default=None, choices=("train", "val", "test"),
                         help="with --data: the split to evaluate (default val)")
     parser.add_argument("--checkpoint", default=None, metavar="PATH_OR_URL",
                         help="checkpoint file or URL (default: SSD_CHECKPOINT, else the published weights)")
@@ -93,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
         return fail(f"--workers: expected an integer >= 0, got {args.workers}")
     if args.data is not None and (args.images is not None or args.annotations is not None):
         return fail("--data/--images/--annotations: expected --data or --images and --annotations, got both")
+    if args.split is not None and args.data is None:
+        return fail(f"--split: expected with --data DATA.yaml, got --split {args.split} alone")
     if args.data is None and (args.images is None or args.annotations is None):
         return fail("--images/--annotations: expected both (or --data DATA.yaml), got "
                     + ("neither" if args.images is None and args.annotations is None else "only one"))
@@ -114,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         if args.data is not None:
             from ..data.yolo import load_yolo_split
 
-            converted = load_yolo_split(args.data, args.split)
+            converted = load_yolo_split(args.data, args.split or "val")
             images, annotations = converted.images_dir, converted.annotations
             if main and not args.quiet:
                 print(f"evaluate: YOLO data {converted.summary()}")
