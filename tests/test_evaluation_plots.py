@@ -134,6 +134,8 @@ def test_confusion_matrix_hand_built_case():
     np.testing.assert_array_equal(confusion_matrix(coco, rows, [1, 2, 3], iou_threshold=0.95).matrix,
                                   [[2, 0, 0], [0, 0, 2], [1, 2, 0]])
     assert confusion_matrix(coco, rows, [1]).matrix.sum() == 3  # only the images asked for
+    with pytest.raises(ValueError, match="detections: expected category ids of the ground truth, got 1 others: 9"):
+        confusion_matrix(coco, np.array([[1, 0, 0, 5, 5, 0.9, 9]]), [1])
     with pytest.raises(ValueError, match=r"iou_threshold: expected a number in \[0, 1\), got 1.5"):
         confusion_matrix(coco, rows, [1], iou_threshold=1.5)
 

@@ -197,6 +197,10 @@ def confusion_matrix(coco: Any, detections: np.ndarray, image_ids: Sequence[int]
     index = {cid: i for i, cid in enumerate(cat_ids)}
     k = len(cat_ids)
     matrix = np.zeros((k + 1, k + 1), dtype=np.int64)
+    unknown = sorted({int(c) for c in detections[:, 6]} - set(cat_ids))
+    if unknown:
+        raise ValueError(f"detections: expected category ids of the ground truth, got {len(unknown)} others: "
+                         f"{', '.join(map(str, unknown[:5]))}")
     kept = detections[detections[:, 5] > score_threshold]
     by_image: dict[int, np.ndarray] = {}
     if kept.shape[0]:
