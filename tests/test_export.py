@@ -212,7 +212,8 @@ def test_missing_package_names_the_requirements_file(model, tmp_path, monkeypatc
 def test_unwritable_out_is_one_error_line(tmp_path, capsys):
     from ssd.cli import main
 
-    for out in (tmp_path / "missing" / "m.onnx", tmp_path, tmp_path / "m.txt"):
+    (tmp_path / "a-file").write_text("not a folder")
+    for out in (tmp_path / "a-file" / "m.onnx", tmp_path, tmp_path / "m.txt"):
         assert main(["export", "--format", "onnx", "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: --out: expected")

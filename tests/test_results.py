@@ -15,8 +15,8 @@ from PIL import Image
 from skimage import data
 
 from ssd import DetectionBatch, Detections
-from ssd.cli import PictureWriter
 from ssd.inference.drawing import render
+from ssd.inference.runs import PictureWriter
 from ssd.models import SSD300
 
 THRESHOLD = 0.02

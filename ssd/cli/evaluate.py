@@ -1,65 +1,42 @@
-"""``python -m ssd evaluate``: COCO accuracy of a detector with its published protocol; ``torchrun`` scales it out."""
+"""``ssd evaluate``: COCO accuracy of a detector with its published protocol; ``torchrun`` scales it out."""
 from __future__ import annotations
 
 import argparse
 import pathlib
-import sys
 from typing import Any
 
-from ..registry import list_models
+from . import common
+from .common import fail
 
-__all__ = ["add_parser", "fail", "run"]
+__all__ = ["register", "run"]
 
 DESCRIPTION = """Evaluate a detector on a COCO-format set (pycocotools bbox AP) with the protocol its published
 accuracy was measured with. Prints COCO's 12-line summary, AP per category and the speed; writes metrics.json and
 detections.json (the COCO results list) to --out. Under torchrun every process takes its share of the images."""
 
 
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register the ``evaluate`` subcommand on an argparse ``add_subparsers()`` object; returns its parser."""
+def register(subparsers: Any) -> None:
+    """Add ``evaluate`` to the ``ssd`` command line."""
     parser = subparsers.add_parser("evaluate", help="COCO accuracy (mAP) on an annotated image set",
                                    description=DESCRIPTION)
     parser.add_argument("--images", required=True, type=pathlib.Path, metavar="DIR",
                         help="folder of the annotation file's images")
     parser.add_argument("--annotations", required=True, type=pathlib.Path, metavar="FILE.json",
                         help="COCO annotation file (e.g. instances_val2017.json)")
-    parser.add_argument("--checkpoint", default=None, metavar="PATH_OR_URL",
-                        help="checkpoint file or URL (default: SSD_CHECKPOINT, else the published weights)")
-    parser.add_argument("--model", default="nvidia_ssd", metavar="NAME_OR_FILE",
-                        help=f"{', '.join(list_models())} (default nvidia_ssd), or an exported .onnx / OpenVINO .xml "
-                             "file")
-    parser.add_argument("--backend", choices=("onnxruntime", "openvino"), default=None,
-                        help="runtime for --model FILE (default: onnxruntime for .onnx, openvino for .xml)")
-    parser.add_argument("--batch-size", type=int, default=8, metavar="N", help="images per forward pass (default 8)")
-    parser.add_argument("--workers", type=int, default=0, metavar="N",
-                        help="data-loader processes decoding and resizing images (default 0: in the main process)")
-    parser.add_argument("--device", default=None,
-                        help="cpu, cuda, cuda:1, ... (default: cuda when available; under torchrun cuda:LOCAL_RANK)")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                        help="fp32 (default, the published protocol); bf16 or fp16 autocast (an exported file: fp32, "
-                             "or bf16 with OpenVINO)")
-    parser.add_argument("--timeout", type=float, default=30.0, metavar="MINUTES",
-                        help="under torchrun: how long a process waits for the others at each exchange before it "
-                             "stops with an error (default 30)")
+    common.add_model(parser)
+    common.add_checkpoint(parser)
+    common.add_device(parser)
+    common.add_precision(parser, "fp32 is the published protocol; an exported file: fp32, or bf16 with OpenVINO")
+    common.add_half(parser)
+    common.add_batch_size(parser, 8)
+    common.add_workers(parser, 0, "default 0: in the main process")
+    common.add_timeout(parser)
     parser.add_argument("--out", default=pathlib.Path("ssd-eval"), type=pathlib.Path, metavar="DIR",
                         help="output folder for metrics.json and detections.json (default ./ssd-eval)")
     parser.add_argument("--skip-errors", action="store_true",
                         help="leave out (and report) images missing or unreadable instead of failing")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser
-
-
-def fail(message: str, status: int = 2) -> int:
-    """Print ``message`` as the one error line of a command (with ``[rank R] `` under torchrun); returns ``status``."""
-    from ..distributed import rank_label
-
-    try:
-        prefix = rank_label()
-    except ValueError:  # a WORLD_SIZE that is not a number: reported by the command itself
-        prefix = ""
-    # One line, whatever the exception carried: the command's contract with scripts reading stderr.
-    print(f"error: {prefix}{' '.join(message.split())}", file=sys.stderr)
-    return status
+    parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,20 +48,21 @@ def run(args: argparse.Namespace) -> int:
     from ..weights import CheckpointUnavailableError, InvalidCheckpointError
     from .coco import evaluate
 
-    if args.batch_size < 1:
-        return fail(f"--batch-size: expected a positive integer, got {args.batch_size}")
-    if args.workers < 0:
-        return fail(f"--workers: expected an integer >= 0, got {args.workers}")
     try:
+        common.check_int("--batch-size", args.batch_size, 1)
+        common.check_int("--workers", args.workers, 0)
+        if args.out.exists() and not args.out.is_dir():
+            raise common.UsageError(f"--out: expected a folder (created if missing), got the file {str(args.out)!r}")
         timeout = distributed.check_timeout(args.timeout, "--timeout")
         device = command_device(args.model, args.device)
-        check_command_options(args.model, backend=args.backend, checkpoint=args.checkpoint, precision=args.precision)
-    except (TypeError, ValueError) as exc:
+        check_command_options(args.model, backend=args.backend, checkpoint=args.checkpoint, precision=args.precision,
+                              half=args.half)
+    except (TypeError, ValueError, common.UsageError) as exc:
         return fail(str(exc))
     try:
         distributed.init_from_env(device, timeout=timeout, timeout_name="--timeout")
         backend = load_for_command(args.model, backend=args.backend, checkpoint=args.checkpoint, device=device,
-                                   precision=args.precision)
+                                   precision=common.autocast(args.precision), half=args.half)
         main = distributed.is_main()
         result = evaluate(backend, args.images, args.annotations, batch_size=args.batch_size, workers=args.workers,
                           out_dir=args.out, progress=not args.no_progress, verbose=main,
