@@ -45,8 +45,8 @@ def run(args: argparse.Namespace) -> int:
     from .. import distributed
     from ..backends import BackendError
     from ..backends.loading import check_command_options, command_device, load_for_command
+    from ..evaluation.coco import evaluate
     from ..weights import CheckpointUnavailableError, InvalidCheckpointError
-    from .coco import evaluate
 
     try:
         common.check_int("--batch-size", args.batch_size, 1)

@@ -145,7 +145,7 @@ def _parse_milestones(text: str | None, epochs: int) -> tuple[int, ...] | None:
     """``--milestones 0.66,0.83`` -> milestone epochs of this run (None: NVIDIA's, scaled)."""
     if text is None:
         return None
-    from .schedule import milestones_from_fractions
+    from ..training.schedule import milestones_from_fractions
 
     try:
         fractions = [float(part) for part in text.split(",")]
@@ -272,9 +272,9 @@ def _interrupted(message: str) -> int:
 def _run_train(args: argparse.Namespace) -> int:
     from .. import distributed
     from ..data.coco_format import AnnotationFileError
+    from ..training.loop import NonFiniteLossError, TrainConfig, TrainingInterrupted, train
+    from ..training.outputs import RunOutputError
     from ..weights.checkpoints import InvalidCheckpointError
-    from .loop import NonFiniteLossError, TrainConfig, TrainingInterrupted, train
-    from .outputs import RunOutputError
 
     try:
         rank, world, device = _setup(args)

@@ -352,7 +352,8 @@ def run_jobs(backend: Any, jobs: Sequence[Job], indices: Sequence[int], options:
                     emit(index, record, None)
                 if log_results:
                     height, width = result.image_size
-                    tqdm.write(f"{name} ({width}x{height}): {summary(result.names, result.scores)}")
+                    took = f" ({sum(result.speed.values()):.0f} ms)" if result.speed else ""
+                    tqdm.write(f"{name} ({width}x{height}): {summary(result.names, result.scores)}{took}")
                 if viewer is not None:
                     viewer.show(result, name)
                 # Only the current batch and the writer's queue keep images alive: memory stays bounded on long lists.
