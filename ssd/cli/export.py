@@ -1,5 +1,5 @@
 """``ssd export``: write a model as ONNX or OpenVINO IR, saying each stage (trace, check, optimise for OpenVINO,
-then a run of the written file with its runtime), and the file's size and the time taken.
+then run: the written file once with its runtime), and the file's size and the time taken.
 
 Such files are run by the backends of :mod:`ssd.backends` (``detect``/``evaluate --model FILE``).
 """
@@ -95,7 +95,7 @@ def _check_file(path: pathlib.Path, batch: int) -> str:
     size = backend.spec.input.size
     outputs = backend(torch.zeros(batch, 3, size, size))
     shapes = ", ".join(" x ".join(map(str, output.shape)) for output in outputs)
-    return (f"check: {getattr(backend, 'runtime', 'its runtime')} loads {path.name} and runs a {batch} x 3 x {size} "
+    return (f"run: {getattr(backend, 'runtime', 'its runtime')} loads {path.name} and runs a {batch} x 3 x {size} "
             f"x {size} batch: {shapes} ({time.perf_counter() - started:.1f} s)")
 
 
@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             print(_check_file(path, args.batch_size), flush=True)
         except ImportError as exc:
-            print(f"check: skipped ({exc})")
+            print(f"run: skipped ({exc})")
         except Exception as exc:  # noqa: BLE001 - whatever the runtime raises, the file is not usable: say so
             return fail(f"{path} was written but its runtime cannot run it: {exc}", 1)
     outputs = "det_boxes, det_scores, det_labels, num_detections" if args.nms else "boxes, scores"
