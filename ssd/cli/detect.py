@@ -250,6 +250,7 @@ def run(args: argparse.Namespace) -> int:
     from ..backends.loading import command_device, load_for_command
     from ..inference.detect import resolve_classes
     from ..inference.jsonl import run_streaming_detect
+    from ..inference.runs import DisplayError
     from ..weights import CheckpointUnavailableError, InvalidCheckpointError
 
     try:
@@ -277,17 +278,17 @@ def run(args: argparse.Namespace) -> int:
     if streaming:
         try:
             return run_streaming_detect(backend, jobs, skipped, options)
-        except (ValueError, RuntimeError) as exc:  # ranks given different arguments, a part that is a folder,
-            return fail(exc)                       # a threshold refused, no window for --show
-        except (BackendError, OSError) as exc:  # a runtime's failure, a peer that stopped answering, a full disk
-            return fail(exc, 1)
+        except (BackendError, OSError, distributed.PeerTimeoutError, distributed.PeerLostError) as exc:
+            return fail(exc, 1)  # a runtime's failure, a peer that stopped answering, a full disk
+        except (ValueError, DisplayError) as exc:  # ranks given different arguments, a part that is a folder, a
+            return fail(exc)                        # threshold refused, no window for --show
     return _detect_to_json(backend, jobs, skipped, ignored, options)
 
 
 def _detect_to_json(backend: Any, jobs: list[Any], skipped: list[tuple[str, str]], ignored: list[str],
                     options: Any) -> int:
     from ..backends import BackendError
-    from ..inference.runs import CSV_NAME, JsonReport, write_csv
+    from ..inference.runs import CSV_NAME, DisplayError, JsonReport, write_csv
     from ..io.images import readable_extensions
 
     try:
@@ -300,7 +301,7 @@ def _detect_to_json(backend: Any, jobs: list[Any], skipped: list[tuple[str, str]
     started = time.perf_counter()
     try:
         _detect_all(backend, jobs, options, report)
-    except (ValueError, RuntimeError) as exc:  # e.g. a --threshold below the one fixed in a graph exported with
+    except (ValueError, DisplayError) as exc:  # e.g. a --threshold below the one fixed in a graph exported with
         return fail(exc)                        # --nms; no window for --show
     except (BackendError, KeyboardInterrupt) as exc:
         try:

@@ -24,7 +24,7 @@ from ..io.files import UniqueNames, atomic_open, write_json
 from .detect import detect_iter
 from .detections import Detections
 
-__all__ = ["CSV_COLUMNS", "ImageOutputs", "Job", "JsonReport", "PictureWriter", "RunOptions", "Viewer",
+__all__ = ["CSV_COLUMNS", "DisplayError", "ImageOutputs", "Job", "JsonReport", "PictureWriter", "RunOptions", "Viewer",
            "display_problem", "image_record", "picture_paths", "run_jobs", "summary", "write_csv"]
 
 _PROGRESS_FROM = 5  # images; fewer finish before a progress bar would be useful
@@ -150,6 +150,10 @@ def display_problem() -> str | None:
     return None
 
 
+class DisplayError(RuntimeError):
+    """No window can be shown (no display, or no interactive matplotlib backend)."""
+
+
 class Viewer:
     """One matplotlib window, redrawn with each annotated picture as results come (main thread only: GUI toolkits
     want it)."""
@@ -157,12 +161,12 @@ class Viewer:
     def __init__(self) -> None:
         problem = display_problem()
         if problem is not None:
-            raise RuntimeError(problem)
+            raise DisplayError(problem)
         import matplotlib
         from matplotlib import pyplot as plt
 
         if matplotlib.get_backend().lower() in ("agg", "pdf", "ps", "svg", "cairo", "template"):
-            raise RuntimeError(f"--show: expected an interactive matplotlib backend (TkAgg, QtAgg...), got "
+            raise DisplayError(f"--show: expected an interactive matplotlib backend (TkAgg, QtAgg...), got "
                                f"{matplotlib.get_backend()!r} (install tkinter or PyQt, or set MPLBACKEND)")
         self._plt = plt
         self._figure, self._axes = plt.subplots()
