@@ -224,7 +224,9 @@ def test_iou_and_agnostic_nms(detect):
     (["--classes", "cat,,dog"], "error: --classes: expected class names or numbers separated by commas"),
     (["--iou", "0"], "error: --iou: expected a number in (0, 1]"),
     (["--max-det", "0"], "error: --max-det: expected an integer >= 1"),
-    (["--half", "--model", "m.onnx"], "error: --precision: expected fp32 (or bf16 with OpenVINO) for an exported"),
+    (["--half", "--model", "m.onnx"], "error: --half: expected none with an exported --model file"),
+    (["--precision", "fp16", "--model", "m.onnx"], "error: --precision: expected fp32 (or bf16 with OpenVINO) for an "
+                                                   "exported --model file, got fp16"),
 ])
 def test_bad_detect_options_are_one_line_before_any_output(detect, capsys, args, message):
     code, out, _ = detect(*args)
@@ -267,3 +269,71 @@ def test_out_naming_a_file_is_refused_before_any_work(checkpoint, photos, tmp_pa
         err = capsys.readouterr().err
         assert err.startswith("error: --out: expected a folder") and str(a_file) in err, err
     assert a_file.read_text() == "keep"
+
+
+def test_streaming_run_writes_csv_and_labels_too(detect):
+    code, out, _ = detect("--jsonl", "--save-csv", "--save-txt", "--no-pictures", "--max-det", "3")
+    assert code == 0
+    records = [json.loads(line) for line in (out / "detections.jsonl").read_text().splitlines()]
+    with open(out / "detections.csv", newline="") as table:
+        rows = list(csv.DictReader(table))
+    assert [(r["file"], r["name"]) for r in rows] == [(record["file"], d["name"]) for record in records
+                                                     for d in record["detections"]]
+    assert len(rows) == 6
+    assert sorted(p.name for p in (out / "labels").iterdir()) == ["astronaut.txt", "chelsea.txt", "classes.txt"]
+
+
+# The Python API behind the options.
+
+def test_yolo_lines_are_label_minus_one_and_normalised():
+    from ssd import Detections
+
+    found = Detections(np.array([[10, 20, 50, 80], [0, 0, 200, 100]], dtype=np.float32),
+                       np.array([0.9, 0.5], dtype=np.float32), np.array([17, 1]), (100, 200))
+    # Box 1: centre (30, 50) and size 40 x 60 in a 200 x 100 image; label 17 (dog) is class 16.
+    assert found.to_yolo_txt() == ("16 0.150000 0.500000 0.200000 0.600000 0.9000\n"
+                                   "0 0.500000 0.500000 1.000000 1.000000 0.5000\n")
+    assert found.to_yolo_txt(scores=False).splitlines()[1] == "0 0.500000 0.500000 1.000000 1.000000"
+    assert COCO_NAMES[16] == found.names[0] == "dog"
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):
+    import ssd
+
+    return ssd.build_model("nvidia_ssd", checkpoint=str(checkpoint))
+
+
+def test_speed_is_per_image_and_shares_add_up_to_the_totals(model):
+    images = [data.chelsea(), data.astronaut(), data.coffee()]
+    results = model.detect(images, batch_size=2)  # batches of 2 and 1
+    totals = results.stage_times
+    for stage in ("preprocess", "inference", "postprocess"):
+        shares = [found.speed[stage] for found in results]
+        assert sum(shares) == pytest.approx(1000.0 * getattr(totals, stage), rel=1e-9, abs=1e-9)
+    # The first batch's forward pass is split evenly between its two images; the third had one to itself.
+    assert results[0].speed["inference"] == results[1].speed["inference"]
+    assert results[0].speed["preprocess"] == results[1].speed["preprocess"]
+    lines = str(results).splitlines()
+    assert lines[2].startswith("image 3/3: ") and f"{results[2].speed['inference']:.1f} ms inference" in lines[2]
+
+
+def test_classes_by_coco_id_and_agnostic_in_the_api(model):
+    cat = model.detect(data.chelsea(), classes=["cat"])[0]
+    by_id = model.detect(data.chelsea(), classes=[17], classes_by="coco-id")[0]
+    by_label = model.detect(data.chelsea(), classes=[16])[0]
+    assert len(cat) > 0 and set(cat.names) == {"cat"}
+    for other in (by_id, by_label):
+        np.testing.assert_array_equal(other.boxes, cat.boxes)
+    with pytest.raises(ValueError, match="classes_by: expected one of label, coco-id, got 'name'"):
+        model.detect(data.chelsea(), classes=[17], classes_by="name")
+    with pytest.raises(ValueError, match=r"classes: expected category ids of this model's classes \(1-11, 13-25"):
+        model.detect(data.chelsea(), classes=[12], classes_by="coco-id")  # 12 is one of COCO's unused ids
+    plain = model.detect(data.chelsea(), iou_threshold=0.3, max_detections=200)[0]
+    agnostic = model.detect(data.chelsea(), iou_threshold=0.3, max_detections=200, agnostic=True)[0]
+    overlap = box_iou(torch.from_numpy(agnostic.boxes), torch.from_numpy(agnostic.boxes)).fill_diagonal_(0)
+    assert overlap.max() <= 0.3 + 1e-5 < box_iou(torch.from_numpy(plain.boxes),
+                                                 torch.from_numpy(plain.boxes)).fill_diagonal_(0).max()
+    assert 0 < len(agnostic) < len(plain)
+    with pytest.raises(TypeError, match="agnostic: expected True or False"):
+        model.detect(data.chelsea(), agnostic="yes")

@@ -228,7 +228,8 @@ def _detect_batch(run: Callable[[torch.Tensor], tuple[Decoded, float, float]], b
             # Rows stay in descending score order, so the first max_detections kept are the best of those wanted.
             keep = np.arange(len(scores)) if wanted is None else np.flatnonzero(np.isin(labels, wanted))
             if agnostic is not None:
-                keep = keep[_agnostic_keep(boxes[keep], scores[keep], agnostic)]
+                # On the boxes as reported (clipped to the image); IoU does not change with the scale to pixels.
+                keep = keep[_agnostic_keep(np.clip(boxes[keep], 0.0, 1.0), scores[keep], agnostic)]
             keep = keep[:max_detections]
             boxes, labels, scores = boxes[keep], labels[keep], scores[keep]
         height, width = pixels.shape[:2]
@@ -239,13 +240,14 @@ def _detect_batch(run: Callable[[torch.Tensor], tuple[Decoded, float, float]], b
         results.append((index, found, time.perf_counter() - own_started))
     # The batch's shared stages are divided evenly among its images; what each image took alone is its own.
     n = len(good)
-    shared_post = time.perf_counter() - decoded_at - sum(own for _, _, own in results)
+    finished = time.perf_counter()
+    shared_post = finished - decoded_at - sum(own for _, _, own in results)
     for _, found, own in results:
         found.speed = {"preprocess": 1000.0 * (preprocessed - started) / n,
                        "inference": 1000.0 * inference_s / n,
                        "postprocess": 1000.0 * (postprocess_s + shared_post) / n + 1000.0 * own}
     times.preprocess += preprocessed - started
-    times.postprocess += time.perf_counter() - decoded_at
+    times.postprocess += finished - decoded_at  # so the images' shares add up to the totals
     times.images += len(good)
     return [(index, found) for index, found, _ in results]
 
