@@ -43,7 +43,7 @@ output:
   --save-txt: OUT/labels/PICTURE.txt, one line per object "class cx cy w h score" (YOLO format: class is the
   0-based index into the model's class list, that is label - 1; the box centre and size divided by the image's
   width and height); OUT/labels/classes.txt lists the classes, one per line, in index order.
-  --save-csv: OUT/detections.csv, one row per detection: file, name, label, category_id, score, x1, y1, x2, y2.
+  --save-csv: OUT/detections.csv, one row per detection: file, name, category_id, score, x1, y1, x2, y2.
 
 classes:
   Labels are 1-based (1..K, 0 is the background); names are the model's (COCO: person, bicycle, ...). With
@@ -75,7 +75,7 @@ def register(subparsers: Any) -> None:
                         help="at most N detections per image (default the model's: 100 for nvidia_ssd)")
     parser.add_argument("--classes", action="append", default=None, metavar="C1,C2",
                         help="keep only these classes: names or labels (1-based), separated by commas; may be "
-                             "repeated (e.g. --classes person,dog or --classes 1,18)")
+                             "repeated (e.g. --classes person,dog or --classes 1,17, the same by label)")
     parser.add_argument("--classes-by", choices=("label", "coco-id"), default="label",
                         help="what the numbers of --classes are: label (default, 1..K, the model's order) or "
                              "coco-id (COCO category ids, 1..90 with gaps)")
