@@ -92,6 +92,7 @@ def test_every_command_is_registered_once_and_shares_the_options():
     (["detect", "--precision", "fp64"], "error: argument --precision: invalid choice: 'fp64'"),
     (["evaluate", "--images", "x"], "error: the following arguments are required: --annotations"),
     (["export", "--batch-size", "x", "--out", "m.onnx"], "error: argument --batch-size/--batch: invalid int value"),
+    (["export", "--model", "yolo", "--out", "m.onnx"], "error: argument --model: invalid choice: 'yolo'"),
 ])
 def test_usage_errors_are_one_line_and_status_2(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -251,6 +252,13 @@ def test_backend_with_a_model_name_is_refused(detect, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: --backend: expected it only with an exported --model file")
     assert not out.exists()
+
+
+def test_export_half_is_for_openvino_only(tmp_path, capsys):
+    assert main(["export", "--out", str(tmp_path / "m.onnx"), "--half"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --half: expected --format openvino (ONNX files are written in fp32), got --format onnx\n"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_out_naming_a_file_is_refused_before_any_work(checkpoint, photos, tmp_path, monkeypatch, capsys):

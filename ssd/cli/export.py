@@ -39,6 +39,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--batch-size", "--batch", dest="batch_size", type=int, default=1, metavar="N",
                         help="batch size of the example input (default 1)")
     parser.add_argument("--static-batch", action="store_true", help="fix the batch size to --batch-size")
+    parser.add_argument("--half", action="store_true",
+                        help="with --format openvino: store the weights in fp16 (half the file; OpenVINO still "
+                             "computes in the device's own precision)")
     parser.add_argument("--no-check", dest="check", action="store_false",
                         help="skip the last stage: running the written file once with its runtime")
     parser.set_defaults(run=run)
@@ -108,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
         return fail(problem)
     if args.batch_size < 1:
         return fail(f"--batch-size: expected an integer >= 1, got {args.batch_size}")
+    if args.half and args.format != "openvino":
+        return fail(f"--half: expected --format openvino (ONNX files are written in fp32), got --format {args.format}")
     from ..export.metadata import require
     from ..export.onnx import MIN_OPSET, export_onnx, export_openvino
 
@@ -124,9 +129,10 @@ def run(args: argparse.Namespace) -> int:
         created = _missing_folders(args.out.parent)
         for folder in created:
             folder.mkdir()
+        options = {"compress_to_fp16": True} if args.half else {}
         write = export_openvino if args.format == "openvino" else export_onnx
         path = write(model, args.out, opset=args.opset, nms=args.nms, batch=args.batch_size,
-                     dynamic_batch=not args.static_batch, log=lambda line: print(line, flush=True))
+                     dynamic_batch=not args.static_batch, log=lambda line: print(line, flush=True), **options)
     except (ImportError, OSError, ValueError, TypeError) as exc:
         for folder in reversed(created):  # leave no empty folders behind a failed export
             try:
