@@ -13,9 +13,16 @@ FLOOR := .venv-floor
 
 .PHONY: demo test test-floor bench clean
 
+# TORCH_INDEX: a wheel index to take torch and torchvision from first, e.g. the CPU-only builds:
+#   make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# (requirements.txt then finds them installed and leaves them alone).
+TORCH_INDEX ?=
+TORCH_PINS := $(shell grep -E '^torch(vision)?[<>=!~]' requirements.txt)
+
 $(VENV)/.runtime: requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --progress-bar on --upgrade pip
+	$(if $(TORCH_INDEX),$(BIN)/python -m pip install --progress-bar on --index-url $(TORCH_INDEX) $(foreach pin,$(TORCH_PINS),"$(pin)"))
 	$(BIN)/python -m pip install --progress-bar on -r requirements.txt
 	touch $@
 

@@ -374,7 +374,7 @@ def test_cli_bad_images_one_line_and_status_2(fast_cli, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err and expected in err
     assert main(["evaluate", "--images", str(images), "--annotations", str(path), "--batch-size", "0"]) == 2
-    assert "--batch-size: expected a positive integer, got 0" in capsys.readouterr().err
+    assert "--batch-size: expected an integer >= 1, got 0" in capsys.readouterr().err
     assert main(["evaluate", "--images", str(images), "--annotations", str(path), "--device", "gpu7"]) == 2
     assert "error: --device: expected cpu, cuda or cuda:N, got 'gpu7'" in capsys.readouterr().err
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -212,7 +213,8 @@ def test_missing_package_names_the_requirements_file(model, tmp_path, monkeypatc
 def test_unwritable_out_is_one_error_line(tmp_path, capsys):
     from ssd.cli import main
 
-    for out in (tmp_path / "missing" / "m.onnx", tmp_path, tmp_path / "m.txt"):
+    (tmp_path / "a-file").write_text("not a folder")
+    for out in (tmp_path / "a-file" / "m.onnx", tmp_path, tmp_path / "m.txt"):
         assert main(["export", "--format", "onnx", "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: --out: expected")
@@ -263,10 +265,17 @@ def test_cli_export_then_detect_with_backends(tmp_path, capsys):
     from ssd.cli import main
 
     checkpoint = save_detecting_checkpoint(tmp_path / "ckpt.pt")
-    out = tmp_path / "ssd.onnx"
+    out = tmp_path / "new" / "folder" / "ssd.onnx"  # missing folders are created
     assert main(["export", "--format", "onnx", "--out", str(out), "--checkpoint", str(checkpoint), "--nms",
-                 "--opset", "13", "--batch", "2"]) == 0
-    assert "wrote" in capsys.readouterr().out
+                 "--opset", "13", "--batch", "2"]) == 0  # --batch: the former name of --batch-size
+    lines = capsys.readouterr().out.splitlines()
+    # Each stage says when it is done, then the file's size and the time taken.
+    assert [line.split(":", 1)[0] for line in lines[:-1]] == ["export", "trace", "check", "run"]
+    assert lines[-1].startswith(f"wrote {out} (")
+    assert "runs a 2 x 3 x 300 x 300 batch" in lines[3]
+    size = re.search(r"\((\d+\.\d) MB;", lines[-1])
+    assert size and float(size.group(1)) == round(out.stat().st_size / 1e6, 1)
+    assert re.search(r" in \d+\.\d s$", lines[-1])
     image = tmp_path / "coffee.png"
     from PIL import Image
 

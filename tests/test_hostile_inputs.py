@@ -21,10 +21,10 @@ import torch
 from PIL import Image, ImageFile, features
 from skimage import data
 
-from ssd import cli
 from ssd.cli import main
 from ssd.compat.nvidia import prepare_input
 from ssd.inference.detect import detect
+from ssd.inference.runs import JsonReport
 from ssd.io.files import atomic_path, write_json
 from ssd.io.images import ImageLoadError, load_image, load_rgb, load_uint8, readable_extensions
 from ssd.models import NVIDIA_SSD300, SSD300
@@ -496,15 +496,15 @@ def test_cli_refuses_bad_options_before_loading_the_model(tmp_path, monkeypatch,
 
 def test_report_is_rewritten_as_results_come_and_a_failed_rewrite_does_not_stop_the_run(tmp_path, monkeypatch,
                                                                                        capsys):
-    monkeypatch.setattr(cli, "_SAVE_EVERY_S", 0.0)  # rewrite on every result
+    monkeypatch.setattr(JsonReport, "SAVE_EVERY_S", 0.0)  # rewrite on every result
     path = tmp_path / "detections.json"
-    report = cli._Report(path, {"model": "m"}, 3, [("gone.png", "no such file or folder")])
+    report = JsonReport(path, {"model": "m"}, 3, [("gone.png", "no such file or folder")])
     report.add(2, {"file": "c.png"})
     assert strict_json(path) == {"model": "m", "images": [{"file": "c.png"}],
                                  "skipped": [{"file": "gone.png", "error": "no such file or folder"}]}
     report.add(0, {"file": "a.png"})
     assert [i["file"] for i in strict_json(path)["images"]] == ["a.png", "c.png"]  # input order, not finish order
-    broken = cli._Report(tmp_path / "missing-folder" / "detections.json", {}, 1, [])
+    broken = JsonReport(tmp_path / "missing-folder" / "detections.json", {}, 1, [])
     broken.add(0, {"file": "a.png"})  # cannot be written: a warning, not an exception
     assert "warning: could not update" in capsys.readouterr().err and broken.done == [{"file": "a.png"}]
 

@@ -104,6 +104,15 @@ def test_redirect_is_followed(http_server):
     assert http_server.hits == {"/old.bin": 1, "/new.bin": 1}
 
 
+@pytest.mark.parametrize("target", ["file:///etc/hostname", "ftp://127.0.0.1/w.pt"])
+def test_redirect_to_another_scheme_blames_the_server_not_the_url(http_server, target):
+    url = http_server.add("/w.pt", b"", status=302, headers={"Location": target})
+    error, _ = failure(url, quick())
+    assert error.reason == "redirects" and error.url == url
+    assert f"the server redirected to {target!r}, which is not an http(s) URL" in str(error)
+    assert "expected a valid http(s) URL" not in str(error)  # the URL given was fine
+
+
 def test_endless_redirects(http_server):
     url = http_server.add("/loop", b"", status=302, headers={"Location": "/loop"})
     error, _ = failure(url, quick())

@@ -53,7 +53,18 @@ def test_wheel_holds_the_whole_library_and_nothing_else(wheel):
     runtime = [line.strip() for line in (REPO / "requirements.txt").read_text().splitlines()
                if line.strip() and not line.startswith("#")]
     assert {f"Requires-Dist: {r}" for r in runtime} <= required
-    assert "Provides-Extra: eval" in metadata and "Provides-Extra: onnx" in metadata
+    # Each extra installs what its name says; evaluation needs none (pycocotools is a runtime dependency).
+    extras = {line.split(":", 1)[1].strip() for line in metadata.splitlines() if line.startswith("Provides-Extra:")}
+    assert extras == {"onnx", "openvino", "pandas"}, extras
+    assert any(r.startswith("pycocotools") for r in runtime)
+    by_extra: dict[str, set[str]] = {}
+    for line in metadata.splitlines():
+        if line.startswith("Requires-Dist:") and "extra ==" in line:
+            requirement, marker = line.split(":", 1)[1].split(";", 1)
+            name = re.split(r"[<>=!~ ]", requirement.strip())[0]
+            by_extra.setdefault(marker.split("==")[1].strip().strip("'\""), set()).add(name)
+    assert by_extra == {"onnx": {"onnx", "onnxruntime", "onnxscript"}, "openvino": {"onnx", "openvino"},
+                        "pandas": {"pandas"}}, by_extra
 
 
 @pytest.mark.timeout(600)

@@ -15,8 +15,8 @@ from PIL import Image
 from skimage import data
 
 from ssd import DetectionBatch, Detections
-from ssd.cli import PictureWriter
 from ssd.inference.drawing import render
+from ssd.inference.runs import PictureWriter
 from ssd.models import SSD300
 
 THRESHOLD = 0.02
@@ -58,7 +58,10 @@ def test_detect_returns_a_list_with_timings_and_a_summary(batch, capsys):
     assert all(ms >= 0 for ms in batch.times.values()) and batch.times["inference"] > 0
     assert batch.stage_times.images == 4
     text = str(batch)
-    assert text.splitlines()[:4] == [repr(found) for found in batch]
+    # A line per image with its own times, as YOLOv5's results.print() (see test_per_image_speed for the figures).
+    for i, (line, found) in enumerate(zip(text.splitlines()[:4], batch), 1):
+        assert line.startswith(f"image {i}/4: {found!r} (") and line.endswith(" ms postprocess)")
+        assert f"{found.speed['inference']:.1f} ms inference" in line
     assert text.splitlines()[-1].startswith("Speed: ") and "ms inference" in text and "(4 images)" in text
     batch.print()
     assert capsys.readouterr().out == text + "\n"

@@ -124,9 +124,12 @@ def check_command_options(model: str, *, backend: str | None, checkpoint: str | 
     if checkpoint is not None:
         raise ValueError(f"--checkpoint: expected none with an exported --model file (its weights are in "
                          f"{model}), got {checkpoint!r}")
-    if half or precision not in (None, "fp32", "bf16"):
+    if half:
+        raise ValueError(f"--half: expected none with an exported --model file (its weights are fixed in "
+                         f"{model}), got --half")
+    if precision not in (None, "fp32", "bf16"):
         raise ValueError(f"--precision: expected fp32 (or bf16 with OpenVINO) for an exported --model file, got "
-                         f"{'fp16' if half else precision}")
+                         f"{precision}")
     onnxruntime = backend == "onnxruntime" or (backend is None and pathlib.Path(model).suffix.lower() == ".onnx")
     if precision == "bf16" and onnxruntime:
         raise ValueError("--precision: expected fp32 with onnxruntime (bf16 needs --backend openvino), got bf16")

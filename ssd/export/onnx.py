@@ -12,7 +12,9 @@ import copy
 import os
 import pathlib
 import tempfile
+import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -222,7 +224,8 @@ def _nms_nodes(spec: DetectorSpec, recipe: PostProcessSpec, opset: int, batch_di
 
 
 def build_onnx(model: nn.Module, *, opset: int = 17, nms: bool = False, batch: int = 1, dynamic_batch: bool = True,
-               recipe: PostProcessSpec | None = None, exporter: str = "auto") -> Any:
+               recipe: PostProcessSpec | None = None, exporter: str = "auto",
+               log: Callable[[str], None] | None = None) -> Any:
     """The checked ``onnx.ModelProto`` that :func:`export_onnx` writes (see there for the arguments)."""
     onnx = require("onnx", "ONNX export")
     spec = _spec_of(model)
@@ -241,11 +244,15 @@ def build_onnx(model: nn.Module, *, opset: int = 17, nms: bool = False, batch: i
     wrapper = DecodingWrapper(_export_copy(model)).eval()
     size = spec.input.size
     example = torch.zeros(batch, 3, size, size)
+    say = log if log is not None else (lambda message: None)
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ssd-export-") as folder:
         target = os.path.join(folder, "raw.onnx")
         with torch.no_grad():
             used = _torch_export(wrapper, example, target, opset, dynamic_batch, exporter)
         proto = onnx.load(target)
+    say(f"trace: {spec.name} through torch's {used} ONNX exporter, opset {opset} "
+        f"({time.perf_counter() - started:.1f} s)")
     got = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     if got != opset:
         raise ValueError(f"opset: expected the {used} exporter to write opset {opset}, got {got}; try another opset")
@@ -262,13 +269,16 @@ def build_onnx(model: nn.Module, *, opset: int = 17, nms: bool = False, batch: i
         entry.key, entry.value = key, value
     proto.producer_name = "ssd (torch.hub SSD detectors)"
     proto.doc_string = f"{spec.name}: {spec.description}"
+    started = time.perf_counter()
     onnx.checker.check_model(proto)
+    say(f"check: the graph{' with NMS' if nms else ''} and its metadata pass onnx.checker "
+        f"({time.perf_counter() - started:.1f} s)")
     return proto
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, *, opset: int = 17, nms: bool = False, batch: int = 1,
                 dynamic_batch: bool = True, recipe: PostProcessSpec | None = None,
-                exporter: str = "auto") -> pathlib.Path:
+                exporter: str = "auto", log: Callable[[str], None] | None = None) -> pathlib.Path:
     """Write ``model`` as an ONNX file with decoding (and with ``nms``, post-processing) in the graph.
 
     Args:
@@ -282,6 +292,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, opset: int = 17, n
         dynamic_batch: leave the batch dimension free.
         recipe: the post-processing baked in with ``nms`` (default ``spec.detect_postprocess``, as ``detect``).
         exporter: "auto" (TorchScript-based where this torch has it, else dynamo), "torchscript" or "dynamo".
+        log: called with a line per stage done (trace, check), for a command's progress.
 
     Returns:
         The path written. The file's ``metadata_props`` carry the spec (``ssd.*`` keys), which
@@ -289,7 +300,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, opset: int = 17, n
     """
     path = _check_destination(path, (".onnx",))
     proto = build_onnx(model, opset=opset, nms=nms, batch=batch, dynamic_batch=dynamic_batch, recipe=recipe,
-                       exporter=exporter)
+                       exporter=exporter, log=log)
     onnx = require("onnx", "ONNX export")
     with atomic_path(path) as tmp:
         onnx.save(proto, str(tmp))
@@ -298,17 +309,22 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, opset: int = 17, n
 
 def export_openvino(model: nn.Module, path: str | os.PathLike, *, opset: int = 17, nms: bool = False,
                     batch: int = 1, dynamic_batch: bool = True, recipe: PostProcessSpec | None = None,
-                    compress_to_fp16: bool = False) -> pathlib.Path:
+                    compress_to_fp16: bool = False, log: Callable[[str], None] | None = None) -> pathlib.Path:
     """Write ``model`` as an OpenVINO IR (``path`` .xml plus its .bin beside it), converted from the ONNX graph
     of :func:`export_onnx`, with the same metadata in its ``rt_info``. Weights stay float32 unless
-    ``compress_to_fp16`` (OpenVINO then still computes in the device's default precision)."""
+    ``compress_to_fp16`` (OpenVINO then still computes in the device's default precision). ``log`` is called
+    with a line per stage done (trace, check, optimise: OpenVINO's conversion)."""
     ov = require("openvino", "OpenVINO export")
     path = _check_destination(path, (".xml",))
-    proto = build_onnx(model, opset=opset, nms=nms, batch=batch, dynamic_batch=dynamic_batch, recipe=recipe)
+    proto = build_onnx(model, opset=opset, nms=nms, batch=batch, dynamic_batch=dynamic_batch, recipe=recipe,
+                       log=log)
     with tempfile.TemporaryDirectory(prefix=".ssd-export-", dir=path.parent) as folder:
         source = os.path.join(folder, "model.onnx")
         require("onnx", "OpenVINO export").save(proto, source)
+        started = time.perf_counter()
         converted = ov.convert_model(source)
+        if log is not None:
+            log(f"optimise: OpenVINO's model conversion ({time.perf_counter() - started:.1f} s)")
         for entry in proto.metadata_props:
             converted.set_rt_info(entry.value, ["ssd_metadata", entry.key])
         staged = pathlib.Path(folder) / path.name

@@ -16,17 +16,29 @@ from ..transforms import preprocess_for_detection
 from .batching import prefetched_batches
 from .detections import DetectionBatch, Detections, StageTimes
 
-__all__ = ["detect", "detect_iter", "detection_recipe", "resolve_classes"]
+__all__ = ["CLASSES_BY", "detect", "detect_iter", "detection_recipe", "resolve_classes"]
 
 # detect's argument names for the recipe's fields, so that errors name what the caller wrote.
 _ARGUMENT_NAMES = {"score_threshold": "threshold"}
 
 
-def resolve_classes(classes: Any, spec: DetectorSpec) -> np.ndarray | None:
-    """The labels (1..K) that ``classes`` names: class names or label ids, mixed; None for all classes."""
+CLASSES_BY = ("label", "coco-id")
+
+
+def resolve_classes(classes: Any, spec: DetectorSpec, by: str = "label") -> np.ndarray | None:
+    """The labels (1..K) that ``classes`` names; None for all classes.
+
+    ``classes``: one item or a list of them, mixed: class names (``"person"``) and numbers. With ``by="label"``
+    numbers are the model's labels, 1-based (1..K, 0 being the background; label ``k`` is ``names[k - 1]``); with
+    ``by="coco-id"`` they are the dataset's category ids (``spec.classes.category_ids``; COCO's are 1..90 with
+    gaps, so they drift from the labels: category id 18 is dog, which is label 17; id 17 is cat, label 16).
+    """
+    if by not in CLASSES_BY:
+        raise ValueError(f"classes_by: expected one of {', '.join(CLASSES_BY)}, got {by!r}")
     if classes is None:
         return None
     names = spec.classes.names
+    category_ids = list(spec.classes.category_ids)
     if isinstance(classes, (str, int, np.integer)):
         classes = [classes]
     if not isinstance(classes, Sequence | set | frozenset | np.ndarray):
@@ -39,14 +51,31 @@ def resolve_classes(classes: Any, spec: DetectorSpec) -> np.ndarray | None:
                                  f"got {item!r}")
             wanted.add(names.index(item) + 1)
         elif isinstance(item, (int, np.integer)) and not isinstance(item, bool):
-            if not 1 <= item <= len(names):
+            if by == "coco-id":
+                if int(item) not in category_ids:
+                    raise ValueError(f"classes: expected category ids of this model's classes "
+                                     f"({_id_ranges(category_ids)}), got {item}")
+                wanted.add(category_ids.index(int(item)) + 1)
+            elif not 1 <= item <= len(names):
                 raise ValueError(f"classes: expected labels 1..{len(names)} (label 0 is background), got {item}")
-            wanted.add(int(item))
+            else:
+                wanted.add(int(item))
         else:
             raise TypeError(f"classes: expected class names (str) or labels (int), got {type(item).__name__}")
     if not wanted:
         raise ValueError("classes: expected at least one class name or label, got none")
     return np.array(sorted(wanted), dtype=np.int64)
+
+
+def _id_ranges(ids: Sequence[int]) -> str:
+    """'1-11, 13-25, 27-28' for sorted ids: COCO's 80 category ids in a line."""
+    ranges: list[list[int]] = []
+    for value in sorted(ids):
+        if ranges and value == ranges[-1][1] + 1:
+            ranges[-1][1] = value
+        else:
+            ranges.append([value, value])
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in ranges)
 
 
 def _uncapped(recipe: PostProcessSpec, backend: Any, spec: DetectorSpec) -> PostProcessSpec:
@@ -92,6 +121,8 @@ def detect_iter(
     keep_images: bool = True,
     skip_errors: bool = False,
     classes: Any = None,
+    classes_by: str = "label",
+    agnostic: bool = False,
     times: StageTimes | None = None,
 ) -> Iterator[tuple[int, Detections | Exception]]:
     """Detect objects in ``images``, yielding ``(index, Detections)`` in input order as batches finish.
@@ -106,27 +137,35 @@ def detect_iter(
     backend = as_backend(model, precision)
     spec = spec_of(backend)  # this copy's, whichever copy of the package made the backend
     recipe = detection_recipe(backend, threshold, iou_threshold, max_detections)
-    wanted = resolve_classes(classes, spec)
+    wanted = resolve_classes(classes, spec, classes_by)
+    if not isinstance(agnostic, bool):
+        raise TypeError(f"agnostic: expected True or False, got {type(agnostic).__name__}")
     batch_size = check_int("batch_size", batch_size, 1)
-    return _detections(backend, spec, images, recipe if wanted is None else _uncapped(recipe, backend, spec),
-                       batch_size, keep_images, skip_errors, wanted, recipe.max_detections,
+    # The class filter and the agnostic pass drop rows after the per-class NMS: they need every row NMS kept.
+    filtered = wanted is not None or agnostic
+    return _detections(backend, spec, images, _uncapped(recipe, backend, spec) if filtered else recipe,
+                       batch_size, keep_images, skip_errors, wanted, recipe.iou_threshold if agnostic else None,
+                       recipe.max_detections,
                        times if times is not None else StageTimes())
 
 
 def _detections(backend: Any, spec: DetectorSpec, images: Iterable[ImageSource], recipe: PostProcessSpec,
                 batch_size: int, keep_images: bool, skip_errors: bool, wanted: np.ndarray | None,
-                max_detections: int, times: StageTimes) -> Iterator[tuple[int, Detections | Exception]]:
+                agnostic: float | None, max_detections: int,
+                times: StageTimes) -> Iterator[tuple[int, Detections | Exception]]:
     kind, device = backend.outputs, backend.device
 
-    def run(batch: torch.Tensor) -> Decoded:
+    def run(batch: torch.Tensor) -> tuple[Decoded, float, float]:
+        """The batch's detections, and the seconds of its forward pass and of its post-processing."""
         started = time.perf_counter()
         outputs = backend(batch)
         _sync(device)
         inferred = time.perf_counter()
         decoded = postprocess_outputs(outputs, kind, spec, recipe)
-        times.inference += inferred - started
-        times.postprocess += time.perf_counter() - inferred
-        return decoded
+        inference, postprocess = inferred - started, time.perf_counter() - inferred
+        times.inference += inference
+        times.postprocess += postprocess
+        return decoded, inference, postprocess
 
     workers = getattr(backend, "load_workers", None)
     extra = {} if workers is None else {"workers": workers}
@@ -141,7 +180,8 @@ def _detections(backend: Any, spec: DetectorSpec, images: Iterable[ImageSource],
                 good.append((index, *result))
         if good:
             # Built before yielding, so that a consumer's time between two yields is never counted.
-            yield from _detect_batch(run, backend, spec, good, keep_images, wanted, max_detections, times)
+            yield from _detect_batch(run, backend, spec, good, keep_images, wanted, agnostic, max_detections,
+                                     times)
 
 
 def _sync(device: torch.device) -> None:
@@ -150,9 +190,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _detect_batch(run: Callable[[torch.Tensor], Decoded], backend: Any, spec: DetectorSpec, good: list,
-                  keep_images: bool, wanted: np.ndarray | None, max_detections: int, times: StageTimes
-                  ) -> list[tuple[int, Detections]]:
+def _agnostic_keep(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """Indices (ascending, so still best first) of the rows that class-agnostic NMS keeps: a box overlapping a
+    better one of any class with IoU > ``iou_threshold`` goes. The per-class NMS has already run, so this only
+    settles boxes of different classes on one object."""
+    from torchvision.ops import nms
+
+    if len(scores) < 2:
+        return np.arange(len(scores))
+    kept = nms(torch.from_numpy(np.ascontiguousarray(boxes, dtype=np.float32)),
+               torch.from_numpy(np.ascontiguousarray(scores, dtype=np.float32)), iou_threshold)
+    return np.sort(kept.numpy())
+
+
+def _detect_batch(run: Callable[[torch.Tensor], tuple[Decoded, float, float]], backend: Any, spec: DetectorSpec,
+                  good: list, keep_images: bool, wanted: np.ndarray | None, agnostic: float | None,
+                  max_detections: int, times: StageTimes) -> list[tuple[int, Detections]]:
     started = time.perf_counter()
     tensors = [torch.from_numpy(pixels).permute(2, 0, 1) for _, pixels, _ in good]
     dtype, memory_format = input_format(backend)
@@ -160,29 +213,43 @@ def _detect_batch(run: Callable[[torch.Tensor], Decoded], backend: Any, spec: De
                                      memory_format=memory_format)
     _sync(batch.device)
     preprocessed = time.perf_counter()
-    decoded = run(batch)
+    decoded, inference_s, postprocess_s = run(batch)
     decoded_at = time.perf_counter()
     classes = spec.classes
     results = []
     for (index, pixels, source), (boxes, labels, scores) in zip(good, split_detections(decoded)):
+        own_started = time.perf_counter()
         # A NaN/inf from the network (an fp16 overflow, broken weights) is no detection: it could not be drawn, and
         # JSON cannot hold it. NaN scores already fail the threshold; boxes may still be non-finite.
         finite = np.isfinite(boxes).all(axis=1) & np.isfinite(scores)
         if not finite.all():
             boxes, labels, scores = boxes[finite], labels[finite], scores[finite]
-        if wanted is not None:
+        if wanted is not None or agnostic is not None:
             # Rows stay in descending score order, so the first max_detections kept are the best of those wanted.
-            keep = np.flatnonzero(np.isin(labels, wanted))[:max_detections]
+            keep = np.arange(len(scores)) if wanted is None else np.flatnonzero(np.isin(labels, wanted))
+            if agnostic is not None:
+                # On the boxes as reported (clipped to the image); IoU does not change with the scale to pixels.
+                keep = keep[_agnostic_keep(np.clip(boxes[keep], 0.0, 1.0), scores[keep], agnostic)]
+            keep = keep[:max_detections]
             boxes, labels, scores = boxes[keep], labels[keep], scores[keep]
         height, width = pixels.shape[:2]
         scale = np.array([width, height, width, height], dtype=np.float32)
         pixel_boxes = np.clip(boxes * scale, 0, scale).astype(np.float32)
-        results.append((index, Detections(pixel_boxes, scores, labels, (height, width), source,
-                                          pixels if keep_images else None, classes.names, classes.category_ids)))
+        found = Detections(pixel_boxes, scores, labels, (height, width), source, pixels if keep_images else None,
+                           classes.names, classes.category_ids)
+        results.append((index, found, time.perf_counter() - own_started))
+    # The batch's shared stages are divided evenly among its images; what each image took alone is its own.
+    n = len(good)
+    finished = time.perf_counter()
+    shared_post = finished - decoded_at - sum(own for _, _, own in results)
+    for _, found, own in results:
+        found.speed = {"preprocess": 1000.0 * (preprocessed - started) / n,
+                       "inference": 1000.0 * inference_s / n,
+                       "postprocess": 1000.0 * (postprocess_s + shared_post) / n + 1000.0 * own}
     times.preprocess += preprocessed - started
-    times.postprocess += time.perf_counter() - decoded_at
+    times.postprocess += finished - decoded_at  # so the images' shares add up to the totals
     times.images += len(good)
-    return results
+    return [(index, found) for index, found, _ in results]
 
 
 def detect(
@@ -195,6 +262,8 @@ def detect(
     precision: str | None = None,
     keep_images: bool = True,
     classes: Any = None,
+    classes_by: str = "label",
+    agnostic: bool = False,
 ) -> DetectionBatch:
     """Detect objects in original image coordinates.
 
@@ -219,12 +288,18 @@ def detect(
             3 bytes per pixel (36 MB for a 12-megapixel photo), so the returned list grows with the input. False
             keeps no pixels: memory is then bounded by two batches (the one running and the one loading), however
             long the input; for long inputs with pictures use ``detect_iter`` and save each result as it comes.
-        classes: keep only these classes: names (``["person", "dog"]``) or labels 1..K (``model.names`` lists
-            them), or one of either; ``max_detections`` then counts only those. None keeps all.
+        classes: keep only these classes: names (``["person", "dog"]``) or labels, or one of either;
+            ``max_detections`` then counts only those. None keeps all. Labels are 1-based: 1..K, with 0 the
+            background (never a detection); label ``k`` is ``model.names[k - 1]`` (COCO: 1 person, 16 cat, 17 dog).
+        classes_by: what the numbers in ``classes`` are: ``"label"`` (default, as above) or ``"coco-id"``, the
+            dataset's category ids (COCO's 1..90 with gaps: category id 18 is dog, which is label 17).
+        agnostic: after the per-class NMS, also drop a box whose IoU with a better box of any class is above
+            ``iou_threshold`` (one box per object, whatever its class).
 
     Returns:
         A :class:`DetectionBatch`: a list with one ``Detections`` per image (also for a single image):
-        ``boxes`` N x 4 (x1, y1, x2, y2 pixels), ``scores``, ``labels`` (1..K), ``names``, ``image_size``;
+        ``boxes`` N x 4 (x1, y1, x2, y2 pixels), ``scores``, ``labels`` (1..K), ``names``, ``image_size``,
+        ``speed`` (this image's ms per stage; a batch's forward pass is shared evenly among its images);
         ``plot()``, ``save(path)``, ``to_dict()``, ``to_json()``. The list adds ``times`` (ms per image per
         stage), ``print()``, ``show()``, ``save(folder)``, ``crop(folder)``, ``pandas()`` and ``to_coco()``.
 
@@ -236,7 +311,8 @@ def detect(
     times = StageTimes()
     found = detect_iter(model, items, threshold=threshold, iou_threshold=iou_threshold,
                         max_detections=max_detections, batch_size=batch_size, precision=precision,
-                        keep_images=keep_images, classes=classes, times=times)
+                        keep_images=keep_images, classes=classes, classes_by=classes_by, agnostic=agnostic,
+                        times=times)
     results = [result for _, result in found]
     return DetectionBatch(results, times)
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..data.coco import COCO_CATEGORY_IDS, COCO_NAMES
-from ..io.files import UniqueNames
+from ..io.files import UniqueNames, atomic_open
 from .drawing import draw_boxes, render, save_picture
 
 if TYPE_CHECKING:
@@ -29,10 +29,15 @@ class Detections:
     Attributes:
         boxes: N x 4 float32, (x1, y1, x2, y2) in the original image's pixels, clipped to the image.
         scores: N float32 confidences in (threshold, 1].
-        labels: N int64 model labels in 1..K (``names`` gives the class names).
+        labels: N int64 model labels in 1..K: 1-based, 0 being the background, which is never a detection
+            (label ``k`` is ``class_names[k - 1]``; ``names`` gives each detection's class name).
         image_size: (height, width) of the original image.
         source: a short description of the input (its path or URL, or the kind of object).
         class_names, category_ids: the model's classes (label ``k`` is ``class_names[k - 1]``); COCO's by default.
+        speed: this image's own milliseconds per stage, ``{'preprocess', 'inference', 'postprocess'}``. Images of
+            one batch share the forward pass (and the batch-wide part of post-processing): each is billed that
+            batch time divided by the number of images in the batch, plus the time spent on it alone. Summed over
+            the images, the shares give the batches' total.
     """
 
     boxes: np.ndarray
@@ -43,6 +48,7 @@ class Detections:
     image: np.ndarray | None = field(default=None, repr=False)
     class_names: tuple[str, ...] = field(default=COCO_NAMES, repr=False)
     class_category_ids: tuple[int, ...] = field(default=COCO_CATEGORY_IDS, repr=False)
+    speed: dict[str, float] = field(default_factory=dict, repr=False)
 
     @property
     def names(self) -> list[str]:
@@ -108,6 +114,57 @@ class Detections:
         """
         return save_picture(self.render(), path)
 
+    def save_crops(self, folder: str | os.PathLike[str], name: str | os.PathLike[str],
+                   unique: UniqueNames | None = None) -> list[pathlib.Path]:
+        """Write each detected object's pixels (the whole pixels covering its box, at the image's resolution) as its
+        own picture ``folder/CLASS/STEM-K.SUFFIX``: one subfolder per class name, ``name``'s folders and stem, K the
+        object's rank in this image (0 = best score), ``name``'s suffix picking the format as in :meth:`save`.
+        ``unique``, shared across images, keeps names distinct. Returns the paths written, best first."""
+        from PIL import Image
+
+        name = pathlib.PurePosixPath(pathlib.PurePath(name).as_posix())
+        pixels = self._picture()
+        height, width = pixels.shape[:2]
+        written = []
+        for rank, (box, class_name) in enumerate(zip(self.boxes, self.names)):
+            if not np.isfinite(box).all():
+                continue
+            # Whole pixels covering the box, at least one, inside the image.
+            x1 = min(max(int(np.floor(min(box[0], box[2]))), 0), width - 1)
+            y1 = min(max(int(np.floor(min(box[1], box[3]))), 0), height - 1)
+            x2 = max(min(int(np.ceil(max(box[0], box[2]))), width), x1 + 1)
+            y2 = max(min(int(np.ceil(max(box[1], box[3]))), height), y1 + 1)
+            relative = pathlib.PurePosixPath(_folder_name(class_name), name.parent, f"{name.stem}-{rank}{name.suffix}")
+            if unique is not None:
+                relative = unique.claim(relative)
+            written.append(save_picture(Image.fromarray(np.ascontiguousarray(pixels[y1:y2, x1:x2])),
+                                        pathlib.Path(folder) / relative))
+        return written
+
+    def to_yolo_txt(self, scores: bool = True) -> str:
+        """The detections as a YOLO label file: one line ``class cx cy w h [score]`` per object, best first.
+
+        ``class`` is the 0-based index into the model's class list, that is ``label - 1`` (YOLO counts classes from
+        0 and has no background; ``class_names[class]`` names it). ``cx cy w h`` are the box's centre and size
+        divided by the image's width and height (0..1), with 6 decimals; ``score`` (with ``scores``) 4 decimals.
+        """
+        height, width = self.image_size
+        lines = []
+        for (x1, y1, x2, y2), score, label in zip(self.boxes.tolist(), self.scores.tolist(), self.labels.tolist()):
+            fields = [f"{(x1 + x2) / 2 / width:.6f}", f"{(y1 + y2) / 2 / height:.6f}", f"{(x2 - x1) / width:.6f}",
+                      f"{(y2 - y1) / height:.6f}"]
+            lines.append(" ".join([str(int(label) - 1), *fields, *([f"{score:.4f}"] if scores else [])]) + "\n")
+        return "".join(lines)
+
+    def save_txt(self, path: str | os.PathLike[str], scores: bool = True) -> pathlib.Path:
+        """Write :meth:`to_yolo_txt` to ``path`` atomically (an image with no object gets an empty file, as YOLO's
+        tools expect); its folder is created if needed. Returns the path."""
+        path = pathlib.Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_open(path, "w", encoding="utf-8") as out:
+            out.write(self.to_yolo_txt(scores))
+        return path
+
 
 @dataclass
 class StageTimes:
@@ -155,6 +212,11 @@ def _folder_name(name: str) -> str:
     return cleaned or "unnamed"
 
 
+def _speed_text(speed: dict[str, float]) -> str:
+    return "(" + ", ".join(f"{speed[stage]:.1f} ms {stage}" for stage in ("preprocess", "inference", "postprocess")
+                           if stage in speed) + ")"
+
+
 class DetectionBatch(list):
     """What ``detect`` returns: a list of :class:`Detections`, one per image in input order, plus timings.
 
@@ -173,13 +235,16 @@ class DetectionBatch(list):
         return self.stage_times.per_image_ms()
 
     def __str__(self) -> str:
-        lines = [repr(found) for found in self]
+        # Like YOLOv5's results.print(): a line per image with its own times, then the averages.
+        lines = [f"image {i}/{len(self)}: {found!r}" + (f" {_speed_text(found.speed)}" if found.speed else "")
+                 for i, found in enumerate(self, 1)]
         speed = ", ".join(f"{ms:.1f} ms {stage}" for stage, ms in self.times.items())
         lines.append(f"Speed: {speed} per image ({len(self)} image{'s' if len(self) != 1 else ''})")
         return "\n".join(lines)
 
     def print(self) -> None:
-        """Print one line per image and the timings."""
+        """Print one line per image (its detections and its own times, see :attr:`Detections.speed`), then the
+        times per image over the whole call."""
         print(str(self))
 
     def show(self) -> None:
@@ -204,27 +269,8 @@ class DetectionBatch(list):
     def crop(self, folder: str | os.PathLike[str]) -> list[pathlib.Path]:
         """Write each detected object's pixels as its own picture, in one subfolder per class name
         (``folder/person/astronaut-0.png``: image name, then the object's rank in its image); returns the paths."""
-        from PIL import Image
-
-        folder = pathlib.Path(folder)
         unique = UniqueNames()
-        written = []
-        for found, name in zip(self, self._names()):
-            pixels = found._picture()
-            height, width = pixels.shape[:2]
-            for rank, (box, class_name) in enumerate(zip(found.boxes, found.names)):
-                if not np.isfinite(box).all():
-                    continue
-                # Whole pixels covering the box, at least one, inside the image.
-                x1 = min(max(int(np.floor(min(box[0], box[2]))), 0), width - 1)
-                y1 = min(max(int(np.floor(min(box[1], box[3]))), 0), height - 1)
-                x2 = max(min(int(np.ceil(max(box[0], box[2]))), width), x1 + 1)
-                y2 = max(min(int(np.ceil(max(box[1], box[3]))), height), y1 + 1)
-                relative = unique.claim(pathlib.PurePosixPath(_folder_name(class_name),
-                                                              f"{name.stem}-{rank}{name.suffix}"))
-                written.append(save_picture(Image.fromarray(np.ascontiguousarray(pixels[y1:y2, x1:x2])),
-                                            folder / relative))
-        return written
+        return [path for found, name in zip(self, self._names()) for path in found.save_crops(folder, name, unique)]
 
     def pandas(self) -> pandas.DataFrame:
         """One row per detection: image (its index), source, xmin, ymin, xmax, ymax (pixels), confidence, class

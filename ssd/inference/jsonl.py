@@ -34,7 +34,7 @@ import torch
 from ..backends.base import input_format, spec_of
 from ..io.files import atomic_open
 from .detect import detection_recipe
-from .runs import Job, RunOptions, picture_paths, run_jobs
+from .runs import CSV_NAME, Job, RunOptions, picture_paths, run_jobs, write_csv
 
 __all__ = ["MERGED_NAME", "PART_PATTERN", "JsonlWriter", "MergeResult", "merge_parts", "part_path", "read_part",
            "read_records", "run_identity", "run_streaming_detect"]
@@ -224,7 +224,7 @@ def run_identity(backend: Any, options: RunOptions) -> dict[str, Any]:
     dtype and a digest of its weights), the detection recipe (threshold included) and whether pictures are
     written."""
     spec = spec_of(backend)
-    recipe = detection_recipe(backend, options.threshold, None, None)
+    recipe = detection_recipe(backend, options.threshold, options.iou_threshold, options.max_detections)
     return {
         "model": spec.name,
         "classes": list(spec.classes.names),
@@ -234,6 +234,9 @@ def run_identity(backend: Any, options: RunOptions) -> dict[str, Any]:
         "weights": _weights_digest(backend),
         "recipe": dataclasses.asdict(recipe),
         "pictures": options.pictures,
+        "wanted_classes": None if options.classes is None else [str(c) for c in options.classes],
+        "classes_by": options.classes_by,
+        "agnostic": options.agnostic,
     }
 
 
@@ -351,7 +354,7 @@ def _stream(backend: Any, jobs: Sequence[Job], problems: Sequence[tuple[str, str
     except ValueError as exc:
         raise ValueError(f"{exc}; every rank needs the same command, and a run over several machines a --out "
                          "they all share (or one run per machine, merged with --resume)") from None
-    pictures = picture_paths(jobs) if options.pictures else [None] * len(jobs)
+    pictures = picture_paths(jobs)  # also the names of the crops and label files
     mine_path = part_path(out, rank)
     if not options.resume and main:
         for path in _parts(out):  # a fresh run: earlier parts would be merged with this run's otherwise
@@ -385,12 +388,14 @@ def _stream(backend: Any, jobs: Sequence[Job], problems: Sequence[tuple[str, str
     distributed.barrier()  # every part is complete before rank 0 reads them
     if not main:
         return 0
-    return _report(out, names, problems, by_name, len(mine), elapsed, world)
+    return _report(out, names, problems, by_name, len(mine), elapsed, world, options.csv)
 
 
 def _report(out: pathlib.Path, names: list[str], problems: Sequence[tuple[str, str]], fingerprints: dict[str, str],
-            mine: int, elapsed: float, world: int) -> int:
+            mine: int, elapsed: float, world: int, csv: bool = False) -> int:
     merged = merge_parts(out, names, [{"file": n, "error": e} for n, e in problems], fingerprints)
+    if csv:
+        write_csv(out / CSV_NAME, merged)
     for path, what in merged.damaged:
         print(f"warning: {path}: {what}", file=sys.stderr)
     failed = [r for r in merged if not _finished(r)]

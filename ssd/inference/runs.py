@@ -7,21 +7,25 @@ it is handed on once its picture is written (or has failed), so whatever a write
 """
 from __future__ import annotations
 
+import csv
 import datetime
+import os
 import pathlib
 import queue
 import sys
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from ..distributed import DEFAULT_TIMEOUT
-from ..io.files import UniqueNames
+from ..io.files import UniqueNames, atomic_open, write_json
 from .detect import detect_iter
 from .detections import Detections
 
-__all__ = ["Job", "PictureWriter", "RunOptions", "image_record", "picture_paths", "run_jobs", "summary"]
+__all__ = ["CSV_COLUMNS", "DisplayError", "ImageOutputs", "Job", "JsonReport", "PictureWriter", "RunOptions", "Viewer",
+           "display_problem", "image_record", "picture_paths", "run_jobs", "summary", "write_csv"]
 
 _PROGRESS_FROM = 5  # images; fewer finish before a progress bar would be useful
 
@@ -43,6 +47,10 @@ class RunOptions:
         batch_size: images per forward pass. pictures: write an annotated picture per image.
         resume: (JSON Lines) skip the inputs that the parts in ``out`` already hold for the same model, settings
             and file. timeout: (torchrun) how long a process waits for the others at each exchange.
+        iou_threshold, max_detections, classes, classes_by, agnostic: detect's arguments of these names (None:
+            the model's default). crops: write each object's picture into ``out/crops/CLASS/``. labels: write
+            YOLO label files into ``out/labels/``. csv: write ``out/detections.csv`` at the end. show: show each
+            annotated picture in a window (:class:`Viewer`).
     """
 
     out: pathlib.Path
@@ -51,6 +59,165 @@ class RunOptions:
     pictures: bool = True
     resume: bool = False
     timeout: datetime.timedelta = DEFAULT_TIMEOUT
+    iou_threshold: float | None = None
+    max_detections: int | None = None
+    classes: tuple[str | int, ...] | None = None
+    classes_by: str = "label"
+    agnostic: bool = False
+    crops: bool = False
+    labels: bool = False
+    csv: bool = False
+    show: bool = False
+
+    @property
+    def keep_images(self) -> bool:
+        """Whether the run needs each image's pixels after detection."""
+        return self.pictures or self.crops or self.show
+
+    @property
+    def outputs(self) -> ImageOutputs:
+        return ImageOutputs(self.out, self.pictures, self.crops, self.labels)
+
+    def detect_arguments(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`~ssd.inference.detect.detect_iter` for this run (bar the images)."""
+        return {"threshold": self.threshold, "iou_threshold": self.iou_threshold,
+                "max_detections": self.max_detections, "batch_size": self.batch_size, "classes": self.classes,
+                "classes_by": self.classes_by, "agnostic": self.agnostic}
+
+
+CROPS_FOLDER = "crops"
+LABELS_FOLDER = "labels"
+CLASS_LIST = "classes.txt"  # in LABELS_FOLDER: the class of index i (a label file's first column) on line i + 1
+CSV_NAME = "detections.csv"
+CSV_COLUMNS = ("file", "name", "category_id", "score", "x1", "y1", "x2", "y2")
+
+
+@dataclass(frozen=True)
+class ImageOutputs:
+    """The files a run writes for each image, beside its record: its annotated picture ``out/PICTURE``, its objects
+    ``out/crops/CLASS/PICTURE-K.EXT`` and its YOLO label file ``out/labels/PICTURE.txt`` (PICTURE keeps the
+    input's subfolders)."""
+
+    out: pathlib.Path
+    picture: bool = True
+    crops: bool = False
+    labels: bool = False
+
+    @property
+    def any(self) -> bool:
+        return self.picture or self.crops or self.labels
+
+    def write(self, found: Detections, relative: pathlib.PurePosixPath) -> None:
+        """Write the files of one image; an OSError names the file that could not be written."""
+        if self.picture:
+            found.save(self.out / relative)
+        if self.crops:
+            found.save_crops(self.out / CROPS_FOLDER, relative)
+        if self.labels:
+            found.save_txt(self.out / LABELS_FOLDER / relative.with_suffix(".txt"))
+
+    def prepare(self, class_names: Sequence[str]) -> None:
+        """Before the run: the class list that label files index into (index i on line i + 1)."""
+        if self.labels:
+            folder = self.out / LABELS_FOLDER
+            folder.mkdir(parents=True, exist_ok=True)
+            with atomic_open(folder / CLASS_LIST, "w", encoding="utf-8") as out:
+                out.write("".join(f"{name}\n" for name in class_names))
+
+
+def write_csv(path: pathlib.Path, records: Iterable[dict[str, Any]]) -> int:
+    """Write the detections of ``records`` (see :func:`image_record`) as CSV, one row per detection with
+    :data:`CSV_COLUMNS` (the box in pixels, x2/y2 exclusive as in the records' bbox), atomically; records of failed
+    inputs have no rows. Returns the number of rows."""
+    rows = 0
+    with atomic_open(path, "w", encoding="utf-8") as out:
+        table = csv.writer(out, lineterminator="\n")
+        table.writerow(CSV_COLUMNS)
+        for record in records:
+            for found in record.get("detections") or ():
+                x, y, w, h = found["bbox"]
+                table.writerow([record["file"], found["name"], found["category_id"], found["score"], x, y,
+                                round(x + w, 2), round(y + h, 2)])
+                rows += 1
+    return rows
+
+
+def display_problem() -> str | None:
+    """Why no window can be shown here (no display on Linux), or None when one may be."""
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        return ("--show: expected a display (DISPLAY or WAYLAND_DISPLAY set), got none (a server or SSH session?); "
+                "the pictures are written to --out anyway")
+    return None
+
+
+class DisplayError(RuntimeError):
+    """No window can be shown (no display, or no interactive matplotlib backend)."""
+
+
+class Viewer:
+    """One matplotlib window, redrawn with each annotated picture as results come (main thread only: GUI toolkits
+    want it)."""
+
+    def __init__(self) -> None:
+        problem = display_problem()
+        if problem is not None:
+            raise DisplayError(problem)
+        import matplotlib
+        from matplotlib import pyplot as plt
+
+        if matplotlib.get_backend().lower() in ("agg", "pdf", "ps", "svg", "cairo", "template"):
+            raise DisplayError(f"--show: expected an interactive matplotlib backend (TkAgg, QtAgg...), got "
+                               f"{matplotlib.get_backend()!r} (install tkinter or PyQt, or set MPLBACKEND)")
+        self._plt = plt
+        self._figure, self._axes = plt.subplots()
+
+    def show(self, found: Detections, title: str) -> None:
+        if not self._plt.fignum_exists(self._figure.number):
+            return  # the user closed the window: the run goes on without it
+        self._axes.clear()
+        found.plot(ax=self._axes)
+        self._axes.set_title(title)
+        self._plt.pause(0.001)  # lets the toolkit draw; the loop does not wait for the user
+
+
+class JsonReport:
+    """``detections.json`` of ``ssd detect``, rewritten atomically as results come (every ``SAVE_EVERY_S`` seconds
+    and at the end), so that an interrupted or crashed run keeps what it had done. Records may come from several
+    threads."""
+
+    SAVE_EVERY_S = 5.0
+
+    def __init__(self, path: pathlib.Path, header: dict, size: int, skipped: list[tuple[str, str]]) -> None:
+        self.path, self.header, self.skipped = path, header, skipped
+        self.records: list[dict | None] = [None] * size
+        self.saved_at = time.monotonic()
+        self._lock = threading.RLock()
+
+    def add(self, index: int, record: dict) -> None:
+        with self._lock:
+            self.records[index] = record
+            if time.monotonic() - self.saved_at >= self.SAVE_EVERY_S:
+                try:
+                    self.save()
+                except OSError as exc:
+                    # A full disk now and then must not end the run: the results stay in memory for the next save.
+                    print(f"warning: could not update {self.path}: {exc}", file=sys.stderr)
+                    self.saved_at = time.monotonic()
+
+    def skip(self, name: str, error: str) -> None:
+        with self._lock:
+            self.skipped.append((name, error))
+
+    @property
+    def done(self) -> list[dict]:
+        with self._lock:
+            return [r for r in self.records if r is not None]
+
+    def save(self) -> None:
+        with self._lock:
+            write_json(self.path, {**self.header, "images": self.done,
+                                    "skipped": [{"file": name, "error": error} for name, error in self.skipped]})
+            self.saved_at = time.monotonic()
 
 
 def summary(names: Sequence[str], scores: Sequence[float], most: int = 5) -> str:
@@ -93,7 +260,10 @@ class PictureWriter:
     :meth:`abort` lets the picture being written finish and drops the queued ones (an interrupted run).
     """
 
-    def __init__(self, depth: int = 16, done: Done | None = None) -> None:
+    def __init__(self, depth: int = 16, done: Done | None = None,
+                 write: Callable[[Detections, Any], Any] | None = None) -> None:
+        # write(found, path) writes the files of one image (default: its picture at path, found.save).
+        self._write = write if write is not None else (lambda found, path: found.save(path))
         self._queue: queue.Queue[tuple[int, Detections, pathlib.Path, Any] | None] = queue.Queue(maxsize=depth)
         self.written: dict[int, pathlib.Path] = {}
         self.errors: dict[int, str] = {}
@@ -115,7 +285,7 @@ class PictureWriter:
             index, found, path, record = job
             error = None
             try:
-                self.written[index] = found.save(path)
+                self.written[index] = self._write(found, path)
             except Exception as exc:  # noqa: BLE001 - the thread must keep draining the queue, or put() hangs
                 error = self.errors[index] = f"cannot write {path}: {exc}"
                 if record is not None:
@@ -150,20 +320,24 @@ def run_jobs(backend: Any, jobs: Sequence[Job], indices: Sequence[int], options:
              pictures: Sequence[pathlib.PurePosixPath | None], *, emit: Done, failed: Callable[[int, str], None],
              log_results: bool = True, progress: bool = True) -> None:
     """Detect ``jobs[i]`` for ``i`` in ``indices`` (in that order) with ``backend``: ``emit(i, record, None)`` for each
-    image, after its picture ``options.out / pictures[i]`` is written (``emit(i, record, why)`` with picture None
-    when it cannot be; no picture when ``pictures[i]`` is None); ``failed(i, error)`` for an input that cannot be
-    read. Prints a line per image (``log_results``) and a progress bar (``progress``).
+    image, after its files (``options.outputs``: the picture ``options.out / pictures[i]``, crops and label file
+    named after it) are written (``emit(i, record, why)`` with picture None when they cannot be);
+    ``failed(i, error)`` for an input that cannot be read. Prints a line per image (``log_results``) and a progress
+    bar (``progress``); with ``options.show``, shows each picture.
 
     An exception (Ctrl-C included) stops the run: the picture being written is finished, the queued ones are not,
     so every record emitted has its picture; the exception then propagates.
     """
     from tqdm.auto import tqdm
 
-    stream = detect_iter(backend, [jobs[i].source for i in indices], threshold=options.threshold,
-                         batch_size=options.batch_size, keep_images=options.pictures, skip_errors=True)
+    viewer = Viewer() if options.show else None  # first: without a display, nothing is run
+    outputs = options.outputs
+    outputs.prepare(list(backend.names))
+    stream = detect_iter(backend, [jobs[i].source for i in indices], keep_images=options.keep_images,
+                         skip_errors=True, **options.detect_arguments())
     bar = tqdm(total=len(indices), unit="image", disable=not progress or len(indices) < _PROGRESS_FROM,
                file=sys.stderr)
-    writer = PictureWriter(done=emit)
+    writer = PictureWriter(done=emit, write=outputs.write)
     try:
         with bar:
             for position, result in stream:
@@ -175,14 +349,17 @@ def run_jobs(backend: Any, jobs: Sequence[Job], indices: Sequence[int], options:
                     tqdm.write(f"skipped {name}: {result}", file=sys.stderr)
                     continue
                 picture = pictures[index]
-                record = image_record(name, result, picture.as_posix() if picture is not None else None)
-                if picture is not None:
-                    writer.put(index, result, options.out / picture, record)
+                record = image_record(name, result, picture.as_posix() if options.pictures else None)
+                if outputs.any:
+                    writer.put(index, result, picture, record)
                 else:
                     emit(index, record, None)
                 if log_results:
                     height, width = result.image_size
-                    tqdm.write(f"{name} ({width}x{height}): {summary(result.names, result.scores)}")
+                    took = f" ({sum(result.speed.values()):.0f} ms)" if result.speed else ""
+                    tqdm.write(f"{name} ({width}x{height}): {summary(result.names, result.scores)}{took}")
+                if viewer is not None:
+                    viewer.show(result, name)
                 # Only the current batch and the writer's queue keep images alive: memory stays bounded on long lists.
                 del result
     except BaseException:

@@ -36,7 +36,7 @@ REASONS: frozenset[str] = frozenset({
     "short_body",    # the body ended before the Content-Length the server announced
     "html",          # a web page (or a JSON message) came back instead of the file
     "content_type",  # the Content-Type is not one the policy accepts
-    "redirects",     # too many redirects
+    "redirects",     # too many redirects, or a redirect to a URL that is not http(s) (file://, ftp://)
 })
 
 _URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)://")
@@ -369,6 +369,12 @@ def _request_error(url: str, exc: BaseException) -> DownloadError | ValueError:
         return DownloadError(url, "redirects", what)
     if isinstance(exc, (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema,
                         requests.exceptions.MissingSchema)):
+        # requests names the URL it could not use: when that is not the one given, a redirect led there, and the
+        # fault is the server's answer, not the caller's URL.
+        named = re.search(r"'([^']+)'", str(exc))
+        if named is not None and named.group(1) != url:
+            return DownloadError(url, "redirects", f"the server redirected to {named.group(1)!r}, which is not an "
+                                                   "http(s) URL (only http and https redirects are followed)")
         return ValueError(f"url: expected a valid http(s) URL, got {url!r} ({what})")
     return DownloadError(url, "connection", what)
 

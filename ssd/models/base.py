@@ -32,7 +32,9 @@ class Detector(nn.Module):
 
     @property
     def names(self) -> list[str]:
-        """The class names: label ``k`` is ``names[k - 1]`` (label 0 is background)."""
+        """The class names, in label order. Labels are 1-based: label ``k`` (1..K) is ``names[k - 1]``, and label 0
+        is the background, never a detection. Dataset category ids (COCO's 1..90 with gaps) are
+        ``spec.classes.category_ids`` in the same order."""
         return list(self.spec.classes.names)
 
     @property

@@ -1,8 +1,8 @@
 """Training pieces for every detector, read from its spec: target encoding, the multibox loss, the training
 augmentation and the training loop.
 
-The names are imported on first use (PEP 562), so that the command line, which imports ``ssd.training.cli``,
-does not load torch for ``--help``.
+The names are imported on first use (PEP 562), so that ``import ssd.training`` costs nothing until a
+name is used.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""``python -m ssd train`` (fine-tune any registered model on a COCO-format dataset) and ``python -m ssd
-make-shapes`` (a synthetic COCO-format demo set). Wired into :mod:`ssd.cli` with :func:`add_parser` and :func:`run`.
+"""``ssd train`` (fine-tune any registered model on a COCO-format dataset) and ``ssd make-shapes`` (a synthetic
+COCO-format demo set).
 
 ``torchrun --nproc-per-node K -m ssd train ...`` trains with K processes (see :mod:`ssd.training.loop`); every rank
 runs the same checks, and all stop together when one fails, so no process is left waiting for the others.
@@ -17,28 +17,23 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from ..registry import list_models
+from . import common
+from .common import UsageError as _UsageError
 
-__all__ = ["COMMANDS", "add_parser", "run"]
+__all__ = ["register", "run"]
 
-COMMANDS = ("train", "make-shapes")
 _PREVIOUS_RUN = ("last.pt", "metrics.jsonl")
 # make-shapes: sides of at most this many pixels (a 4096 x 4096 RGB image is 48 MB in memory).
 MAX_SHAPES_SIDE = 4096
 DEFAULT_TIMEOUT_MINUTES = 30
 
 
-class _UsageError(Exception):
-    """A bad argument or input: printed as one line, exit status 2."""
-
-
 class _RunError(Exception):
     """The run failed after it started: printed as one line, exit status 1."""
 
 
-def add_parser(subparsers: Any) -> None:
-    """Add the ``train`` and ``make-shapes`` subcommands to an ``argparse`` subparsers object."""
-    models = list_models()
+def register(subparsers: Any) -> None:
+    """Add ``train`` and ``make-shapes`` to the ``ssd`` command line."""
     train = subparsers.add_parser(
         "train", help="fine-tune a model on a COCO-format dataset",
         description="Fine-tune a detector (NVIDIA's training recipe, for every model) on a COCO-format dataset (or a "
@@ -53,20 +48,16 @@ def add_parser(subparsers: Any) -> None:
                             "--images/--annotations (and --val-*): its train split trains, its val split validates")
     train.add_argument("--out", required=True, type=pathlib.Path,
                        help="output folder: last.pt, best.pt (with validation), metrics.jsonl")
-    train.add_argument("--model", choices=models, default=models[0], metavar="NAME",
-                       help=f"the model to train: {', '.join(models)} (default {models[0]})")
+    common.add_model(train, files=False)
     train.add_argument("--val-images", type=pathlib.Path, help="folder of the validation images")
     train.add_argument("--val-annotations", type=pathlib.Path, help="COCO-format validation annotations")
     train.add_argument("--val-every", type=int, default=1, metavar="N",
                        help="validate after every N epochs, and after the last (default 1)")
     train.add_argument("--eval-batch-size", type=int, default=None,
                        help="images per forward pass in validation (default: --batch-size)")
-    train.add_argument("--checkpoint", default=None,
-                       help="weights to start from: a file or URL; 'none' for random weights (needs far longer "
-                            "training); default SSD_CHECKPOINT, else the model's published COCO weights (downloaded "
-                            "once)")
+    common.add_checkpoint(train, "weights to start from; 'none' for random weights (needs far longer training)")
     train.add_argument("--epochs", type=int, default=65, help="total epochs (default 65, NVIDIA's)")
-    train.add_argument("--batch-size", type=int, default=32, help="images per iteration and process (default 32)")
+    common.add_batch_size(train, 32, "per iteration and process")
     train.add_argument("--lr", type=float, default=None,
                        help="base learning rate (default 2.6e-3 x global batch / 32, NVIDIA's scaling)")
     train.add_argument("--warmup-iterations", type=int, default=300, help="linear warmup length (default 300)")
@@ -74,11 +65,9 @@ def add_parser(subparsers: Any) -> None:
                        help="step: the rate x0.1 at each milestone (default, NVIDIA's); cosine: down to 0 over the run")
     train.add_argument("--milestones", default=None, metavar="F1,F2",
                        help="step milestones as fractions of the run, e.g. 0.66,0.83 (default NVIDIA's 43/65,54/65)")
-    train.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                       help="fp32 (default), bf16 autocast, or fp16 autocast with loss scaling (CUDA)")
-    train.add_argument("--workers", type=int, default=None,
-                       help="DataLoader worker processes per training process (default: up to 8 on CUDA within the "
-                            "process's share of the cores; on CPU a quarter of them, 1 to 4)")
+    common.add_precision(train, "fp16 trains with loss scaling")
+    common.add_workers(train, None, "per training process; default: up to 8 on CUDA within the process's share of "
+                                    "the cores, on CPU a quarter of them, 1 to 4")
     train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     train.add_argument("--no-augment", action="store_true", help="no augmentation: only resize and normalise")
     train.add_argument("--skip-bad-images", action="store_true",
@@ -86,7 +75,7 @@ def add_parser(subparsers: Any) -> None:
     train.add_argument("--resume", type=pathlib.Path, default=None, metavar="OUT/last.pt",
                        help="continue a run from its last.pt (epoch, iteration, schedule and metrics continue)")
     train.add_argument("--force", action="store_true", help="start afresh in an --out that holds a previous run")
-    train.add_argument("--device", default="auto", help="auto (default: cuda when available), cpu, cuda, cuda:1")
+    common.add_device(train, default="auto")
     train.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across torchrun processes (CUDA)")
     train.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_MINUTES, metavar="MINUTES",
                        help=f"under torchrun, how long a process waits for the others before giving up (default "
@@ -94,6 +83,7 @@ def add_parser(subparsers: Any) -> None:
     train.add_argument("--log-every", type=int, default=20, help="metrics line every N iterations (default 20)")
     # For smoke tests and quick checks only: cut every epoch short.
     train.add_argument("--max-iterations-per-epoch", type=int, default=None, help=argparse.SUPPRESS)
+    train.set_defaults(run=run)
 
     shapes = subparsers.add_parser(
         "make-shapes", help="write a synthetic COCO-format dataset of coloured shapes",
@@ -105,6 +95,7 @@ def add_parser(subparsers: Any) -> None:
     shapes.add_argument("--size", default="300x300",
                         help=f"WxH in pixels, or one number, 32 to {MAX_SHAPES_SIDE} (default 300x300)")
     shapes.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    shapes.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -123,14 +114,8 @@ def run(args: argparse.Namespace) -> int:
 def _error(message: str) -> None:
     from .. import distributed
 
-    if distributed.is_main():
-        # One line: multi-line messages (a list of URLs tried) are joined.
-        print("error: " + " ".join(line.strip() for line in message.splitlines() if line.strip()), file=sys.stderr)
-
-
-def _check_min(name: str, value: int | None, minimum: int) -> None:
-    if value is not None and value < minimum:
-        raise _UsageError(f"{name}: expected an integer >= {minimum}, got {value}")
+    if distributed.is_main():  # every rank fails alike; one says so
+        common.fail(message)
 
 
 def _parse_size(text: str) -> tuple[int, int]:
@@ -149,8 +134,8 @@ def _parse_size(text: str) -> tuple[int, int]:
 def _run_make_shapes(args: argparse.Namespace) -> int:
     from ..data.synthetic import make_shapes_dataset
 
-    _check_min("--images", args.images, 1)
-    _check_min("--seed", args.seed, 0)
+    common.check_int("--images", args.images, 1)
+    common.check_int("--seed", args.seed, 0)
     size = _parse_size(args.size)
     try:
         annotations = make_shapes_dataset(args.out, args.images, image_size=size, seed=args.seed)
@@ -164,7 +149,7 @@ def _parse_milestones(text: str | None, epochs: int) -> tuple[int, ...] | None:
     """``--milestones 0.66,0.83`` -> milestone epochs of this run (None: NVIDIA's, scaled)."""
     if text is None:
         return None
-    from .schedule import milestones_from_fractions
+    from ..training.schedule import milestones_from_fractions
 
     try:
         fractions = [float(part) for part in text.split(",")]
@@ -187,15 +172,15 @@ def _check_train_args(args: argparse.Namespace) -> None:
             raise _UsageError("--resume/--force: expected one of them, got both")
         _check_previous_run(args)
         _convert_yolo_data(args)
-    _check_min("--epochs", args.epochs, 1)
-    _check_min("--batch-size", args.batch_size, 2)  # BatchNorm on the 1 x 1 map needs two
-    _check_min("--warmup-iterations", args.warmup_iterations, 0)
-    _check_min("--workers", args.workers, 0)
-    _check_min("--seed", args.seed, 0)
-    _check_min("--log-every", args.log_every, 1)
-    _check_min("--val-every", args.val_every, 1)
-    _check_min("--eval-batch-size", args.eval_batch_size, 1)
-    _check_min("--max-iterations-per-epoch", args.max_iterations_per_epoch, 1)
+    common.check_int("--epochs", args.epochs, 1)
+    common.check_int("--batch-size", args.batch_size, 2)  # BatchNorm on the 1 x 1 map needs two
+    common.check_int("--warmup-iterations", args.warmup_iterations, 0)
+    common.check_int("--workers", args.workers, 0)
+    common.check_int("--seed", args.seed, 0)
+    common.check_int("--log-every", args.log_every, 1)
+    common.check_int("--val-every", args.val_every, 1)
+    common.check_int("--eval-batch-size", args.eval_batch_size, 1)
+    common.check_int("--max-iterations-per-epoch", args.max_iterations_per_epoch, 1)
     if args.lr is not None and not (args.lr > 0 and args.lr < float("inf")):
         raise _UsageError(f"--lr: expected a positive number, got {args.lr}")
     if args.milestones is not None and args.schedule != "step":
@@ -347,9 +332,9 @@ def _interrupted(message: str) -> int:
 def _run_train(args: argparse.Namespace) -> int:
     from .. import distributed
     from ..data.coco_format import AnnotationFileError
+    from ..training.loop import NonFiniteLossError, TrainConfig, TrainingInterrupted, train
+    from ..training.outputs import RunOutputError
     from ..weights.checkpoints import InvalidCheckpointError
-    from .loop import NonFiniteLossError, TrainConfig, TrainingInterrupted, train
-    from .outputs import RunOutputError
 
     try:
         rank, world, device = _setup(args)
