@@ -24,7 +24,7 @@ from ssd.data.synthetic import make_shapes_dataset
 from ssd.models import SSD300
 from ssd.models.ssd300_resnet50 import nvidia_spec
 from ssd.registry import build_model
-from ssd.training import loop
+from ssd.training import checkpointing
 from ssd.training.loop import TrainConfig, lr_factor, train
 from ssd.weights import TRAIN_FORMAT, InvalidCheckpointError, read_checkpoint
 
@@ -347,13 +347,13 @@ def test_trained_checkpoint_loads_with_the_dataset_classes(first_run, shapes, mo
 
 def test_starting_from_a_trained_checkpoint_keeps_heads_only_for_the_same_classes(first_run):
     same = SSD300(nvidia_spec(class_names=tuple(NAMES), category_ids=tuple(IDS)))
-    kept = loop._initialise_from(same, first_run / "last.pt", None)
+    kept = checkpointing.initialise_from(same, first_run / "last.pt", None)
     assert kept["skipped"] == 0 and kept["loaded"] == len(same.state_dict())
     trained = torch.load(first_run / "last.pt", map_location="cpu", weights_only=True)["state_dict"]
     assert torch.equal(same.state_dict()["conf.0.weight"], trained["conf.0.weight"])
     # Three classes again, but other ones: the heads start afresh.
     other = SSD300(nvidia_spec(class_names=("cat", "dog", "cow")))
-    assert loop._initialise_from(other, first_run / "last.pt", None)["skipped"] == 12
+    assert checkpointing.initialise_from(other, first_run / "last.pt", None)["skipped"] == 12
     assert not torch.equal(other.state_dict()["conf.0.weight"], trained["conf.0.weight"])
 
 
