@@ -370,7 +370,7 @@ def _run(config: TrainConfig, device: torch.device, rank: int, world: int, model
                             metrics_path, checkpoint_path, progress, reporter)
     last_epoch_loss, epoch = float("nan"), start_epoch - 1
     final_iteration = progress.iteration + iters_per_epoch * max(0, config.epochs - start_epoch)
-    run_started, stopped = time.perf_counter(), None
+    run_started, stopped, reported = time.perf_counter(), None, 0.0
     try:
         for epoch in range(start_epoch, config.epochs):
             epoch_started = time.perf_counter()
@@ -390,7 +390,10 @@ def _run(config: TrainConfig, device: torch.device, rank: int, world: int, model
                         "loss": finite(last_epoch_loss), "lr": finite(lr_used),  # the epoch's last iteration's
                         "images": images_seen, "skipped_images": skipped, "seconds": round(elapsed, 3),
                         "images_per_second": round(images_seen / elapsed, 3) if elapsed > 0 else None,
+                        # What the progress bar, epoch line and result files cost since the last epoch record.
+                        "reporting_seconds": round(reporter.seconds - reported, 4),
                     })
+                    reported = reporter.seconds
                     if validation is not None:
                         write_metrics(metrics_path, {"type": "validation", "epoch": epoch,
                                                      "iteration": progress.iteration, **validation, "best": improved})
