@@ -129,6 +129,7 @@ def write_results_png(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike
     pixels). Drawn on a Figure of its own with the Agg canvas: no pyplot state, safe beside notebooks and threads."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FormatStrFormatter, MaxNLocator
 
     figure = Figure(figsize=(6.4, 4.8), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
@@ -148,8 +149,9 @@ def write_results_png(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike
         axes.set_xlabel("epoch", fontsize=8)
         axes.tick_params(labelsize=7)
         axes.grid(True, alpha=0.3)
-        if key == "lr":
-            axes.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+        # Plain numbers on the ticks: matplotlib's offset text ("1e-4") would sit on the panel's title.
+        axes.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
     if title:
         figure.suptitle(title, fontsize=10)
     with atomic_path(path) as tmp:
