@@ -103,7 +103,8 @@ class SchedulePlan:
                      else "no milestone")
         else:
             shape = "cosine down to 0"
-        return f"{self.schedule} schedule of {self.epochs} epochs ({shape}), warmup {self.warmup_iters} iterations"
+        epochs = f"{self.epochs} epoch{'s' if self.epochs != 1 else ''}"
+        return f"{self.schedule} schedule of {epochs} ({shape}), warmup {self.warmup_iters} iterations"
 
     def as_dict(self) -> dict[str, Any]:
         """Plain values (a checkpoint loads with ``weights_only=True``)."""
