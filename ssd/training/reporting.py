@@ -133,7 +133,7 @@ def write_results_png(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike
 
     figure = Figure(figsize=(6.4, 4.8), dpi=100)
     # Fixed margins: the constrained layout engine would double the cost of every redraw.
-    figure.subplots_adjust(left=0.1, right=0.97, bottom=0.1, top=0.9, wspace=0.3, hspace=0.55)
+    figure.subplots_adjust(left=0.1, right=0.97, bottom=0.1, top=0.87, wspace=0.3, hspace=0.6)
     FigureCanvasAgg(figure)
     panels = (("loss", "mean loss"), ("lr", "learning rate (last iteration)"), ("mAP", "val mAP@[.5:.95]"),
               ("AP50", "val AP50"))
