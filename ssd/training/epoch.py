@@ -46,7 +46,7 @@ def reduce_sum(values: list[float], device: torch.device, world: int) -> list[fl
     if world == 1:
         return values
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    torch.distributed.allreduce_sum(tensor)
+    torch.distributed.all_reduce(tensor)
     return tensor.tolist()
 
 
