@@ -242,3 +242,22 @@ def test_light_recipe_never_crops_and_none_is_the_evaluation_path():
     # "none" ignores the options: they are augmentation.
     with_options = SSDAugmentation(NVIDIA_INPUT, augment="none", zoom_out=True, scale_jitter=True)
     assert all(torch.equal(a, b) for a, b in zip(with_options(image, boxes, torch.tensor([1])), plain))
+
+
+def test_epoch_line_and_a_silent_rank(tmp_path, capsys):
+    from ssd.training.reporting import Reporter, epoch_line
+
+    validation = {"mAP": 0.412, "AP50": 0.701}
+    line = epoch_line(3, 9, 2.13454, 41.23, validation, True, 663.0, "last.pt and best.pt")
+    assert line == ("epoch 3 done: loss 2.1345, validation: mAP 0.4120 (best), AP50 0.7010, 41.2s, ETA 11m03s; "
+                    "saved last.pt and best.pt")
+    assert epoch_line(9, 9, 1.0, 5.0, None, False, 0.0, "last.pt") == "epoch 9 done: loss 1.0000, 5.0s; saved last.pt"
+    # Another rank than 0 reports nothing and writes nothing, whatever it is asked.
+    messages = []
+    quiet = Reporter(tmp_path, main=False, log=messages.append, progress=True, tensorboard=True, fresh=True)
+    quiet.start_epoch(0, 1, 4)
+    quiet.iteration(1, 1.0, 0.1, 2.0, True)
+    quiet.end_epoch()
+    quiet.epoch_done(line, 1.0, validation, 1, tmp_path / "metrics.jsonl")
+    quiet.close()
+    assert messages == [] and list(tmp_path.iterdir()) == [] and capsys.readouterr() == ("", "")
