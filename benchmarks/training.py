@@ -11,6 +11,14 @@ Workers (``--workers-compare``): the real loop (:func:`ssd.training.train`, augm
 in the same run, alternating ``--rounds`` times, each also while ``--busy N`` processes spin on the CPU (another job
 holding cores); a run's images/s is the median of its per-iteration figures after the first (worker start-up).
 Run: ``python -m benchmarks --suite training -- --workers-compare [--busy 0,1] [--iterations 6] [--batch 4]``.
+
+Reporting (``--reporting``): the cost of what a run shows and writes for people (the progress bar, the line per
+epoch, ``results.csv``, ``results.png``, and TensorBoard with ``--tensorboard``), timed inside a real run of
+:func:`ssd.training.train` on a shapes set with validation (the summary's ``reporting_seconds_per_epoch``), against
+the epoch's training time (``seconds`` of its ``epoch`` record, validation excluded: the smaller denominator). The
+first epoch also pays the one-time imports (matplotlib, tqdm, TensorBoard) and is reported apart. Run:
+``python -m benchmarks --suite training -- --reporting [--model ssdlite320_mobilenet_v2] [--batch 8]
+[--iterations 8] [--epochs 4] [--tensorboard]``.
 """
 from __future__ import annotations
 
@@ -34,7 +42,7 @@ from ssd.training.augment import SSDAugmentation
 from ssd.training.loop import EncodingCollate, build_optimizer
 from ssd.training.loss import SSDLoss
 
-__all__ = ["main", "measure_training", "measure_workers"]
+__all__ = ["main", "measure_reporting", "measure_training", "measure_workers"]
 
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -136,6 +144,33 @@ def measure_workers(model: str = "nvidia_ssd", batch_size: int = 4, iterations: 
              "rounds": rounds} for spinning, workers in configurations]
 
 
+def measure_reporting(model: str = "ssdlite320_mobilenet_v2", batch_size: int = 8, iterations: int = 8,
+                      epochs: int = 4, tensorboard: bool = False) -> dict[str, Any]:
+    """Seconds of reporting per epoch (bar, epoch line, results.csv/png, TensorBoard) inside one real run, against
+    the epochs' training seconds; the first epoch (one-time imports) apart from the median of the others."""
+    from ssd.training.loop import TrainConfig, train
+
+    with tempfile.TemporaryDirectory() as folder:
+        annotations = make_shapes_dataset(f"{folder}/data", batch_size * iterations, image_size=320, seed=0)
+        validation = make_shapes_dataset(f"{folder}/val", max(2, batch_size), image_size=320, seed=1)
+        summary = train(TrainConfig(annotations, f"{folder}/data/images", f"{folder}/out", model=model,
+                                    epochs=epochs, batch_size=batch_size, device="cpu", augment="light",
+                                    val_annotations=validation, val_images=f"{folder}/val/images",
+                                    progress=True, log=lambda message: None, tensorboard=tensorboard))
+        with open(f"{folder}/out/metrics.jsonl") as metrics:
+            records = [json.loads(line) for line in metrics]
+    seconds = [r["seconds"] for r in records if r["type"] == "epoch"]
+    reporting = summary["reporting_seconds_per_epoch"]
+    later = [r / s for r, s in zip(reporting[1:], seconds[1:])]
+    return {"model": model, "batch_size": batch_size, "iterations_per_epoch": iterations, "epochs": epochs,
+            "tensorboard": tensorboard, "threads": torch.get_num_threads(),
+            "epoch_seconds_median": round(statistics.median(seconds), 3),
+            "first_epoch_reporting_seconds": round(reporting[0], 3),
+            "reporting_seconds_median": round(statistics.median(reporting[1:]), 3) if later else None,
+            "overhead_percent_median": round(100 * statistics.median(later), 2) if later else None,
+            "overhead_percent_max": round(100 * max(later), 2) if later else None}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks --suite training --", description=__doc__)
     parser.add_argument("--device", default="cpu")
@@ -149,7 +184,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--busy", default="0,1", help="with --workers-compare: spinning processes beside it")
     parser.add_argument("--model", default="nvidia_ssd", help="with --workers-compare: the model")
     parser.add_argument("--rounds", type=int, default=2, help="with --workers-compare: alternating rounds")
+    parser.add_argument("--reporting", action="store_true",
+                        help="the cost of the progress bar, epoch lines and result files per epoch (see above)")
+    parser.add_argument("--epochs", type=int, default=4, help="with --reporting: epochs of the run")
+    parser.add_argument("--tensorboard", action="store_true", help="with --reporting: TensorBoard files too")
     args = parser.parse_args(argv)
+    if args.reporting:
+        model = args.model if args.model != "nvidia_ssd" else "ssdlite320_mobilenet_v2"
+        print(json.dumps(measure_reporting(model, args.batch, args.iterations, args.epochs, args.tensorboard),
+                         indent=2))
+        return
     if args.workers_compare:
         busy = [int(b) for b in args.busy.split(",")]
         rows = measure_workers(args.model, args.batch, args.iterations, busy, args.precisions.split(",")[0],

@@ -24,7 +24,7 @@ from ssd.data.synthetic import make_shapes_dataset
 from ssd.models import SSD300
 from ssd.models.ssd300_resnet50 import nvidia_spec
 from ssd.registry import build_model
-from ssd.training import loop
+from ssd.training import checkpointing
 from ssd.training.loop import TrainConfig, lr_factor, train
 from ssd.weights import TRAIN_FORMAT, InvalidCheckpointError, read_checkpoint
 
@@ -99,17 +99,23 @@ def test_finetune_refuse_resume_and_force(first_run, shapes, tmp_path, capsys):
     args = _train_args(shapes, out, "--resume", str(out / "last.pt"), "--epochs", "3", "--lr", "0.01",
                        "--warmup-iterations", "2", "--log-every", "2")
     assert main(args) == 0
-    assert "resumed from" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "resumed from" in printed
+    # The run continues the schedule it started with (issue 23): --epochs 3 only moves where it stops.
+    assert ("continues its step schedule of 1 epoch (x0.1 at epoch(s) 1, 1), warmup 2 iterations: epochs=3 only "
+            "moves where it stops; past epoch 0 the rate stays at its last value") in printed
     starts = _records(out, "start")
     assert len(starts) == 2 and starts[1]["resumed_from_epoch"] == 0 and starts[1]["iteration"] == 2
+    assert starts[1]["planned_epochs"] == 1 and starts[1]["warmup_iters"] == 2
     logged = _records(out, "iteration")
     # 3 is the first of this call, 4 and 6 are multiples of 2, 6 is the last; 5 is not logged.
     assert [r["iteration"] for r in logged] == [1, 2, 3, 4, 6]
-    milestones = TrainConfig("a", "b", "c", epochs=3).epoch_milestones()
+    milestones = TrainConfig("a", "b", "c", epochs=1).epoch_milestones()  # the first run's plan: (1, 1)
     for record in logged[2:]:
         expected = 0.01 * lr_factor(record["iteration"] - 1, 2, 2, milestones, 0.1)
         assert record["lr"] == pytest.approx(expected)
-    assert logged[2]["lr"] == pytest.approx(0.01)  # past the warmup: it was not restarted
+    # Past both milestones of the 1-epoch plan, and past the warmup: it was not restarted (that would give 0).
+    assert logged[2]["lr"] == pytest.approx(0.01 * 0.1 * 0.1)
     assert [(r["epoch"], r["iteration"]) for r in _records(out, "epoch")] == [(0, 2), (1, 4), (2, 6)]
     assert torch.load(out / "last.pt", map_location="cpu", weights_only=True)["iteration"] == 6
 
@@ -347,13 +353,13 @@ def test_trained_checkpoint_loads_with_the_dataset_classes(first_run, shapes, mo
 
 def test_starting_from_a_trained_checkpoint_keeps_heads_only_for_the_same_classes(first_run):
     same = SSD300(nvidia_spec(class_names=tuple(NAMES), category_ids=tuple(IDS)))
-    kept = loop._initialise_from(same, first_run / "last.pt", None)
+    kept = checkpointing.initialise_from(same, first_run / "last.pt", None)
     assert kept["skipped"] == 0 and kept["loaded"] == len(same.state_dict())
     trained = torch.load(first_run / "last.pt", map_location="cpu", weights_only=True)["state_dict"]
     assert torch.equal(same.state_dict()["conf.0.weight"], trained["conf.0.weight"])
     # Three classes again, but other ones: the heads start afresh.
     other = SSD300(nvidia_spec(class_names=("cat", "dog", "cow")))
-    assert loop._initialise_from(other, first_run / "last.pt", None)["skipped"] == 12
+    assert checkpointing.initialise_from(other, first_run / "last.pt", None)["skipped"] == 12
     assert not torch.equal(other.state_dict()["conf.0.weight"], trained["conf.0.weight"])
 
 

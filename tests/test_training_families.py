@@ -11,7 +11,7 @@ import torch
 from ssd.cli import main
 from ssd.data.synthetic import make_shapes_dataset
 from ssd.registry import build_model, get_entry, list_models
-from ssd.training import loop
+from ssd.training import batches, loop
 from ssd.weights import InvalidCheckpointError
 
 from helpers import REPO
@@ -36,7 +36,7 @@ def shapes(tmp_path_factory):
 def _spying(monkeypatch) -> dict[str, list]:
     """Record the spec every training piece of the loop is given."""
     seen: dict[str, list] = {"augmentation": [], "targets": [], "loss": []}
-    augmentation, encode, loss = loop.SSDAugmentation, loop.encode_targets, loop.SSDLoss
+    augmentation, encode, loss = loop.SSDAugmentation, batches.encode_targets, loop.SSDLoss
 
     def spy_augmentation(input_spec, **kwargs):
         seen["augmentation"].append(input_spec)
@@ -51,7 +51,7 @@ def _spying(monkeypatch) -> dict[str, list]:
         return loss(spec, **kwargs)
 
     monkeypatch.setattr(loop, "SSDAugmentation", spy_augmentation)
-    monkeypatch.setattr(loop, "encode_targets", spy_encode)
+    monkeypatch.setattr(batches, "encode_targets", spy_encode)
     monkeypatch.setattr(loop, "SSDLoss", spy_loss)
     return seen
 

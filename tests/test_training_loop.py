@@ -9,6 +9,7 @@ import torch
 
 from ssd.data.synthetic import make_shapes_dataset
 from ssd.models import SSD300
+from ssd.training import config as training_config
 from ssd.training import loop
 from ssd.training.loop import NonFiniteLossError, TrainConfig, build_optimizer, lr_factor, train
 from ssd.weights import read_checkpoint
@@ -69,8 +70,9 @@ def test_train_checkpoint_resume_and_nan_stop(shapes, tmp_path, monkeypatch):
     assert resumed["resumed_from_epoch"] == 0 and resumed["epochs_run"] == 1 and resumed["iterations"] == 4
     records = _metrics(out / "metrics.jsonl")
     assert [r["epoch"] for r in records] == [0, 1]
-    # Two epochs scale NVIDIA's milestones 43 and 54 of 65 to epochs 1 and 2: epoch 1 runs at a tenth.
-    assert records[1]["lr"] == pytest.approx(5e-4)
+    # The resumed run continues the schedule planned for 1 epoch (issue 23: it is not rescaled to 2), whose
+    # milestones (NVIDIA's 43 and 54 of 65, scaled) both round to epoch 1: epoch 1 runs at a hundredth.
+    assert records[1]["lr"] == pytest.approx(5e-5)
 
     def nan_loss(self, ploc, plabel, gloc, glabel):
         return (ploc.sum() + plabel.sum()) * float("nan")
@@ -138,7 +140,7 @@ def test_train_rejects_bad_config(shapes, tmp_path, overrides, error, message):
 
 
 def test_config_numbers_may_be_numpy_scalars_and_are_stored_as_python_numbers(shapes, tmp_path):
-    config = loop._check_config(_config(shapes, tmp_path, epochs=np.int64(3), lr=np.float32(0.5),
+    config = training_config.check_config(_config(shapes, tmp_path, epochs=np.int64(3), lr=np.float32(0.5),
                                         milestones=[np.int32(2)], momentum=1))
     assert (config.epochs, config.lr, config.milestones, config.momentum) == (3, 0.5, (2,), 1.0)
     assert type(config.epochs) is int and type(config.lr) is float and type(config.milestones[0]) is int

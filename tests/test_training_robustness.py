@@ -24,7 +24,7 @@ import torch
 from ssd.cli import main
 from ssd.data.synthetic import make_shapes_dataset
 from ssd.io.images import ImageLoadError
-from ssd.training import loop, outputs
+from ssd.training import batches, loop, outputs
 from ssd.training.loop import NonFiniteLossError, TrainConfig, TrainingInterrupted, train
 from ssd.training.outputs import RunFolder, RunOutputError, trim_metrics
 from ssd.training.schedule import lr_factor, milestones_from_fractions
@@ -441,13 +441,33 @@ def math_cos(fraction: float) -> float:
 
 
 def test_cosine_schedule_runs_and_resumes_on_the_same_curve(shapes, tmp_path):
+    """A resumed run continues the schedule it started with (issue 23); a cosine one cannot go past its end."""
     out = tmp_path / "out"
-    train(_config(shapes, out, epochs=2, max_iters_per_epoch=1, schedule="cosine", lr=0.01, log_every=1))
-    train(_config(shapes, out, epochs=4, max_iters_per_epoch=1, schedule="cosine", lr=0.01, log_every=1))
+    calls = []
+
+    def interrupt_at_epoch_2(model):
+        calls.append(len(calls))
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # Ctrl-C once epoch 2 is trained, before it is saved: last.pt holds epoch 1
+        return {"mAP": 0.1 * len(calls)}
+
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train(_config(shapes, out, epochs=4, max_iters_per_epoch=1, schedule="cosine", lr=0.01, log_every=1,
+                      validate=interrupt_at_epoch_2))
+    assert stopped.value.epoch == 1
+    # Another epoch count cannot stretch a cosine curve that reaches 0 at epoch 4: one error naming both.
+    with pytest.raises(ValueError, match=r"planned for 4 epochs.*expected epochs <= 4 to resume it, got 6"):
+        train(_config(shapes, out, epochs=6, max_iters_per_epoch=1, schedule="cosine", lr=0.01, log_every=1))
+    messages = []
+    train(_config(shapes, out, epochs=3, max_iters_per_epoch=1, schedule="cosine", lr=0.01, log_every=1,
+                  log=messages.append))
+    assert any("continues its cosine schedule of 4 epochs" in m and "epochs=3 only moves where it stops" in m
+               for m in messages), messages
     logged = {r["iteration"]: r["lr"] for r in _records(out, "iteration")}
-    # Iteration i (1-based) ran at the rate of step i - 1 of this run's curve: the resumed one is over 4 epochs.
+    # Iteration i (1-based) ran at the rate of step i - 1 of the curve planned when the run started, over 4 epochs.
+    assert logged[2] == pytest.approx(0.01 * 0.5 * (1 + math_cos(1 / 4)))
     assert logged[3] == pytest.approx(0.01 * 0.5 * (1 + math_cos(2 / 4)))
-    assert logged[4] == pytest.approx(0.01 * 0.5 * (1 + math_cos(3 / 4)))
+    assert sorted(logged) == [1, 2, 3]  # the killed epoch's iteration 3 was dropped and run again
 
 
 @pytest.mark.parametrize(("cores", "local_world", "device", "expected"), [
@@ -455,7 +475,7 @@ def test_cosine_schedule_runs_and_resumes_on_the_same_curve(shapes, tmp_path):
     (2, None, "cuda", 2), (16, None, "cuda", 8), (16, "4", "cuda", 4), (16, "8", "cuda", 2), (4, "8", "cuda", 1),
 ])
 def test_default_workers_feed_the_device_within_the_cores(cores, local_world, device, expected, monkeypatch):
-    monkeypatch.setattr(loop, "usable_cores", lambda: cores)
+    monkeypatch.setattr(batches, "usable_cores", lambda: cores)
     if local_world is None:
         monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     else:

@@ -47,7 +47,8 @@ def register(subparsers: Any) -> None:
                        help="a YOLO-format dataset (Ultralytics' data file: path, train, val, names) instead of "
                             "--images/--annotations (and --val-*): its train split trains, its val split validates")
     train.add_argument("--out", required=True, type=pathlib.Path,
-                       help="output folder: last.pt, best.pt (with validation), metrics.jsonl")
+                       help="output folder: last.pt, best.pt (with validation), metrics.jsonl, results.csv, "
+                            "results.png")
     common.add_model(train, files=False)
     train.add_argument("--val-images", type=pathlib.Path, help="folder of the validation images")
     train.add_argument("--val-annotations", type=pathlib.Path, help="COCO-format validation annotations")
@@ -60,7 +61,8 @@ def register(subparsers: Any) -> None:
     common.add_batch_size(train, 32, "per iteration and process")
     train.add_argument("--lr", type=float, default=None,
                        help="base learning rate (default 2.6e-3 x global batch / 32, NVIDIA's scaling)")
-    train.add_argument("--warmup-iterations", type=int, default=300, help="linear warmup length (default 300)")
+    train.add_argument("--warmup-iterations", type=int, default=None,
+                       help="linear warmup length (default: NVIDIA's 300, or 10%% of all iterations when fewer)")
     train.add_argument("--schedule", choices=("step", "cosine"), default="step",
                        help="step: the rate x0.1 at each milestone (default, NVIDIA's); cosine: down to 0 over the run")
     train.add_argument("--milestones", default=None, metavar="F1,F2",
@@ -69,11 +71,22 @@ def register(subparsers: Any) -> None:
     common.add_workers(train, None, "per training process; default: up to 8 on CUDA within the process's share of "
                                     "the cores, on CPU a quarter of them, 1 to 4")
     train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    train.add_argument("--no-augment", action="store_true", help="no augmentation: only resize and normalise")
+    train.add_argument("--augment", choices=("nvidia", "light", "none"), default=None,
+                       help="augmentation: nvidia (default: NVIDIA's crop, flip and colour jitter), light (flip and "
+                            "colour jitter, no crop) or none (only resize and normalise)")
+    train.add_argument("--no-augment", action="store_true", help="the same as --augment none")
+    train.add_argument("--zoom-out", action="store_true",
+                       help="add SSD's zoom-out: half of the time, the image on a canvas up to 4x its sides")
+    train.add_argument("--scale-jitter", action="store_true",
+                       help="add scale jitter: the image scaled to 0.5-1.5x the input size, cropped or padded to it")
+    train.add_argument("--patience", type=int, default=None, metavar="N",
+                       help="stop after N validations without a better mAP (best.pt keeps the best); needs "
+                            "--val-images and --val-annotations")
     train.add_argument("--skip-bad-images", action="store_true",
                        help="skip missing or unreadable training images (reported at the end) instead of stopping")
     train.add_argument("--resume", type=pathlib.Path, default=None, metavar="OUT/last.pt",
-                       help="continue a run from its last.pt (epoch, iteration, schedule and metrics continue)")
+                       help="continue a run from its last.pt (epoch, iteration, schedule and metrics continue; the "
+                            "schedule stays the one planned when the run started, --epochs only moves the end)")
     train.add_argument("--force", action="store_true", help="start afresh in an --out that holds a previous run")
     common.add_device(train, default="auto")
     train.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across torchrun processes (CUDA)")
@@ -81,6 +94,11 @@ def register(subparsers: Any) -> None:
                        help=f"under torchrun, how long a process waits for the others before giving up (default "
                             f"{DEFAULT_TIMEOUT_MINUTES})")
     train.add_argument("--log-every", type=int, default=20, help="metrics line every N iterations (default 20)")
+    train.add_argument("--quiet", action="store_true",
+                       help="no progress bar and no lines per epoch (errors still print)")
+    train.add_argument("--tensorboard", action="store_true",
+                       help="also write TensorBoard event files to OUT/tensorboard (pip install "
+                            "'ssd-hub[tensorboard]')")
     # For smoke tests and quick checks only: cut every epoch short.
     train.add_argument("--max-iterations-per-epoch", type=int, default=None, help=argparse.SUPPRESS)
     train.set_defaults(run=run)
@@ -181,6 +199,16 @@ def _check_train_args(args: argparse.Namespace) -> None:
     common.check_int("--val-every", args.val_every, 1)
     common.check_int("--eval-batch-size", args.eval_batch_size, 1)
     common.check_int("--max-iterations-per-epoch", args.max_iterations_per_epoch, 1)
+    common.check_int("--patience", args.patience, 1)
+    if args.no_augment and args.augment not in (None, "none"):
+        raise _UsageError(f"--no-augment/--augment: expected one of them, got both (--augment {args.augment})")
+    if args.tensorboard:
+        from ..training.reporting import check_tensorboard
+
+        try:
+            check_tensorboard()
+        except ImportError as exc:
+            raise _UsageError(str(exc)) from None
     if args.lr is not None and not (args.lr > 0 and args.lr < float("inf")):
         raise _UsageError(f"--lr: expected a positive number, got {args.lr}")
     if args.milestones is not None and args.schedule != "step":
@@ -191,6 +219,9 @@ def _check_train_args(args: argparse.Namespace) -> None:
     if args.val_images is None and (args.val_every != 1 or args.eval_batch_size is not None):
         raise _UsageError("--val-every/--eval-batch-size: expected with --val-images and --val-annotations, got "
                           "no validation set")
+    if args.val_images is None and args.patience is not None:
+        raise _UsageError("--patience: expected with --val-images and --val-annotations (it judges the validation "
+                          "mAP), got no validation set")
     if args.resume is not None and args.force:
         raise _UsageError("--resume/--force: expected one of them, got both")
     if not args.images.is_dir():
@@ -363,18 +394,22 @@ def _run_train(args: argparse.Namespace) -> int:
             for name in (*_PREVIOUS_RUN, "best.pt"):
                 (args.out / name).unlink(missing_ok=True)
         distributed.barrier()
-        if rank == 0 and init is None and args.resume is None:
+        if rank == 0 and init is None and args.resume is None and not args.quiet:
             print("starting from random weights (--checkpoint none): expect to need far more epochs than a "
                   "fine-tuning")
         config = TrainConfig(
             annotations=args.annotations, images=args.images, out_dir=args.out, model=args.model, epochs=args.epochs,
             batch_size=args.batch_size, lr=args.lr, warmup_iters=args.warmup_iterations, schedule=args.schedule,
             milestones=args.milestone_epochs, precision=args.precision, device=str(device), num_workers=args.workers,
-            seed=args.seed, augment=not args.no_augment, resume=args.resume if args.resume is not None else False,
+            seed=args.seed, augment="none" if args.no_augment else (args.augment or "nvidia"),
+            zoom_out=args.zoom_out, scale_jitter=args.scale_jitter, patience=args.patience,
+            resume=args.resume if args.resume is not None else False,
             init_checkpoint=init, init_source=label, max_iters_per_epoch=args.max_iterations_per_epoch,
             skip_bad_images=args.skip_bad_images, log_every=args.log_every, val_annotations=args.val_annotations,
             val_images=args.val_images, val_every=args.val_every, eval_batch_size=args.eval_batch_size,
-            sync_bn=args.sync_bn, log=lambda message: print(message, flush=True),
+            sync_bn=args.sync_bn, log=None if args.quiet else (lambda message: print(message, flush=True)),
+            # A bar on a terminal; in a log file (no terminal) the iteration lines of --log-every instead.
+            progress=not args.quiet and sys.stderr.isatty(), tensorboard=args.tensorboard,
         )
         try:
             summary = train(config)
@@ -392,12 +427,13 @@ def _run_train(args: argparse.Namespace) -> int:
                 return _interrupted("interrupted before an epoch was saved; nothing to resume")
             return _interrupted(f"interrupted: {exc.checkpoint} holds epoch {exc.epoch}; continue with --resume "
                                 f"{exc.checkpoint}")
-        if rank == 0:
+        if rank == 0 and not args.quiet:
             if summary["epochs_run"] == 0:
-                print(f"nothing to do: the run already has {args.epochs} epochs; raise --epochs to train longer")
+                print(f"nothing to do: the run already has {args.epochs} epochs; raise --epochs to train longer "
+                      "(the schedule continues as it was planned), or start a new run from it with --checkpoint")
             best = "" if summary["best_map"] is None else f", best mAP {summary['best_map']:.4f} in best.pt"
-            print(f"done: epoch {summary['epoch']}, iteration {summary['iterations']}, last.pt and metrics.jsonl "
-                  f"in {args.out}{best}")
+            print(f"done: epoch {summary['epoch']}, iteration {summary['iterations']}, last.pt, metrics.jsonl, "
+                  f"results.csv and results.png in {args.out}{best}")
         return 0
     except KeyboardInterrupt:
         return _interrupted("interrupted before training started; nothing to resume")

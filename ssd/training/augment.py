@@ -1,4 +1,13 @@
-"""NVIDIA's SSD training augmentation: random IoU-constrained crop, horizontal flip, resize, colour jitter, normalise.
+"""SSD training augmentation: NVIDIA's recipe (random IoU-constrained crop, horizontal flip, resize, colour jitter,
+normalise) by default, a light one, or none; with SSD's zoom-out and scale jitter as options.
+
+Recipes (``augment``): ``"nvidia"`` (the steps below; ``True`` means it), ``"light"`` (steps 2 to 5: flip and colour
+jitter, no crop, for data whose framing matters), ``"none"`` (steps 3 and 5: the evaluation path; ``False`` means
+it). Options, for any recipe but ``"none"``: ``zoom_out`` (torchvision's ``v2.RandomZoomOut``, as SSD's paper
+expands: half of the time the image is placed on a canvas 1 to 4 times its sides, filled with the model's mean colour,
+before the crop) and ``scale_jitter`` (``v2.ScaleJitter`` to 0.5..1.5 of the input size, keeping the aspect ratio,
+then ``v2.RandomCrop`` to the input size, padded with the mean colour where the image is smaller; after the flip).
+These two draw from torch's global generator (the DataLoader seeds it in every worker), not from ``generator``.
 
 The steps and their parameters follow NVIDIA's ``SSDTransformer`` (DeepLearningExamples, PyTorch/Detection/SSD):
 
@@ -24,6 +33,17 @@ range, mean and std. Rules with whole grey levels (``"antialias"``, ``"bilinear"
 as NVIDIA does; ``"torch_bilinear"`` jitters float pixels in [0, 1] before resizing, then normalises and resizes as
 ``detect`` does (without jitter the output is ``preprocess_for_detection``'s, exactly).
 
+Where torchvision.transforms.v2 is exact, it does the work: the crop, flip and colour adjustments are v2's
+functionals (``TF.crop``, ``TF.horizontal_flip``, ``TF.adjust_*``) on ``tv_tensors``. Its random transforms are not
+NVIDIA's, so the draws stay ours: ``v2.RandomIoUCrop`` samples differently (up to 40 trials per option, a fresh
+option only when all fail, scale and aspect drawn per trial, the centre rule applied after the IoU test), which
+changes the distribution of crops that tests/test_training_crop.py checks against NVIDIA's own code;
+``v2.RandomPhotometricDistort`` is the SSD paper's distortion (each change with probability 0.5, a channel
+shuffle), not NVIDIA's ``ColorJitter`` (all four changes, in a random order); ``v2.RandomHorizontalFlip`` and
+``v2.ColorJitter`` are the same operations but draw from the global generator, and ``generator`` must reproduce a
+run; ``v2.SanitizeBoundingBoxes`` drops boxes under one pixel of the output, where NVIDIA keeps every box with an
+area (see the end of ``__call__``).
+
 The patch is sampled in relative coordinates, as NVIDIA does, and then rounded to whole pixels; boxes are cropped
 with the rounded window so that they stay aligned with the pixels actually kept. Every random draw goes through
 ``torch`` (the given ``torch.Generator``, or the global RNG when None), so a seeded generator reproduces a run.
@@ -35,19 +55,38 @@ import math
 import numpy as np
 import torch
 from torchvision import tv_tensors
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from ..boxes import box_iou
 from ..models.spec import InputSpec
 from ..transforms import normalize, resize
 
-__all__ = ["CROP_MIN_IOUS", "MAX_CROP_ROUNDS", "SSDAugmentation"]
+__all__ = ["CROP_MIN_IOUS", "MAX_CROP_ROUNDS", "RECIPES", "SCALE_JITTER_RANGE", "ZOOM_OUT_SIDES", "SSDAugmentation",
+           "recipe_name"]
+
+RECIPES = ("nvidia", "light", "none")
+# SSD's zoom-out: the canvas is 1 to 4 times the image's sides (the paper's "expansion" up to 16x the area).
+ZOOM_OUT_SIDES = (1.0, 4.0)
+# Scale jitter: the image scaled to this range of the input size (aspect ratio kept) before a crop or pad to it.
+SCALE_JITTER_RANGE = (0.5, 1.5)
 
 # None: keep the whole image; -inf: any patch (NVIDIA's (None, None) option); the rest: minimum IoU with every box.
 CROP_MIN_IOUS: tuple[float | None, ...] = (None, 0.1, 0.3, 0.5, 0.7, 0.9, -math.inf)
 # Option draws after which the whole image is kept. With the keep-the-image option among seven, a call needs more
 # than this many draws with probability (6/7) ** 1000 < 1e-66: it only bounds option sets that lack that option.
 MAX_CROP_ROUNDS = 1000
+
+
+def recipe_name(augment: object) -> str:
+    """The recipe ``augment`` names: True -> "nvidia", False -> "none", or one of :data:`RECIPES`."""
+    if augment is True:
+        return "nvidia"
+    if augment is False:
+        return "none"
+    if isinstance(augment, str) and augment in RECIPES:
+        return augment
+    raise ValueError(f"augment: expected one of {', '.join(map(repr, RECIPES))} (or True/False), got {augment!r}")
 
 
 def _to_chw_uint8(image: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -87,12 +126,15 @@ class SSDAugmentation:
 
     Args:
         input_spec: the model's input (``model.spec.input``): output size, resize rule and normalisation.
-        augment: False gives the evaluation path: resize and normalise only.
+        augment: the recipe: "nvidia" (True), "light" or "none" (False: the evaluation path, resize and normalise
+            only); see the module docstring.
         generator: source of randomness; the global torch RNG when None.
         max_trials: patches tried per option draw before the option is drawn again (NVIDIA's: 1).
         crop_min_ious: the crop options (see :data:`CROP_MIN_IOUS`); ``(None,)`` disables cropping.
         flip_p: probability of the horizontal flip.
         color_jitter: False leaves colours alone (geometry-only augmentation).
+        zoom_out: add SSD's zoom-out (``v2.RandomZoomOut``) before the crop.
+        scale_jitter: add scale jitter (``v2.ScaleJitter`` and ``v2.RandomCrop``) after the flip.
 
     Call with ``image`` as an H x W x 3 uint8 numpy array or a 3 x H x W uint8 tensor, ``boxes`` an n x 4 array or
     tensor of ltrb pixel coordinates and ``labels`` n integers. Returns a 3 x S x S float32 tensor normalised as
@@ -103,12 +145,14 @@ class SSDAugmentation:
     def __init__(
         self,
         input_spec: InputSpec,
-        augment: bool = True,
+        augment: bool | str = True,
         generator: torch.Generator | None = None,
         max_trials: int = 1,
         crop_min_ious: tuple[float | None, ...] = CROP_MIN_IOUS,
         flip_p: float = 0.5,
         color_jitter: bool = True,
+        zoom_out: bool = False,
+        scale_jitter: bool = False,
     ) -> None:
         if not isinstance(input_spec, InputSpec):
             raise TypeError(f"input_spec: expected an InputSpec (model.spec.input), got {type(input_spec).__name__}")
@@ -122,7 +166,20 @@ class SSDAugmentation:
             raise ValueError(f"flip_p: expected a probability in [0, 1], got {flip_p!r}")
         self.input_spec = input_spec
         self.size = input_spec.size
-        self.augment = bool(augment)
+        self.recipe = recipe_name(augment)
+        self.augment = self.recipe != "none"
+        self.crop = self.recipe == "nvidia"
+        # The mean colour in 0..255 (the spec's mean is in its value range), the fill of zoom-out and padding.
+        fill = [round(min(255.0, max(0.0, m * 255 / input_spec.value_range))) for m in input_spec.mean]
+        self.zoom_out = None
+        if zoom_out and self.augment:
+            self.zoom_out = v2.RandomZoomOut(fill=fill, side_range=ZOOM_OUT_SIDES, p=0.5)
+        self.scale_jitter = None
+        if scale_jitter and self.augment:
+            self.scale_jitter = v2.Compose([
+                v2.ScaleJitter((self.size, self.size), scale_range=SCALE_JITTER_RANGE, antialias=True),
+                v2.RandomCrop((self.size, self.size), pad_if_needed=True, fill=fill),
+            ])
         self.generator = generator
         self.max_trials = max_trials
         self.crop_min_ious = tuple(crop_min_ious)
@@ -195,9 +252,13 @@ class SSDAugmentation:
         box_tensor, label_tensor = _check_targets(boxes, labels)
         bboxes = tv_tensors.BoundingBoxes(box_tensor, format="XYXY", canvas_size=(height, width))
 
+        if self.zoom_out is not None:
+            img, bboxes = self.zoom_out(img, bboxes)
+            height, width = int(img.shape[1]), int(img.shape[2])
+            box_tensor = bboxes.as_subclass(torch.Tensor)
         if self.augment:
             scale = torch.tensor([width, height, width, height], dtype=torch.float32)
-            sampled = self._sample_crop(box_tensor / scale)
+            sampled = self._sample_crop(box_tensor / scale) if self.crop else None
             patch = sampled[1] if sampled is not None else None
             if patch is not None:
                 centres = 0.5 * (box_tensor[:, :2] + box_tensor[:, 2:]) / scale[:2]
@@ -217,6 +278,8 @@ class SSDAugmentation:
             if float(torch.rand((), generator=self.generator)) < self.flip_p:
                 img = TF.horizontal_flip(img)
                 bboxes = TF.horizontal_flip(bboxes)
+            if self.scale_jitter is not None:
+                img, bboxes = self.scale_jitter(img, bboxes)
 
         crop_h, crop_w = int(img.shape[1]), int(img.shape[2])
         jitter = self.augment and self.color_jitter
