@@ -75,8 +75,8 @@ def test_version_answers_within_a_second_as_a_process():
 def test_every_command_is_registered_once_and_shares_the_options():
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices  # argparse keeps the subparsers here
-    assert list(commands) == ["detect", "evaluate", "train", "make-shapes", "export"]
-    assert COMMANDS == ("detect", "evaluate", "train", "export")
+    assert list(commands) == ["detect", "evaluate", "train", "make-shapes", "export", "convert"]
+    assert COMMANDS == ("detect", "evaluate", "train", "export", "convert")
     for name in ("detect", "evaluate", "train"):
         options = {o for action in commands[name]._actions for o in action.option_strings}
         assert {"--model", "--checkpoint", "--device", "--precision", "--batch-size"} <= options, name
@@ -90,7 +90,8 @@ def test_every_command_is_registered_once_and_shares_the_options():
     (["frobnicate"], "error: argument COMMAND: invalid choice: 'frobnicate'"),
     ([], "error: the following arguments are required: COMMAND"),
     (["detect", "--precision", "fp64"], "error: argument --precision: invalid choice: 'fp64'"),
-    (["evaluate", "--images", "x"], "error: the following arguments are required: --annotations"),
+    (["convert", "--from", "csv", "--to", "coco", "--data", "d.yaml", "--out", "a.json"],
+     "error: argument --from: invalid choice: 'csv'"),
     (["export", "--batch-size", "x", "--out", "m.onnx"], "error: argument --batch-size/--batch: invalid int value"),
     (["export", "--model", "yolo", "--out", "m.onnx"], "error: argument --model: invalid choice: 'yolo'"),
 ])
@@ -101,6 +102,13 @@ def test_usage_errors_are_one_line_and_status_2(argv, message, capsys):
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1, err
     assert "usage:" not in err
+
+
+def test_evaluate_needs_annotations_with_images_or_data(capsys):
+    # Not argparse's "required": --data DATA.yaml stands for both, so the command checks the pair itself.
+    assert main(["evaluate", "--images", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --images/--annotations: expected both (or --data DATA.yaml), got only one\n"
 
 
 @pytest.fixture(scope="module")
