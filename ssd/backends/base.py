@@ -22,6 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from ..copies import error_bases
 from ..models.spec import AnchorSpec, BoxCoderSpec, ClassSpec, DetectorSpec, InputSpec, PostProcessSpec
 from ..postprocess import OUTPUT_KINDS
 
@@ -29,7 +30,7 @@ __all__ = ["OUTPUT_KINDS", "Backend", "BackendError", "as_backend", "default_rec
            "is_detector", "local_spec", "nms_mismatch", "spec_of"]
 
 
-class BackendError(RuntimeError):
+class BackendError(*error_bases("backends.base.BackendError", RuntimeError)):
     """A runtime failed while running a model (an allocation, a kernel, outputs of the wrong shape); the message
     names the model's file."""
 
