@@ -18,6 +18,7 @@ from .inference.detections import picture_name
 from .inference.runs import Job, PictureWriter, RunOptions, picture_paths, run_jobs, summary
 from .io.files import write_json
 from .io.images import is_image_file, readable_extensions
+from .io.video import is_video_source, require_av
 from .models.spec import check_int, check_real
 from .registry import list_models
 from .training import cli as training_cli
@@ -41,6 +42,8 @@ examples:
   ssd detect photos/ street.jpg --out results  a folder (recursively) and a file
   ssd detect https://example.com/cat.jpg --threshold 0.5
   ssd detect photos/ --precision bf16 --batch-size 16
+  ssd detect clip.mp4 --vid-stride 2            a video: clip.mp4 annotated, and clip.jsonl per frame
+  ssd detect rtsp://camera.local/stream 0       a stream and webcam 0 (Ctrl-C ends them, keeping the files)
   SSD_CHECKPOINT=/path/to/nvidia_ssdpyt_fp32_190826.pt ssd detect photos/   offline weights
 
 `python -m ssd ...` is the same command.
@@ -53,6 +56,9 @@ output:
   picture, and each detection's name, COCO category id, score and bbox [x, y, width, height] in pixels).
   Unreadable inputs are reported and skipped; the exit code is then 1. An input given twice is detected once.
   --jsonl (and torchrun) writes detections.jsonl instead, one line per image as results come.
+  A video, stream or webcam gives OUT/<name>.mp4 (annotated, the input's size, its frame rate divided by
+  --vid-stride) and OUT/<name>.jsonl (per frame: frame, time in s, width, height, detections), written as
+  frames come; Ctrl-C finalises both (exit 130). Needs PyAV: pip install 'ssd-hub[video]'.
 
 """ + _EXAMPLES
 
@@ -65,7 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("detect", help="detect objects in images, folders or URLs",
                               description="Detect COCO objects with SSD300. With no INPUT, runs on sample photos.",
                               epilog=_DETECT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    run.add_argument("inputs", nargs="*", metavar="INPUT", help="image files, folders (searched recursively) or URLs")
+    run.add_argument("inputs", nargs="*", metavar="INPUT",
+                     help="image files, folders (searched recursively) or URLs; video files (mp4, avi, mkv, mov, "
+                          "webm), stream URLs (rtsp://, rtmp://, http(s) .mjpg/.m3u8) or a webcam index (0)")
     run.add_argument("--out", default="ssd-out", type=pathlib.Path, help="output folder (default: ./ssd-out)")
     run.add_argument("--threshold", type=float, default=0.4, help="minimum score, 0..1 (default 0.4)")
     run.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
@@ -84,6 +92,8 @@ def _parser() -> argparse.ArgumentParser:
                           "file")
     run.add_argument("--backend", choices=("onnxruntime", "openvino"), default=None,
                      help="runtime for --model FILE (default: onnxruntime for .onnx, openvino for .xml)")
+    run.add_argument("--vid-stride", type=int, default=1, metavar="N",
+                     help="videos and streams: detect every Nth frame (default 1)")
     run.add_argument("--timeout", type=float, default=30.0, metavar="MINUTES",
                      help="under torchrun: how long a process waits for the others at each exchange before it stops "
                           "with an error (default 30)")
@@ -194,6 +204,7 @@ def _option_error(args: argparse.Namespace) -> str | None:
         # The spec's own validators: the command line accepts exactly what detect accepts (threshold in [0, 1)).
         args.threshold = check_real("--threshold", args.threshold, 0.0, 1.0, open_high=True)
         args.batch_size = check_int("--batch-size", args.batch_size, 1)
+        args.vid_stride = check_int("--vid-stride", args.vid_stride, 1)
         args.timeout = distributed.check_timeout(args.timeout, "--timeout")
         # detect's --precision fp16 means half weights (NVIDIA's model_math='fp16'); bf16 is autocast.
         check_command_options(args.model, backend=args.backend, checkpoint=args.checkpoint,
@@ -246,9 +257,7 @@ def _error(message: Any, status: int) -> int:
 
 
 def run_detect(args: argparse.Namespace) -> int:
-    from .backends import BackendError
     from .backends.loading import command_device, load_for_command
-    from .inference.jsonl import run_streaming_detect
 
     args.model = args.model or "nvidia_ssd"
     problem = _option_error(args)
@@ -258,6 +267,12 @@ def run_detect(args: argparse.Namespace) -> int:
         problem = problem or str(exc)
     if problem is not None:
         return _error(problem, 2)
+    videos = [item for item in args.inputs if is_video_source(item)]
+    if videos:
+        problem = _video_problem(videos)
+        if problem is not None:
+            return _error(problem, 2)
+        args.inputs = [item for item in args.inputs if item not in videos]
     ignored: list[str] = []
     duplicates: list[str] = []
     jobs, skipped = collect_inputs(args.inputs, out=args.out, ignored=ignored, duplicates=duplicates)
@@ -273,6 +288,61 @@ def run_detect(args: argparse.Namespace) -> int:
         return 130
     options = RunOptions(out=args.out, threshold=args.threshold, batch_size=args.batch_size, pictures=args.pictures,
                          resume=args.resume, timeout=args.timeout)
+    if videos:
+        status = _detect_videos(backend, videos, options, args.vid_stride)
+        if status == 130 or not args.inputs:
+            return status
+        image_status = _detect_images(backend, jobs, skipped, ignored, duplicates, options, streaming)
+        return max(status, image_status)
+    return _detect_images(backend, jobs, skipped, ignored, duplicates, options, streaming)
+
+
+def _video_problem(videos: list[str]) -> str | None:
+    """Why the video inputs cannot run, checked before the model loads: PyAV missing, or torchrun."""
+    if distributed.env_world_size() > 1:
+        return f"{videos[0]}: expected image inputs under torchrun, got a video (run videos in one process)"
+    try:
+        require_av(f"video input {videos[0]!r}")
+    except ImportError as exc:
+        return str(exc)
+    return None
+
+
+def _detect_videos(backend: Any, videos: list[str], options: RunOptions, vid_stride: int) -> int:
+    """Each video, stream or webcam into OUT/<name>.mp4 and OUT/<name>.jsonl; 1 if one failed, 130 on Ctrl-C."""
+    from .backends import BackendError
+    from .inference.video import run_video, video_stem
+    from .io.files import UniqueNames
+
+    names = UniqueNames()
+    names.claim(pathlib.PurePosixPath(REPORT_NAME))
+    status = 0
+    for source in dict.fromkeys(videos):  # a video given twice is done once
+        stem = names.claim(pathlib.PurePosixPath(video_stem(source) + ".mp4")).stem
+        names.claim(pathlib.PurePosixPath(stem + ".jsonl"))
+        try:
+            done = run_video(backend, source, options.out, stem=stem, vid_stride=vid_stride, video=options.pictures,
+                             threshold=options.threshold, batch_size=options.batch_size)
+        except KeyboardInterrupt:
+            print(f"interrupted: {source}: the frames done are in {options.out / stem}.jsonl"
+                  + ("" if not options.pictures else f" and {options.out / stem}.mp4 (finalised)"), file=sys.stderr)
+            return 130
+        except (OSError, ValueError, BackendError) as exc:  # VideoError (a bad file, a stalled stream, no webcam)
+            print(f"error: {exc}", file=sys.stderr)
+            status = 1
+            continue
+        written = f"{done.video.name} and {done.jsonl.name}" if done.video is not None else done.jsonl.name
+        rate = done.frames / done.seconds if done.seconds > 0 else 0.0
+        print(f"{source}: {done.frames} frame(s) in {done.seconds:.1f} s ({rate:.1f} frames/s); {written} in "
+              f"{options.out}")
+    return status
+
+
+def _detect_images(backend: Any, jobs: list[Job], skipped: list[tuple[str, str]], ignored: list[str],
+                   duplicates: list[str], options: RunOptions, streaming: bool) -> int:
+    from .backends import BackendError
+    from .inference.jsonl import run_streaming_detect
+
     if duplicates:
         print(f"{len(duplicates)} input(s) given more than once, detected once: {', '.join(duplicates[:5])}"
               + (" ..." if len(duplicates) > 5 else ""))

@@ -54,6 +54,7 @@ def test_wheel_holds_the_whole_library_and_nothing_else(wheel):
                if line.strip() and not line.startswith("#")]
     assert {f"Requires-Dist: {r}" for r in runtime} <= required
     assert "Provides-Extra: eval" in metadata and "Provides-Extra: onnx" in metadata
+    assert "Provides-Extra: video" in metadata and "Requires-Dist: av>=12.0; extra == \"video\"" in metadata
 
 
 @pytest.mark.timeout(600)
