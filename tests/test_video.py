@@ -223,6 +223,9 @@ class MjpegServer:
                 if self.path == "/silent.mjpg":
                     owner.release.wait()  # connected, but not a byte of an answer
                     return
+                if self.path not in ("/live.mjpg", "/stall.mjpg"):
+                    self.send_error(404)
+                    return
                 self.send_response(200)
                 self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
                 self.end_headers()
@@ -273,6 +276,19 @@ def test_a_stalled_stream_fails_within_its_deadline(model, mjpeg):
     assert caught.value.reason == "timeout"
     with pytest.raises(VideoError, match=r"/silent.mjpg: timed out: the stream sent no data to finish opening"):
         VideoReader(f"{mjpeg.url}/silent.mjpg", timeout=1.0)
+
+
+def test_streams_that_cannot_be_reached_are_named(mjpeg):
+    import socket
+
+    with socket.socket() as sock:  # bound, then closed: nothing listens on that port
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{closed}/live.mjpg"
+    with pytest.raises(VideoError, match=rf"{url}: could not connect \(\[Errno \d+\] Connection refused\)"):
+        VideoReader(url)
+    with pytest.raises(VideoError, match=r"/nothing.mjpg: expected a stream, got an HTTP error .*404"):
+        VideoReader(f"{mjpeg.url}/nothing.mjpg")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -126,14 +126,17 @@ def _webcam(index: int) -> tuple[str, str]:
 def _classify(name: str, exc: BaseException, opening: bool) -> VideoError:
     """FFmpeg's error, as a VideoError naming the input."""
     av = sys.modules["av"]
-    message = str(exc).split(";")[0].strip() or type(exc).__name__
+    # FFmpeg's messages end with ": '<the input>'", which our message names already.
+    message = str(exc).split(": '", 1)[0].strip() or type(exc).__name__
     if isinstance(exc, getattr(av, "ExitError", ())) or "Immediate exit" in message:
         return VideoError(name, "timeout", "timed out: the stream sent no data to finish opening" if opening
                           else "timed out: the stream stalled (no frame within the time limit)")
     if isinstance(exc, FileNotFoundError):
         return VideoError(name, "missing", "no such file or stream")
-    if isinstance(exc, (ConnectionError, av.error.HTTPError if hasattr(av.error, "HTTPError") else ())):
+    if isinstance(exc, ConnectionError):
         return VideoError(name, "connection", f"could not connect ({message})")
+    if any(cls.__name__.startswith("HTTP") for cls in type(exc).__mro__):  # HTTPError, HTTPNotFoundError, ...
+        return VideoError(name, "connection", f"expected a stream, got an HTTP error ({message})")
     if isinstance(exc, getattr(av, "DecoderNotFoundError", ())):
         return VideoError(name, "codec", f"expected a video codec FFmpeg can decode, got one it cannot ({message})")
     return VideoError(name, "corrupt", f"expected a readable video, got a damaged or truncated one ({message})")

@@ -54,7 +54,7 @@ from .. import distributed
 from ..data.coco_format import BadImage, CocoDetectionDataset, DetectionCollate
 from ..io.images import ImageLoadError
 from ..models.base import Detector
-from ..models.spec import DetectorSpec, check_int, check_real
+from ..models.spec import DetectorSpec, check_int, check_real, from_any_copy
 from ..registry import get_entry, list_models
 from ..weights.formats import (
     TRAIN_FORMAT,
@@ -303,6 +303,7 @@ class EncodingCollate:
     the tensors (the latter listed in ``bad``)."""
 
     def __init__(self, spec: DetectorSpec) -> None:
+        spec = from_any_copy(spec)  # another copy's spec (torch.hub's private copy)
         if not isinstance(spec, DetectorSpec):
             raise TypeError(f"spec: expected a DetectorSpec (model.spec), got {type(spec).__name__}")
         self._collate = DetectionCollate()
