@@ -167,6 +167,11 @@ def test_damaged_videos_are_named(tmp_path, clip, model):
             model.detect(path)
     with pytest.raises(VideoError, match=r"missing.mp4: expected a video file, got no such file"):
         model.detect(tmp_path / "missing.mp4")
+    with pytest.raises(VideoError, match=r"expected a video file, got a folder"):
+        VideoReader(tmp_path)
+    os.mkfifo(tmp_path / "pipe.mp4")  # opening it to read would block until a writer comes: refused by its kind
+    with pytest.raises(VideoError, match=r"pipe.mp4: expected a video file, got a special file"):
+        model.detect(tmp_path / "pipe.mp4")
 
 
 def test_an_unknown_codec_is_named(tmp_path, model):

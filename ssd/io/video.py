@@ -175,7 +175,8 @@ class VideoReader:
         elif isinstance(source, (str, os.PathLike)):
             target = os.fsdecode(source)
             if _URL.match(target) is None and not os.path.isfile(target):
-                what = "a folder" if os.path.isdir(target) else "no such file"
+                what = ("a folder" if os.path.isdir(target) else "a special file (FIFO, device or socket), which "
+                        "might never end" if os.path.exists(target) else "no such file")
                 raise VideoError(self.name, "missing", f"expected a video file, got {what}")
         else:
             raise TypeError(f"video: expected a path, a URL or a webcam index, got {type(source).__name__}")
