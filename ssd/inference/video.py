@@ -187,11 +187,17 @@ def run_video(model: Any, source: Any, out: pathlib.Path, *, stem: str | None = 
         part = jsonl.with_name(jsonl.name + ".part")
         lines = open(part, "w", encoding="utf-8")  # noqa: SIM115 - closed in the finally below, on every way out
         bar = _progress(found_frames, progress)
+        # The frame queued for the video whose line is not written yet (Ctrl-C came in between): written at the end,
+        # so that the video and the lines hold the same frames.
+        unwritten = None
         try:
             for index, seconds, found in found_frames:
+                line = json.dumps(video_record(index, seconds, found), allow_nan=False) + "\n"
                 if encoder is not None:
                     encoder.put(found)
-                lines.write(json.dumps(video_record(index, seconds, found), allow_nan=False) + "\n")
+                    unwritten = line
+                lines.write(line)
+                unwritten = None
                 lines.flush()  # a line is whole once written: a killed run leaves whole lines
                 done += 1
                 bar.update(1)
@@ -199,6 +205,8 @@ def run_video(model: Any, source: Any, out: pathlib.Path, *, stem: str | None = 
                     on_frame(index, seconds, found)
         finally:
             bar.close()
+            if unwritten is not None:
+                lines.write(unwritten)
             lines.close()
             os.replace(part, jsonl)
             if encoder is not None:
