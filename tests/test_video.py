@@ -368,3 +368,15 @@ def test_ctrl_c_keeps_a_finalised_video(checkpoint, tmp_path):
     frames = decoded_frames(out / "long.mp4")  # playable: the container was finalised
     assert 1 <= len(lines) < 400 and len(frames) == len(lines)
     assert not list(out.glob("*.part"))
+
+
+def test_command_line_without_pyav_names_the_extra_before_loading(clip, tmp_path):
+    code = "import sys; sys.modules['av'] = None; import ssd.cli; sys.exit(ssd.cli.main(sys.argv[1:]))"
+    done = subprocess.run([sys.executable, "-c", code, "detect", str(clip), "--checkpoint", str(tmp_path / "none.pt"),
+                           "--out", str(tmp_path / "out")], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=300)
+    # The checkpoint does not exist: an error about it would mean the model was loaded first.
+    assert done.returncode == 2
+    assert done.stderr.strip() == (f"error: video input {str(clip)!r} needs PyAV, the [video] extra: "
+                                   "pip install 'ssd-hub[video]'")
+    assert not (tmp_path / "out").exists()
