@@ -12,12 +12,14 @@ import hashlib  # noqa: E402
 import importlib  # noqa: E402
 import os  # noqa: E402
 import pkgutil  # noqa: E402
+import re  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 import types  # noqa: E402
 
 _HERE = os.path.dirname(os.path.realpath(__file__))
 _OWN_PACKAGES = ("ssd", "utils")
+_DISTRIBUTION = "ssd-hub"  # pyproject.toml's project name: `pip install .` installs `ssd` under it
 # torch.hub executes this file afresh on every load, so what must outlive one load (the lock, the loaded
 # packages) lives in one module registered in sys.modules; dict.setdefault makes its creation atomic.
 _STATE = sys.modules.setdefault("_ssd_hub_state", types.ModuleType("_ssd_hub_state"))
@@ -25,8 +27,8 @@ vars(_STATE).setdefault("lock", threading.RLock())
 vars(_STATE).setdefault("loaded", {})
 
 
-def _owned(name: str) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in _OWN_PACKAGES)
+def _owned(name: str, packages: tuple[str, ...] = _OWN_PACKAGES) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in packages)
 
 
 def _is_ours(module) -> bool:
@@ -34,18 +36,80 @@ def _is_ours(module) -> bool:
     return os.path.realpath(path).startswith(_HERE + os.sep)
 
 
-def _caller_has_own(name: str) -> bool:
-    """Whether the caller has a module ``name`` of its own, imported or importable from its sys.path."""
+def _find_theirs(name: str):
+    """Where the caller's ``name`` comes from: its module if imported, else its import spec (None if none)."""
     if name in sys.modules:
-        return not _is_ours(sys.modules[name])
+        module = sys.modules[name]
+        return None if _is_ours(module) else module
     from importlib.machinery import PathFinder
 
     theirs = [p for p in sys.path if os.path.realpath(p or os.getcwd()) != _HERE]
-    return PathFinder.find_spec(name, theirs) is not None
+    return PathFinder.find_spec(name, theirs)
 
 
-def _import_all() -> dict:
-    packages = {name: importlib.import_module(name) for name in _OWN_PACKAGES}
+def _caller_has_own(name: str) -> bool:
+    """Whether the caller has a module ``name`` of its own, imported or importable from its sys.path."""
+    return _find_theirs(name) is not None
+
+
+def _package_folder(found) -> str | None:
+    """The folder of the caller's package ``found`` (a module or an import spec), or None for a plain module."""
+    locations = getattr(found, "submodule_search_locations", None)
+    if locations is None:
+        locations = getattr(found, "__path__", None)
+    locations = list(locations or [])
+    return os.path.realpath(locations[0]) if len(locations) == 1 else None
+
+
+def _tree_digest(folder: str) -> str:
+    digest = hashlib.sha256()
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+        for name in sorted(f for f in files if f.endswith(".py")):
+            path = os.path.join(root, name)
+            digest.update(os.path.relpath(path, folder).encode() + b"\0")
+            with open(path, "rb") as handle:
+                digest.update(hashlib.sha256(handle.read()).digest())
+    return digest.hexdigest()
+
+
+def _our_version() -> str | None:
+    with open(os.path.join(_HERE, "ssd", "__init__.py"), encoding="utf-8") as handle:
+        match = re.search(r"^__version__ = [\"']([^\"']+)[\"']", handle.read(), flags=re.M)
+    return match.group(1) if match else None
+
+
+def _distribution_of(folder: str):
+    """The installed distribution that owns the package in ``folder`` (its ``__init__.py``), or None."""
+    from importlib import metadata
+
+    site = os.path.dirname(folder)
+    package = os.path.basename(folder)
+    for dist in metadata.distributions(path=[site]):
+        files = dist.files or []
+        if any(str(f).replace(os.sep, "/") == f"{package}/__init__.py" for f in files):
+            return dist
+    return None
+
+
+def _same_project(name: str) -> tuple[bool, bool]:
+    """Whether the caller's importable ``name`` is this project: ``(same project, same release)``.
+
+    The same release is the same distribution (``ssd-hub``) at our version, or the very same files (another
+    checkout of this commit); another version of the distribution is this project at another release.
+    """
+    found = _find_theirs(name)
+    folder = _package_folder(found) if found is not None else None
+    if name != "ssd" or folder is None:
+        return False, False
+    dist = _distribution_of(folder)
+    if dist is not None and (dist.metadata["Name"] or "").lower().replace("_", "-") == _DISTRIBUTION:
+        return True, dist.version == _our_version()
+    return (True, True) if _tree_digest(folder) == _tree_digest(os.path.join(_HERE, "ssd")) else (False, False)
+
+
+def _import_all(names: tuple[str, ...]) -> dict:
+    packages = {name: importlib.import_module(name) for name in names}
     for package in packages.values():
         for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
             if not info.name.endswith(".__main__"):  # that one runs the command line
@@ -53,24 +117,37 @@ def _import_all() -> dict:
     return packages
 
 
-def _load_beside_callers() -> dict:
-    """Load ours under private names (``_ssd_hub_<hash>.ssd``), leaving the caller's ``ssd``/``utils`` alone.
+def _import_installed(name: str):
+    """The caller's ``name`` (this project, installed), imported as the caller would, all of it as ours would be:
+    without our checkout, which torch.hub puts first on sys.path while it loads."""
+    saved = list(sys.path)
+    sys.path[:] = [p for p in saved if os.path.realpath(p or os.getcwd()) != _HERE]
+    try:
+        return _import_all((name,))[name]
+    finally:
+        sys.path[:] = saved
+
+
+def _load_beside_callers(private: tuple[str, ...]) -> dict:
+    """Load ``private`` (some of ours) under private names (``_ssd_hub_<hash>.ssd``), leaving the caller's alone.
 
     Ours are imported with the caller's modules set aside, then renamed, module and class alike, so that pickle,
     ``torch.save(model)`` and lazy imports inside our code resolve to ours through sys.modules.
     """
     prefix = "_ssd_hub_" + hashlib.sha1(_HERE.encode()).hexdigest()[:12]
-    saved = {k: sys.modules.pop(k) for k in [k for k in sys.modules if _owned(k)]}
+    saved = {k: sys.modules.pop(k) for k in [k for k in sys.modules if _owned(k, private)]}
     sys.path.insert(0, _HERE)
     try:
-        packages = _import_all()
+        packages = _import_all(private)
     finally:
         sys.path.remove(_HERE)
-        ours = {k: sys.modules.pop(k) for k in [k for k in sys.modules if _owned(k)]}
+        ours = {k: sys.modules.pop(k) for k in [k for k in sys.modules if _owned(k, private)]}
         sys.modules.update(saved)
-    root = types.ModuleType(prefix)
-    root.__path__ = []
-    sys.modules[prefix] = root
+    root = sys.modules.get(prefix)
+    if root is None:
+        root = types.ModuleType(prefix)
+        root.__path__ = []
+        sys.modules[prefix] = root
     for old, module in ours.items():
         new = f"{prefix}.{old}"
         for value in list(vars(module).values()):
@@ -84,23 +161,68 @@ def _load_beside_callers() -> dict:
     return packages
 
 
+# The installed release's error classes that a private copy's derive from (ssd/copies.py), by module and name.
+_SHARED_ERRORS = ("io.http.DownloadError", "io.images.ImageLoadError", "io.images.ImageFetchError",
+                  "weights.loader.InvalidCheckpointError", "weights.checkpoints.CheckpointUnavailableError",
+                  "backends.base.BackendError")
+
+
+def _installed_errors() -> dict:
+    """The installed ``ssd``'s error classes named in _SHARED_ERRORS (those it has), imported without our
+    checkout on sys.path."""
+    saved = list(sys.path)
+    sys.path[:] = [p for p in saved if os.path.realpath(p or os.getcwd()) != _HERE]
+    twins = {}
+    try:
+        for key in _SHARED_ERRORS:
+            module, name = key.rsplit(".", 1)
+            try:
+                twin = getattr(importlib.import_module(f"ssd.{module}"), name, None)
+            except Exception:  # noqa: BLE001 - a release without that module, or one that fails: nothing to share
+                continue
+            if isinstance(twin, type) and issubclass(twin, BaseException):
+                twins[key] = twin
+    finally:
+        sys.path[:] = saved
+    return twins
+
+
+def _load_packages() -> dict:
+    same_project, same_release = _same_project("ssd")
+    packages = {}
+    if same_release:
+        # The importable ``ssd`` is this release (``pip install .`` of this project, or the same files): it is the
+        # library, so hub models, ``import ssd`` and its functions and errors are one and the same.
+        packages["ssd"] = _import_installed("ssd")
+    private = tuple(p for p in _OWN_PACKAGES if p not in packages and _caller_has_own(p))
+    if private:
+        # This project at another release: our errors derive from its errors, named before ours are imported.
+        _STATE.error_twins = _installed_errors() if same_project and "ssd" in private else {}
+        try:
+            packages.update(_load_beside_callers(private))
+        finally:
+            _STATE.error_twins = {}
+    rest = tuple(p for p in _OWN_PACKAGES if p not in packages)
+    if rest:
+        # Appended even when torch.hub put the checkout first: it removes its own entry after the load.
+        sys.path.append(_HERE)
+        packages.update(_import_all(rest))
+    return packages
+
+
 def _package(name: str):
     """This repository's ``ssd`` or ``utils``, loaded once per process, like an import.
 
-    Where the caller has no ``ssd`` or ``utils`` of its own, ours are imported under those names and the checkout
-    stays on sys.path (at the end), so DataLoader workers and other processes can import them too. Otherwise they
-    are loaded under private names beside the caller's.
+    Where the importable ``ssd`` is this same release (installed with pip, say), that one is used. Where the caller
+    has no ``ssd`` or ``utils`` of its own, ours are imported under those names and the checkout stays on sys.path
+    (at the end), so DataLoader workers and other processes can import them too. Otherwise they are loaded under
+    private names beside the caller's; the library's functions accept models of either copy (recognised by their
+    spec), and where the caller's ``ssd`` is this project at another release, our errors subclass its errors.
     """
     with _STATE.lock:
         packages = _STATE.loaded.get(_HERE)
         if packages is None:
-            if any(_caller_has_own(p) for p in _OWN_PACKAGES):
-                packages = _load_beside_callers()
-            else:
-                # Appended even when torch.hub put the checkout first: it removes its own entry after the load.
-                sys.path.append(_HERE)
-                packages = _import_all()
-            _STATE.loaded[_HERE] = packages
+            packages = _STATE.loaded[_HERE] = _load_packages()
     return packages[name]
 
 

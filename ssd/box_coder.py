@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .anchors import default_boxes
-from .models.spec import AnchorSpec, BoxCoderSpec, DetectorSpec
+from .models.spec import AnchorSpec, BoxCoderSpec, DetectorSpec, from_any_copy
 
 __all__ = ["BoxCoder"]
 
@@ -46,6 +46,7 @@ class BoxCoder:
     @classmethod
     def from_spec(cls, spec: DetectorSpec) -> BoxCoder:
         """The coder of a detector: ``BoxCoder.from_spec(model.spec)``."""
+        spec = from_any_copy(spec)  # another copy's spec (torch.hub's private copy)
         if not isinstance(spec, DetectorSpec):
             raise TypeError(f"spec: expected a DetectorSpec (model.spec), got {type(spec).__name__}")
         return cls(spec.anchors, spec.box_coder)

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .box_coder import BoxCoder
 from .boxes import box_iou
-from .models.spec import DetectorSpec, PostProcessSpec
+from .models.spec import DetectorSpec, PostProcessSpec, from_any_copy
 
 __all__ = ["OUTPUT_KINDS", "Decoded", "check_predictions", "class_scores", "postprocess", "postprocess_decoded",
            "postprocess_outputs", "select_padded", "split_detections"]
@@ -361,9 +361,10 @@ def postprocess(predictions: Sequence[Tensor], spec: DetectorSpec, recipe: PostP
         A :class:`Decoded` of padded N x K tensors on the predictions' device, rows by descending score; boxes are
         (left, top, right, bottom) relative to the network input.
     """
+    spec = from_any_copy(spec)  # another copy's spec (torch.hub's private copy)
     if not isinstance(spec, DetectorSpec):
         raise TypeError(f"spec: expected a DetectorSpec (model.spec), got {type(spec).__name__}")
-    recipe = spec.postprocess if recipe is None else recipe
+    recipe = spec.postprocess if recipe is None else from_any_copy(recipe)
     if not isinstance(recipe, PostProcessSpec):
         raise TypeError(f"recipe: expected a PostProcessSpec, got {type(recipe).__name__}")
     locs, confs = check_predictions(predictions, spec)
@@ -427,9 +428,10 @@ def postprocess_decoded(boxes: Tensor, scores: Tensor, spec: DetectorSpec, recip
     The same candidate, NMS and selection code runs; only the softmax and the decoding were done elsewhere, so
     the detections agree with :func:`postprocess` up to those outputs' rounding.
     """
+    spec = from_any_copy(spec)  # another copy's spec (torch.hub's private copy)
     if not isinstance(spec, DetectorSpec):
         raise TypeError(f"spec: expected a DetectorSpec, got {type(spec).__name__}")
-    recipe = spec.postprocess if recipe is None else recipe
+    recipe = spec.postprocess if recipe is None else from_any_copy(recipe)
     if not isinstance(recipe, PostProcessSpec):
         raise TypeError(f"recipe: expected a PostProcessSpec, got {type(recipe).__name__}")
     n_anchors, n_classes = spec.anchors.num_anchors, spec.num_classes
@@ -470,7 +472,7 @@ def postprocess_outputs(outputs: Sequence[Tensor], kind: str, spec: DetectorSpec
     :func:`postprocess_decoded`, ``"nms"`` (``(det_boxes, det_scores, det_labels, num_detections)``) through
     :func:`select_padded`; ``recipe`` defaults to ``spec.postprocess``.
     """
-    recipe = spec.postprocess if recipe is None else recipe
+    recipe = spec.postprocess if recipe is None else from_any_copy(recipe)
     if kind == "offsets":
         return postprocess(outputs, spec, recipe)
     if kind == "decoded":

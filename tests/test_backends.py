@@ -377,6 +377,27 @@ def test_a_model_of_another_copy_is_accepted_everywhere(other_copy, model, files
     _same_detections(other_detect(model, photos), detect(model, photos))
 
 
+def test_the_spec_of_another_copy_is_taken_by_every_function_of_specs(other_copy, model):
+    """Post-processing, the box coder, training targets and the loss take another copy's spec (a hub model's
+    ``model.spec`` beside an installed release) and compute exactly what they do with this copy's."""
+    from ssd.box_coder import BoxCoder
+    from ssd.postprocess import postprocess
+    from ssd.training.loss import SSDLoss
+    from ssd.training.targets import encode_targets
+
+    theirs = importlib.import_module("ssd_other_copy.models").SSD300().spec
+    assert type(theirs) is not DetectorSpec
+    torch.manual_seed(0)
+    predictions = model(torch.rand(1, 3, 300, 300))
+    ours, same = postprocess(predictions, model.spec), postprocess(predictions, theirs)
+    assert all(torch.equal(a, b) for a, b in zip(ours, same))
+    assert BoxCoder.from_spec(theirs).anchors == BoxCoder.from_spec(model.spec).anchors
+    boxes, labels = torch.tensor([[0.1, 0.1, 0.5, 0.6]]), torch.tensor([3])
+    assert all(torch.equal(a, b) for a, b in zip(encode_targets(boxes, labels, theirs),
+                                                  encode_targets(boxes, labels, model.spec)))
+    assert SSDLoss(theirs).box_coder.num_anchors == SSDLoss(model.spec).box_coder.num_anchors
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # ssd.load
 

@@ -179,3 +179,22 @@ def test_hub_load_beside_the_callers_own_modules_still_pickles(tmp_path):
                       cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[0] == "ok" and done.stdout.split()[1].startswith("_ssd_hub_")
+
+
+def test_hub_load_uses_an_importable_copy_of_the_same_files(tmp_path):
+    """Another folder holding this very ``ssd`` (no installed distribution): the same files, so the same library."""
+    import shutil
+
+    shutil.copytree(REPO / "ssd", tmp_path / "elsewhere" / "ssd", ignore=shutil.ignore_patterns("__pycache__"))
+    code = f"""
+        import sys, torch
+        sys.path.insert(0, {str(tmp_path / 'elsewhere')!r})
+        import ssd
+        model = torch.hub.load({str(REPO)!r}, "nvidia_ssd", source="local", pretrained=False)
+        where = sys.modules[type(model).__module__].__file__
+        elsewhere = {str(tmp_path / 'elsewhere' / 'ssd')!r}
+        print(type(model).__module__, where.startswith(ssd.__path__[0]), ssd.__path__[0] == elsewhere)
+    """
+    done = run_python(code, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["ssd.models.ssd300_resnet50", "True", "True"]

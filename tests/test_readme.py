@@ -33,9 +33,23 @@ def workdir(tmp_path, hub_dir):
     (tmp_path / "photos").mkdir()
     Image.fromarray(data.astronaut()).save(tmp_path / "photos" / "astronaut.png")
     checkpoint = save_detecting_checkpoint(tmp_path / "nvidia_ssdpyt_fp32_190826.pt")
+    _ten_frame_clip(tmp_path / "clip.mp4")
     env = {**os.environ, "SSD_CHECKPOINT": str(checkpoint), "TORCH_HOME": str(hub_dir), "MPLBACKEND": "Agg",
            "PYTHONPATH": str(REPO)}
     return tmp_path, env
+
+
+def _ten_frame_clip(path) -> None:
+    """clip.mp4 of the video section: ten small frames of the cat photo, sliding (PyAV: requirements-dev.txt)."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
+        for i in range(10):
+            pixels = data.chelsea()[100:164, 7 * i:7 * i + 96].copy()
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+        container.mux(stream.encode(None))
 
 
 def as_local(code: str) -> str:

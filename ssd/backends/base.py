@@ -17,19 +17,19 @@ Detectors are recognised by what they are, not by ``isinstance`` of this copy's 
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from ..models.spec import AnchorSpec, BoxCoderSpec, ClassSpec, DetectorSpec, InputSpec, PostProcessSpec
+from ..copies import error_bases
+from ..models.spec import DetectorSpec, PostProcessSpec, looks_like, rebuilt
 from ..postprocess import OUTPUT_KINDS
 
 __all__ = ["OUTPUT_KINDS", "Backend", "BackendError", "as_backend", "default_recipe", "input_format", "is_backend",
            "is_detector", "local_spec", "nms_mismatch", "spec_of"]
 
 
-class BackendError(RuntimeError):
+class BackendError(*error_bases("backends.base.BackendError", RuntimeError)):
     """A runtime failed while running a model (an allocation, a kernel, outputs of the wrong shape); the message
     names the model's file."""
 
@@ -59,35 +59,14 @@ class Backend(Protocol):
     def __call__(self, batch: torch.Tensor) -> tuple[torch.Tensor, ...]: ...
 
 
-# DetectorSpec's parts, by field name: the dataclass each is rebuilt as.
-_PARTS: dict[str, type] = {"anchors": AnchorSpec, "box_coder": BoxCoderSpec, "classes": ClassSpec,
-                           "input": InputSpec, "postprocess": PostProcessSpec, "detect_postprocess": PostProcessSpec}
-
-
-def _looks_like(obj: Any, cls: type) -> bool:
-    """``obj`` is an instance of ``cls`` of some copy of this package: a dataclass of the same name."""
-    return type(obj).__name__ == cls.__name__ and dataclasses.is_dataclass(obj) and not isinstance(obj, type)
-
-
-def _rebuilt(obj: Any, cls: type, parts: dict[str, type]) -> Any:
-    values = {}
-    for item in dataclasses.fields(cls):
-        if not item.init or not hasattr(obj, item.name):
-            continue  # a copy without the field (older): this copy's default
-        value = getattr(obj, item.name)
-        part = parts.get(item.name)
-        values[item.name] = _rebuilt(value, part, {}) if part is not None and not isinstance(value, part) else value
-    return cls(**values)
-
-
 def local_spec(spec: Any, name: str = "spec") -> DetectorSpec:
     """``spec`` as this copy's :class:`DetectorSpec`: itself, or rebuilt from the field values of another copy's."""
     if isinstance(spec, DetectorSpec):
         return spec
-    if not _looks_like(spec, DetectorSpec):
+    if not looks_like(spec, DetectorSpec):
         raise TypeError(f"{name}: expected a DetectorSpec, got {type(spec).__name__}")
     try:
-        return _rebuilt(spec, DetectorSpec, _PARTS)
+        return rebuilt(spec, DetectorSpec)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{name}: expected a DetectorSpec this version can read, got one that does not convert "
                         f"({exc})") from exc
@@ -95,13 +74,13 @@ def local_spec(spec: Any, name: str = "spec") -> DetectorSpec:
 
 def is_detector(obj: Any) -> bool:
     """Whether ``obj`` is a detector network of this library (of any copy): an ``nn.Module`` with a DetectorSpec."""
-    return isinstance(obj, torch.nn.Module) and _looks_like(getattr(obj, "spec", None), DetectorSpec)
+    return isinstance(obj, torch.nn.Module) and looks_like(getattr(obj, "spec", None), DetectorSpec)
 
 
 def is_backend(obj: Any) -> bool:
     """Whether ``obj`` implements the backend protocol (a spec, a declared output kind, callable)."""
     return (not isinstance(obj, torch.nn.Module) and callable(obj) and getattr(obj, "outputs", None) in OUTPUT_KINDS
-            and _looks_like(getattr(obj, "spec", None), DetectorSpec) and hasattr(obj, "device"))
+            and looks_like(getattr(obj, "spec", None), DetectorSpec) and hasattr(obj, "device"))
 
 
 def _expected(name: str, obj: Any) -> TypeError:
@@ -144,7 +123,7 @@ def _baked(backend: Any) -> PostProcessSpec | None:
     baked = getattr(backend, "nms_recipe", None)
     if baked is None or isinstance(baked, PostProcessSpec):
         return baked
-    return _rebuilt(baked, PostProcessSpec, {})
+    return rebuilt(baked, PostProcessSpec)
 
 
 def default_recipe(backend: Any) -> PostProcessSpec:

@@ -27,6 +27,8 @@ examples:
   ssd detect https://example.com/cat.jpg --threshold 0.5
   ssd detect photos/ --classes person,dog --save-crop --save-txt
   ssd detect photos/ --precision bf16 --batch-size 16
+  ssd detect clip.mp4 --vid-stride 2            a video: clip.mp4 annotated, and clip.jsonl per frame
+  ssd detect rtsp://camera.local/stream 0       a stream and webcam 0 (Ctrl-C ends them, keeping the files)
   SSD_CHECKPOINT=/path/to/nvidia_ssdpyt_fp32_190826.pt ssd detect photos/   offline weights
 
 `python -m ssd ...` is the same command.
@@ -44,6 +46,9 @@ output:
   0-based index into the model's class list, that is label - 1; the box centre and size divided by the image's
   width and height); OUT/labels/classes.txt lists the classes, one per line, in index order.
   --save-csv: OUT/detections.csv, one row per detection: file, name, category_id, score, x1, y1, x2, y2.
+  A video, stream or webcam gives OUT/<name>.mp4 (annotated, the input's size, its frame rate divided by
+  --vid-stride) and OUT/<name>.jsonl (per frame: frame, time in s, width, height, detections), written as
+  frames come; Ctrl-C finalises both (exit 130). Needs PyAV: pip install 'ssd-hub[video]'.
 
 classes:
   Labels are 1-based (1..K, 0 is the background); names are the model's (COCO: person, bicycle, ...). With
@@ -59,7 +64,8 @@ def register(subparsers: Any) -> None:
                                                "sample photos.",
                                    epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="*", metavar="INPUT",
-                        help="image files, folders (searched recursively) or URLs")
+                        help="image files, folders (searched recursively) or URLs; video files (mp4, avi, mkv, mov, "
+                             "webm), stream URLs (rtsp://, rtmp://, http(s) .mjpg/.m3u8) or a webcam index (0)")
     parser.add_argument("--out", default="ssd-out", type=pathlib.Path, help="output folder (default: ./ssd-out)")
     common.add_model(parser)
     common.add_checkpoint(parser)
@@ -95,6 +101,8 @@ def register(subparsers: Any) -> None:
                         help="write no annotated pictures")
     parser.add_argument("--resume", action="store_true",
                         help="with JSON Lines: skip inputs an earlier (interrupted) run into OUT already did")
+    parser.add_argument("--vid-stride", type=int, default=1, metavar="N",
+                        help="videos and streams: detect every Nth frame (default 1)")
     common.add_timeout(parser)
     parser.set_defaults(run=run)
 
@@ -225,6 +233,7 @@ def _options(args: argparse.Namespace) -> Any:
         # The spec's own validators: the command line accepts exactly what detect accepts (threshold in [0, 1)).
         threshold = check_real("--threshold", args.threshold, 0.0, 1.0, open_high=True)
         batch_size = check_int("--batch-size", args.batch_size, 1)
+        check_int("--vid-stride", args.vid_stride, 1)
         timeout = distributed.check_timeout(args.timeout, "--timeout")
         PostProcessSpec().updated({"iou_threshold": "--iou", "max_detections": "--max-det"},
                                   iou_threshold=args.iou, max_detections=args.max_det)
@@ -246,21 +255,25 @@ def _options(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> int:
     """Run ``ssd detect`` from its parsed arguments; returns the exit status."""
     from .. import distributed
-    from ..backends import BackendError
     from ..backends.loading import command_device, load_for_command
     from ..inference.detect import resolve_classes
-    from ..inference.jsonl import run_streaming_detect
-    from ..inference.runs import DisplayError
+    from ..io.video import is_video_source
     from ..weights import CheckpointUnavailableError, InvalidCheckpointError
 
     try:
         options = _options(args)
         device = command_device(args.model, args.device)
+        videos = [item for item in args.inputs if is_video_source(item)]
+        if videos:
+            _check_videos(videos)
     except (UsageError, ValueError) as exc:
         return fail(exc)
+    images = [item for item in args.inputs if item not in videos]
     ignored: list[str] = []
     duplicates: list[str] = []
-    jobs, skipped = collect_inputs(args.inputs, out=args.out, ignored=ignored, duplicates=duplicates)
+    # No input at all means the sample photos; videos alone mean no images.
+    jobs, skipped = ([], []) if videos and not images else collect_inputs(images, out=args.out, ignored=ignored,
+                                                                          duplicates=duplicates)
     streaming = args.jsonl or args.resume or distributed.env_world_size() > 1
     try:
         backend = load_for_command(args.model, backend=args.backend, checkpoint=args.checkpoint, device=device,
@@ -272,6 +285,66 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("interrupted while loading the model; nothing was done", file=sys.stderr)
         return 130
+    if videos:
+        status = _detect_videos(backend, videos, options, args.vid_stride)
+        if status == 130 or not images:
+            return status
+        return max(status, _detect_images(backend, jobs, skipped, ignored, duplicates, options, streaming))
+    return _detect_images(backend, jobs, skipped, ignored, duplicates, options, streaming)
+
+
+def _check_videos(videos: list[str]) -> None:
+    """Why the video inputs cannot run, found before the model loads (UsageError): PyAV missing, or torchrun."""
+    from .. import distributed
+    from ..io.video import require_av
+
+    if distributed.env_world_size() > 1:
+        raise UsageError(f"{videos[0]}: expected image inputs under torchrun, got a video (run videos in one process)")
+    try:
+        require_av(f"video input {videos[0]!r}")
+    except ImportError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _detect_videos(backend: Any, videos: list[str], options: Any, vid_stride: int) -> int:
+    """Each video, stream or webcam into OUT/<name>.mp4 and OUT/<name>.jsonl; 1 if one failed, 130 on Ctrl-C."""
+    from ..backends import BackendError
+    from ..inference.video import run_video, video_stem
+    from ..io.files import UniqueNames
+
+    names = UniqueNames()
+    names.claim(pathlib.PurePosixPath(REPORT_NAME))
+    status = 0
+    for source in dict.fromkeys(videos):  # a video given twice is done once
+        stem = names.claim(pathlib.PurePosixPath(video_stem(source) + ".mp4")).stem
+        names.claim(pathlib.PurePosixPath(stem + ".jsonl"))
+        try:
+            done = run_video(backend, source, options.out, stem=stem, vid_stride=vid_stride, video=options.pictures,
+                             threshold=options.threshold, batch_size=options.batch_size, classes=options.classes,
+                             classes_by=options.classes_by, iou_threshold=options.iou_threshold,
+                             max_detections=options.max_detections, agnostic=options.agnostic)
+        except KeyboardInterrupt:
+            print(f"interrupted: {source}: the frames done are in {options.out / stem}.jsonl"
+                  + ("" if not options.pictures else f" and {options.out / stem}.mp4 (finalised)"), file=sys.stderr)
+            return 130
+        except (OSError, ValueError, BackendError) as exc:  # VideoError (a bad file, a stalled stream, no webcam)
+            fail(exc, 1)
+            status = 1
+            continue
+        written = f"{done.video.name} and {done.jsonl.name}" if done.video is not None else done.jsonl.name
+        rate = done.frames / done.seconds if done.seconds > 0 else 0.0
+        print(f"{source}: {done.frames} frame(s) in {done.seconds:.1f} s ({rate:.1f} frames/s); {written} in "
+              f"{options.out}")
+    return status
+
+
+def _detect_images(backend: Any, jobs: list[Any], skipped: list[tuple[str, str]], ignored: list[str],
+                   duplicates: list[str], options: Any, streaming: bool) -> int:
+    from .. import distributed
+    from ..backends import BackendError
+    from ..inference.jsonl import run_streaming_detect
+    from ..inference.runs import DisplayError
+
     if duplicates:
         print(f"{len(duplicates)} input(s) given more than once, detected once: {', '.join(duplicates[:5])}"
               + (" ..." if len(duplicates) > 5 else ""))

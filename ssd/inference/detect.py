@@ -10,6 +10,7 @@ import torch
 
 from ..backends.base import as_backend, default_recipe, input_format, nms_mismatch, spec_of
 from ..io.images import ImageSource, load_uint8
+from ..io.video import is_video_source, webcam_index
 from ..models.spec import MAX_DETECTIONS_LIMIT, DetectorSpec, PostProcessSpec, check_int
 from ..postprocess import Decoded, postprocess_outputs, split_detections
 from ..transforms import preprocess_for_detection
@@ -92,6 +93,9 @@ def _uncapped(recipe: PostProcessSpec, backend: Any, spec: DetectorSpec) -> Post
 
 def _load(item: ImageSource) -> tuple[np.ndarray, str] | Exception:
     try:
+        if webcam_index(item) is None and is_video_source(item):
+            raise ValueError(f"{item}: expected an image, got a video; a video is given alone, as the only input "
+                             f"(detect(model, 'clip.mp4')), and yields one result per frame")
         return load_uint8(item)
     except (OSError, ValueError, TypeError) as exc:
         return exc
@@ -124,6 +128,7 @@ def detect_iter(
     classes_by: str = "label",
     agnostic: bool = False,
     times: StageTimes | None = None,
+    vid_stride: int = 1,
 ) -> Iterator[tuple[int, Detections | Exception]]:
     """Detect objects in ``images``, yielding ``(index, Detections)`` in input order as batches finish.
 
@@ -133,7 +138,21 @@ def detect_iter(
     ``(index, exception)`` and the rest go on; otherwise the exception propagates. The model is never modified: a
     model in training mode runs as an evaluation-mode copy. ``times``, when given, accumulates the seconds spent per
     stage.
+
+    ``images`` may instead be one video: a video file (mp4, avi, mkv, mov, webm...), a stream URL (rtsp://, rtmp://,
+    an http(s) MJPEG or HLS URL) or a webcam index (``0``); every ``vid_stride``-th frame is detected and the index
+    yielded is the frame's index in the video (:func:`ssd.inference.video.detect_video` gives the timestamps too).
+    Frames are decoded as batches need them, so memory is bounded by the batch. Needs PyAV (the ``[video]`` extra).
     """
+    vid_stride = check_int("vid_stride", vid_stride, 1)
+    if is_video_source(images):
+        from .video import detect_video
+
+        frames = detect_video(model, images, vid_stride=vid_stride, threshold=threshold, iou_threshold=iou_threshold,
+                              max_detections=max_detections, batch_size=batch_size, precision=precision,
+                              keep_images=keep_images, skip_errors=skip_errors, classes=classes, classes_by=classes_by,
+                              agnostic=agnostic, times=times)
+        return _frame_results(frames)
     backend = as_backend(model, precision)
     spec = spec_of(backend)  # this copy's, whichever copy of the package made the backend
     recipe = detection_recipe(backend, threshold, iou_threshold, max_detections)
@@ -147,6 +166,12 @@ def detect_iter(
                        batch_size, keep_images, skip_errors, wanted, recipe.iou_threshold if agnostic else None,
                        recipe.max_detections,
                        times if times is not None else StageTimes())
+
+
+def _frame_results(frames: Any) -> Iterator[tuple[int, Detections]]:
+    with frames:  # stops decoding when the consumer stops early
+        for index, _, found in frames:
+            yield index, found
 
 
 def _detections(backend: Any, spec: DetectorSpec, images: Iterable[ImageSource], recipe: PostProcessSpec,
@@ -264,6 +289,7 @@ def detect(
     classes: Any = None,
     classes_by: str = "label",
     agnostic: bool = False,
+    vid_stride: int = 1,
 ) -> DetectionBatch:
     """Detect objects in original image coordinates.
 
@@ -295,6 +321,12 @@ def detect(
             dataset's category ids (COCO's 1..90 with gaps: category id 18 is dog, which is label 17).
         agnostic: after the per-class NMS, also drop a box whose IoU with a better box of any class is above
             ``iou_threshold`` (one box per object, whatever its class).
+        vid_stride: for a video, detect every ``vid_stride``-th frame (1: every frame).
+
+    ``images`` may also be one video: a video file (mp4, avi, mkv, mov, webm...), a stream URL (rtsp://, rtmp://, an
+    http(s) MJPEG or HLS URL) or a webcam index (``0``); the result then has one ``Detections`` per frame detected
+    (its ``source`` is ``"clip.mp4#frame=12"``). Every frame's image is kept unless ``keep_images=False``: for long
+    videos and streams, use ``detect_iter`` or :func:`ssd.inference.video.run_video`, which write as they go.
 
     Returns:
         A :class:`DetectionBatch`: a list with one ``Detections`` per image (also for a single image):
@@ -307,12 +339,12 @@ def detect(
     300 x 300, PIL-style antialiased bilinear, ImageNet mean and std: the protocol of its published accuracy).
     """
     single = not isinstance(images, (list, tuple)) and not _is_iterable_of_images(images)
-    items = [images] if single else images
+    items = [images] if single and not is_video_source(images) else images
     times = StageTimes()
     found = detect_iter(model, items, threshold=threshold, iou_threshold=iou_threshold,
                         max_detections=max_detections, batch_size=batch_size, precision=precision,
                         keep_images=keep_images, classes=classes, classes_by=classes_by, agnostic=agnostic,
-                        times=times)
+                        times=times, vid_stride=vid_stride)
     results = [result for _, result in found]
     return DetectionBatch(results, times)
 

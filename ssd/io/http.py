@@ -24,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
+from ..copies import error_bases
+
 __all__ = ["REASONS", "DownloadError", "DownloadPolicy", "download", "fetch"]
 
 # The machine-readable values of DownloadError.reason.
@@ -47,7 +49,7 @@ _SNIFF_BYTES = 64
 _RATE_CHECK_S = 0.25
 
 
-class DownloadError(OSError):
+class DownloadError(*error_bases("io.http.DownloadError", OSError)):
     """A URL could not be downloaded under its policy.
 
     Attributes:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 
+from ..copies import error_bases
 from .http import DownloadError, DownloadPolicy, fetch
 
 if TYPE_CHECKING:
@@ -85,7 +86,7 @@ _REFUSED_FORMATS = frozenset({"EPS"})
 _FLOAT_SLACK = 1e-4
 
 
-class ImageLoadError(ValueError):
+class ImageLoadError(*error_bases("io.images.ImageLoadError", ValueError)):
     """The input was reached but is not a readable image (empty, not an image format, corrupt, truncated)."""
 
 
@@ -93,7 +94,7 @@ class ImageTooLargeError(ImageLoadError):
     """The image header claims more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` (a possible decompression bomb)."""
 
 
-class ImageFetchError(DownloadError):
+class ImageFetchError(*error_bases("io.images.ImageFetchError", DownloadError)):
     """An http(s) URL could not be downloaded: connection error, timeout, non-2xx status or over the size cap.
 
     A :class:`~ssd.io.http.DownloadError` (so an ``OSError``): ``url``, ``reason`` and ``detail`` are attributes.

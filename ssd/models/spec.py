@@ -6,12 +6,16 @@ The specs are frozen and hashable, so derived tensors (the default boxes) can be
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 __all__ = [
+    "from_any_copy",
+    "looks_like",
+    "rebuilt",
     "AnchorSpec",
     "BoxCoderSpec",
     "ClassSpec",
@@ -258,3 +262,46 @@ class DetectorSpec:
 
     def with_classes(self, classes: ClassSpec) -> DetectorSpec:
         return replace(self, classes=classes)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Specs of another copy of this package (torch.hub loads a private copy next to a caller's own ``ssd``): recognised
+# by class name and rebuilt as this copy's from their field values, so every function takes either copy's.
+
+# DetectorSpec's parts, by field name: the dataclass each is rebuilt as.
+_PARTS: dict[str, type] = {"anchors": AnchorSpec, "box_coder": BoxCoderSpec, "classes": ClassSpec,
+                           "input": InputSpec, "postprocess": PostProcessSpec, "detect_postprocess": PostProcessSpec}
+_SPEC_CLASSES = (DetectorSpec, AnchorSpec, BoxCoderSpec, ClassSpec, InputSpec, PostProcessSpec)
+
+
+def looks_like(obj: Any, cls: type) -> bool:
+    """``obj`` is an instance of ``cls`` of some copy of this package: a dataclass of the same name."""
+    return type(obj).__name__ == cls.__name__ and dataclasses.is_dataclass(obj) and not isinstance(obj, type)
+
+
+def rebuilt(obj: Any, cls: type) -> Any:
+    """Another copy's ``cls`` instance ``obj`` as this copy's, field by field (parts of a DetectorSpec too); a field
+    the other copy lacks (an older release) takes this copy's default."""
+    parts = _PARTS if cls is DetectorSpec else {}
+    values = {}
+    for item in dataclasses.fields(cls):
+        if not item.init or not hasattr(obj, item.name):
+            continue
+        value = getattr(obj, item.name)
+        part = parts.get(item.name)
+        values[item.name] = rebuilt(value, part) if part is not None and not isinstance(value, part) else value
+    return cls(**values)
+
+
+def from_any_copy(obj: Any) -> Any:
+    """``obj`` as this copy's spec class when it is a spec of another copy of this package; otherwise ``obj`` itself
+    (the caller's own checks then say what is wrong). A spec that does not convert is returned as it is too."""
+    if isinstance(obj, _SPEC_CLASSES):
+        return obj
+    for cls in _SPEC_CLASSES:
+        if looks_like(obj, cls):
+            try:
+                return rebuilt(obj, cls)
+            except (TypeError, ValueError):
+                return obj
+    return obj

@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 import torch
 
 from ..data.coco_format import BadImage, CocoDetectionDataset, DetectionCollate
-from ..models.spec import DetectorSpec
+from ..models.spec import DetectorSpec, from_any_copy
 from .outputs import RunFolder
 from .targets import encode_targets
 
@@ -60,6 +60,7 @@ class EncodingCollate:
     the tensors (the latter listed in ``bad``)."""
 
     def __init__(self, spec: DetectorSpec) -> None:
+        spec = from_any_copy(spec)  # another copy's spec (torch.hub's private copy)
         if not isinstance(spec, DetectorSpec):
             raise TypeError(f"spec: expected a DetectorSpec (model.spec), got {type(spec).__name__}")
         self._collate = DetectionCollate()

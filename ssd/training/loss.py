@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..box_coder import BoxCoder
-from ..models.spec import DetectorSpec
+from ..models.spec import DetectorSpec, from_any_copy
 
 __all__ = ["SSDLoss"]
 
@@ -26,6 +26,7 @@ class SSDLoss(nn.Module):
 
     def __init__(self, spec: DetectorSpec, neg_pos_ratio: int = 3) -> None:
         super().__init__()
+        spec = from_any_copy(spec)  # another copy's spec (torch.hub's private copy)
         if not isinstance(spec, DetectorSpec):
             raise TypeError(f"spec: expected a DetectorSpec (model.spec, or NVIDIA_SSD300 for NVIDIA's), "
                             f"got {type(spec).__name__}")

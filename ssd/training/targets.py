@@ -23,7 +23,7 @@ import torch
 
 from ..anchors import default_boxes
 from ..boxes import box_iou, convert_boxes
-from ..models.spec import DetectorSpec, check_real
+from ..models.spec import DetectorSpec, check_real, from_any_copy
 
 __all__ = ["encode_batch", "encode_targets"]
 
@@ -65,6 +65,7 @@ def _check_labels(labels: BoxesLike, count: int, name: str) -> torch.Tensor:
 
 def _check_spec(spec: object) -> tuple[torch.Tensor, float]:
     """The spec's default boxes (A x 4 xyxy) and matching threshold."""
+    spec = from_any_copy(spec)  # another copy's spec (torch.hub's private copy)
     if not isinstance(spec, DetectorSpec):
         raise TypeError(f"spec: expected a DetectorSpec (model.spec, or NVIDIA_SSD300 for NVIDIA's), "
                         f"got {type(spec).__name__}")

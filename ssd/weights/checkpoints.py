@@ -24,6 +24,7 @@ from typing import Any, Generic, TypeVar
 
 import torch
 
+from ..copies import error_bases
 from ..io import http
 from ..io.files import sweep_stale
 from ..io.http import DownloadError, DownloadPolicy
@@ -56,7 +57,7 @@ T = TypeVar("T")
 Reader = Callable[[pathlib.Path, str], Any]
 
 
-class CheckpointUnavailableError(DownloadError):
+class CheckpointUnavailableError(*error_bases("weights.checkpoints.CheckpointUnavailableError", DownloadError)):
     """No checkpoint could be fetched or found (offline, moved files, broken downloads, an unusable cache).
 
     A :class:`~ssd.io.http.DownloadError` (so an ``OSError``) with ``url``, ``reason`` and ``detail`` attributes.

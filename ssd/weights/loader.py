@@ -18,6 +18,8 @@ import zipfile
 
 import torch
 
+from ..copies import error_bases
+
 __all__ = ["MAX_COMPRESSION_RATIO", "MAX_UNPACKED_BYTES", "MAX_ZIP_ENTRIES", "InvalidCheckpointError", "load_file"]
 
 # What a checkpoint may unpack to: about 4x the largest published one (NVIDIA's amp training checkpoint with its
@@ -40,7 +42,7 @@ _CORRUPT_FILE_ERRORS = (RuntimeError, EOFError, OSError, ValueError, KeyError, I
 _ALIASES_SUPPORTED = torch.__version__ >= (2, 6)
 
 
-class InvalidCheckpointError(ValueError):
+class InvalidCheckpointError(*error_bases("weights.loader.InvalidCheckpointError", ValueError)):
     """A file was found but is not a loadable checkpoint (corrupt, unsafe, of another model, or inconsistent)."""
 
 
