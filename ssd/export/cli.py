@@ -1,4 +1,4 @@
-"""``python -m ssd export``: write a model as ONNX or OpenVINO IR.
+"""``python -m ssd export``: write a model as ONNX or OpenVINO IR (optionally INT8).
 
 Kept apart from ``ssd/cli.py``, which only calls :func:`add_parser` and :func:`run`. Such files are run by the
 backends of :mod:`ssd.backends` (``detect``/``evaluate --model FILE``).
@@ -34,6 +34,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="post-processing in the graph: padded det_boxes/det_scores/det_labels/num_detections")
     parser.add_argument("--batch", type=int, default=1, help="batch size of the example input (default 1)")
     parser.add_argument("--static-batch", action="store_true", help="fix the batch size to --batch")
+    parser.add_argument("--int8", action="store_true",
+                        help="with --format openvino: INT8 weights and activations (NNCF post-training quantization, "
+                             "calibrated on --calibration)")
+    parser.add_argument("--calibration", type=pathlib.Path, default=None, metavar="DIR",
+                        help="with --int8: a folder of representative images (searched recursively; at least 100)")
+    parser.add_argument("--calibration-images", type=int, default=300, metavar="N",
+                        help="with --int8: use N of the calibration images, spread over the folder (default 300)")
     return parser
 
 
@@ -53,6 +60,24 @@ def _check_out(out: pathlib.Path, suffix: str, fmt: str) -> str | None:
         return f"--out: expected an existing folder for {out.name}, got {str(parent)!r} (no such folder)"
     if not os.access(parent, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
         return f"--out: expected a writable location, got {str(out)!r} (permission denied)"
+    return None
+
+
+def _int8_problem(args: argparse.Namespace) -> str | None:
+    """Why --int8 and its options do not go together with the rest, if so (checked before anything loads)."""
+    if not args.int8:
+        if args.calibration is not None:
+            return f"--calibration: expected it only with --int8, got --calibration {args.calibration}"
+        return None
+    if args.format != "openvino":
+        return f"--int8: expected --format openvino (NNCF quantizes the OpenVINO IR), got --format {args.format}"
+    if args.calibration is None:
+        return "--calibration: expected a folder of images with --int8, got none"
+    from .int8 import MIN_CALIBRATION_IMAGES
+
+    if args.calibration_images < MIN_CALIBRATION_IMAGES:
+        return (f"--calibration-images: expected at least {MIN_CALIBRATION_IMAGES} (statistics from fewer images are "
+                f"dominated by outliers), got {args.calibration_images}")
     return None
 
 
@@ -76,6 +101,9 @@ def run(args: argparse.Namespace) -> int:
         return _error(problem)
     if args.batch < 1:
         return _error(f"--batch: expected a positive integer, got {args.batch}")
+    problem = _int8_problem(args)
+    if problem:
+        return _error(problem)
     from .metadata import require
     from .onnx import MIN_OPSET, export_onnx, export_openvino
 
@@ -85,13 +113,24 @@ def run(args: argparse.Namespace) -> int:
         require("onnx", "export")
         if args.format == "openvino":
             require("openvino", "--format openvino")
+        if args.int8:
+            require("nncf", "--int8")
+            from .int8 import calibration_files
+
+            calibration_files(args.calibration, args.calibration_images)  # refused before minutes of export
         model = _build(args.model, args.checkpoint)
-        write = export_openvino if args.format == "openvino" else export_onnx
-        path = write(model, args.out, opset=args.opset, nms=args.nms, batch=args.batch,
-                     dynamic_batch=not args.static_batch)
+        options = {"opset": args.opset, "nms": args.nms, "batch": args.batch, "dynamic_batch": not args.static_batch}
+        if args.int8:
+            from .int8 import export_openvino_int8
+
+            path = export_openvino_int8(model, args.out, args.calibration, images=args.calibration_images, **options)
+        else:
+            write = export_openvino if args.format == "openvino" else export_onnx
+            path = write(model, args.out, **options)
     except (ImportError, OSError, ValueError, TypeError) as exc:
         return _error(str(exc))
     outputs = "det_boxes, det_scores, det_labels, num_detections" if args.nms else "boxes, scores"
-    print(f"wrote {path} ({args.model}, {len(model.spec.classes.names)} classes, opset {args.opset}, "
+    int8 = ", INT8" if args.int8 else ""
+    print(f"wrote {path} ({args.model}, {len(model.spec.classes.names)} classes, opset {args.opset}{int8}, "
           f"outputs: {outputs})")
     return 0
