@@ -82,8 +82,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--model", default=None, metavar="NAME_OR_FILE",
                      help=f"{', '.join(list_models())} (default nvidia_ssd), or an exported .onnx / OpenVINO .xml "
                           "file")
-    run.add_argument("--backend", choices=("onnxruntime", "openvino"), default=None,
-                     help="runtime for --model FILE (default: onnxruntime for .onnx, openvino for .xml)")
+    run.add_argument("--backend", choices=("auto", "onnxruntime", "openvino"), default=None,
+                     help="runtime for --model FILE (default: onnxruntime for .onnx, openvino for .xml); auto with a "
+                          "model name: the fastest installed backend whose detections agree with fp32 on a check "
+                          "image (OpenVINO, else bf16 on CPUs with native bf16, else fp32), and says which")
     run.add_argument("--timeout", type=float, default=30.0, metavar="MINUTES",
                      help="under torchrun: how long a process waits for the others at each exchange before it stops "
                           "with an error (default 30)")
@@ -265,7 +267,7 @@ def run_detect(args: argparse.Namespace) -> int:
     try:
         backend = load_for_command(args.model, backend=args.backend, checkpoint=args.checkpoint, device=device,
                                    precision="bf16" if args.precision == "bf16" else None,
-                                   half=args.precision == "fp16")
+                                   half=args.precision == "fp16", announce=print)
     except (CheckpointUnavailableError, InvalidCheckpointError, OSError, ValueError, ImportError) as exc:
         return _error(exc, 2)
     except KeyboardInterrupt:

@@ -7,12 +7,12 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from ssd.cli import main
-from ssd.registry import build_model
 
 from helpers import REPO, photo
+from helpers.checkpoints import SMALL_MODEL as SMALL
+from helpers.checkpoints import detecting_ssdlite
 
 pytest.importorskip("onnx")
 pytest.importorskip("openvino")
@@ -23,23 +23,6 @@ from ssd.data.synthetic import make_shapes_dataset  # noqa: E402
 from ssd.export import export_openvino, export_openvino_int8  # noqa: E402
 from ssd.export.int8 import MIN_CALIBRATION_IMAGES, calibration_files  # noqa: E402
 from ssd.inference import detect  # noqa: E402
-
-SMALL = "tv_ssdlite320_mobilenet_v3_large"  # the smallest network of the registry: 3.4M parameters
-
-
-def detecting_ssdlite() -> torch.nn.Module:
-    """SSDLite with random weights whose class head favours person on the last two feature maps, so that it finds
-    boxes on any photo (the scores still depend on the pixels)."""
-    torch.manual_seed(0)
-    model = build_model(SMALL, pretrained=False).eval()
-    classes = model.spec.num_classes
-    state = model.state_dict()
-    for level in (4, 5):
-        bias = state[f"head.classification_head.module_list.{level}.1.bias"]
-        for anchor in range(bias.numel() // classes):
-            bias[anchor * classes + 1] += 9.0 - 0.5 * anchor  # distinct per anchor shape: no near-ties in NMS
-    model.load_state_dict(state)
-    return model
 
 
 @pytest.fixture(scope="module")
