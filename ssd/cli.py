@@ -92,7 +92,45 @@ def _parser() -> argparse.ArgumentParser:
     evaluate_cli.add_parser(commands)
     training_cli.add_parser(commands)
     export_cli.add_parser(commands)
+    _add_benchmark_parser(commands)
     return parser
+
+
+def _add_benchmark_parser(commands: Any) -> None:
+    bench = commands.add_parser(
+        "benchmark", help="time a model in every installed format (PyTorch, ONNX, OpenVINO, INT8)",
+        description="Per format: file size, ms per image and images/s of the whole detect call at --batch-size; "
+                    "with --images and --annotations also the COCO mAP of evaluate. Exported files go to a "
+                    "temporary folder.")
+    bench.add_argument("--model", default="nvidia_ssd", help=f"{', '.join(list_models())} (default nvidia_ssd)")
+    bench.add_argument("--checkpoint", default=None,
+                       help="checkpoint file or URL (default: SSD_CHECKPOINT, else the published weights)")
+    bench.add_argument("--device", default=None, help="where the PyTorch formats run (default cpu)")
+    bench.add_argument("--formats", default=None, metavar="F1,F2",
+                       help="comma-separated: pytorch, bf16, onnx, openvino, openvino-bf16, int8 (default: pytorch "
+                            "and the installed exported runtimes)")
+    bench.add_argument("--images", default=None, metavar="DIR",
+                       help="images to time (default: scikit-image's photographs) and, with --annotations, to score")
+    bench.add_argument("--annotations", default=None, metavar="FILE", help="COCO annotation file: also print mAP")
+    bench.add_argument("--calibration", default=None, metavar="DIR",
+                       help="INT8 calibration images, at least 100 (default: --images)")
+    bench.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    bench.add_argument("--batches", type=int, default=2, help="batches timed per format (default 2)")
+    bench.add_argument("--threads", type=int, default=None, help="CPU threads per backend (default: the thread plan)")
+
+
+def run_benchmark_command(args: argparse.Namespace) -> int:
+    from .benchmark import format_table, run_benchmark
+
+    try:
+        rows = run_benchmark(args.model, checkpoint=args.checkpoint, device=args.device, formats=args.formats,
+                             images=args.images, annotations=args.annotations, calibration=args.calibration,
+                             batch_size=args.batch_size, batches=args.batches, threads=args.threads,
+                             log=lambda line: print(line, file=sys.stderr))
+    except (CheckpointUnavailableError, InvalidCheckpointError, OSError, ValueError, TypeError) as exc:
+        return _error(exc, 2)
+    print(format_table(rows, args.batch_size))
+    return 1 if all(row.error is not None for row in rows) else 0
 
 
 def collect_inputs(inputs: Sequence[str], out: pathlib.Path | None = None, ignored: list[str] | None = None,
@@ -360,4 +398,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return training_cli.run(args)
     if args.command == "export":
         return export_cli.run(args)
+    if args.command == "benchmark":
+        return run_benchmark_command(args)
     return 2  # argparse already rejected anything else
