@@ -35,14 +35,17 @@ def load(model: Any, /, **options: Any) -> Any:
             ``num_classes``, ``class_names``, ``half``, ``model_math``, ``force_download``, ``progress``), and
             ``device`` (default: the CPU; ``"auto"``: CUDA when available), ``precision`` (None: the weights'
             dtype, ``'fp32'``, ``'bf16'`` or ``'fp16'`` autocast; bf16 also runs the model channels_last) and
-            ``threads`` (CPU intra-op threads) for the :class:`~ssd.backends.PyTorchBackend`. For a network:
+            ``threads`` (CPU intra-op threads) for the :class:`~ssd.backends.PyTorchBackend`; ``backend="auto"``:
+            the fastest installed backend whose detections agree with fp32's on a check image (OpenVINO, else bf16
+            autocast on CPUs with native bf16, else fp32: :mod:`ssd.backends.auto`). For a network:
             ``precision`` and ``threads``. For a file: ``backend`` (``"auto"``, ``"onnxruntime"`` or
             ``"openvino"``), ``threads``, ``device`` (None or ``"cpu"``), and ``precision`` (OpenVINO: ``"fp32"``,
             ``"bf16"``, ``"default"``), ``providers`` (onnxruntime) or ``runtime_device`` (OpenVINO).
 
     Raises:
-        ValueError: an unknown name, a file of another kind, or ``backend`` given with a model name (a name runs
-            in PyTorch); the errors of :func:`ssd.build_model` and :func:`~ssd.backends.load_exported`.
+        ValueError: an unknown name, a file of another kind, or a ``backend`` other than ``"auto"`` given with a
+            model name (a name runs in PyTorch); the errors of :func:`ssd.build_model` and
+            :func:`~ssd.backends.load_exported`.
         TypeError: an option the model's kind does not take.
     """
     if is_detector(model):
