@@ -77,6 +77,9 @@ def test_installed_command_runs_from_another_folder(wheel, tmp_path):
     helped = run("detect", "--help")
     assert helped.returncode == 0, helped.stderr
     assert helped.stdout.startswith("usage: ssd detect") and "examples:" in helped.stdout
+    # The benchmark command is the installed package's, not only the checkout's benchmarks/.
+    bench = run("benchmark", "--formats", "pytorch,tensorrt")
+    assert bench.returncode == 2 and "formats: expected a comma-separated list of pytorch" in bench.stderr, bench.stderr
     where = subprocess.run([sys.executable, "-c", "import ssd, ssd.inference.detect; print(ssd.__file__)"],
                            cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
     assert where.returncode == 0, where.stderr
