@@ -254,7 +254,7 @@ def _module_suite(name: str):
 
 
 # Suites with options of their own: everything after the suite's name goes to it (``--suite export -- --help``).
-MODULE_SUITES = ("models", "evaluate", "training", "export", "contention", "pictures", "video")
+MODULE_SUITES = ("models", "evaluate", "training", "export", "contention", "pictures", "video", "speed")
 SUITES = {"load": run_load, "decode": run_decode, "prepare": run_prepare,
           **{name: _module_suite(name) for name in MODULE_SUITES}}
 

@@ -90,9 +90,12 @@ def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     """
     boxes1 = _check_boxes(boxes1, "boxes1")
     boxes2 = _check_boxes(boxes2, "boxes2")
+    # Width and height apart, each from two ... x N x 1 and ... x 1 x M coordinate columns: the same elementwise
+    # operations as on the x/y pairs at once, several times faster than working on strided ... x N x M x 2 slices.
     a = boxes1.unsqueeze(-2)  # ... x N x 1 x 4
     b = boxes2.unsqueeze(-3)  # ... x 1 x M x 4
-    wh = (torch.minimum(a[..., 2:], b[..., 2:]) - torch.maximum(a[..., :2], b[..., :2])).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
-    del wh  # the largest temporary: NMS calls this on chunks sized to a memory budget
+    w = (torch.minimum(a[..., 2], b[..., 2]) - torch.maximum(a[..., 0], b[..., 0])).clamp_(min=0)
+    h = (torch.minimum(a[..., 3], b[..., 3]) - torch.maximum(a[..., 1], b[..., 1])).clamp_(min=0)
+    inter = w.mul_(h)
+    del h  # NMS calls this on chunks sized to a memory budget
     return inter / (_area(boxes1).unsqueeze(-1) + _area(boxes2).unsqueeze(-2) - inter)

@@ -8,7 +8,7 @@ same machine. mmdetection's recipe differs only in where candidates are capped (
 class) pairs), in clipping and dropping empty boxes before NMS, and in suppressing only IoU > threshold.
 
 Everything runs on the device of the predictions, without a Python loop over images, classes or candidates; the
-only host synchronisations are a few per batch (one per NMS round).
+only host synchronisations are a few per batch (the group sizes, which fix the NMS loop's shapes).
 """
 from __future__ import annotations
 
@@ -35,10 +35,8 @@ OUTPUT_KINDS = ("offsets", "decoded", "nms")
 # Softmax gives p_c = exp(x_c - max) / s with s >= 1, so p_c > t needs x_c - max > log(t). Boxes failing that by
 # this margin (far more than float32 rounding) cannot hold a candidate, and their softmax is never computed.
 _LOGIT_MARGIN = 1e-2
-# Elements of one group x P x P IoU tensor in a chunk: a handful of such float32 temporaries stay under ~64 MB.
+# Candidates (groups x padded size) of one NMS chunk: each step's float32 temporaries stay under ~32 MB.
 _CHUNK_ELEMENTS = 1 << 21
-# Elements of the suppression matrices that iterate together (bool, so bytes): bounds memory for huge batches.
-_WAVE_ELEMENTS = 1 << 27
 _MIN_GROUP_PAD = 8
 
 
@@ -230,56 +228,67 @@ def _group(hits: _Hits, n_groups: int, n_fg: int, cap: int | None) -> tuple[_Can
 
 
 def _plan_chunks(sizes: np.ndarray) -> list[tuple[np.ndarray, int]]:
-    """Split the groups that need NMS into chunks of similar size: (group ids, padded size P) each."""
+    """Split the groups that need NMS into chunks of similar size: (group ids, padded size P) each, P being the
+    largest group of the chunk."""
     groups = np.flatnonzero(sizes > 1)
     if groups.size == 0:
         return []
-    # Pad to powers of two: at most ~4x wasted IoU work, and only a few distinct shapes.
-    pad = np.maximum(_MIN_GROUP_PAD, 1 << np.ceil(np.log2(sizes[groups])).astype(np.int64))
+    # Chunks by power-of-two size class: a chunk's groups differ at most 2x in size, so padding wastes little,
+    # and there are only a few chunks (each one a Python loop over its P ranks).
+    size_class = np.maximum(_MIN_GROUP_PAD, 1 << np.ceil(np.log2(sizes[groups])).astype(np.int64))
     chunks = []
-    for p in np.unique(pad)[::-1]:
-        members = groups[pad == p]
-        per_chunk = max(1, _CHUNK_ELEMENTS // int(p * p))
-        chunks += [(members[i : i + per_chunk], int(p)) for i in range(0, members.size, per_chunk)]
+    for p in np.unique(size_class)[::-1]:
+        members = groups[size_class == p]
+        per_chunk = max(1, _CHUNK_ELEMENTS // int(p))
+        for i in range(0, members.size, per_chunk):
+            part = members[i : i + per_chunk]
+            chunks.append((part, int(sizes[part].max())))
     return chunks
 
 
+def _suppresses(iou: Tensor, recipe: PostProcessSpec) -> Tensor:
+    # NVIDIA keeps iou < criteria, so a NaN IoU (two degenerate boxes) suppresses too; mmdetection and torchvision
+    # suppress only IoU > threshold.
+    return ~(iou < recipe.iou_threshold) if recipe.suppress_equal else iou > recipe.iou_threshold
+
+
 def _suppression(boxes: Tensor, pos: Tensor, valid: Tensor, recipe: PostProcessSpec) -> Tensor:
-    """S[g, i, j]: candidate i ranks above j in group g and j is dropped once i is kept."""
+    """S[g, i, j]: candidate i ranks above j in group g and j is dropped once i is kept (the whole matrix; NMS
+    itself computes it one row at a time, with the same operations)."""
     b = boxes[pos]  # groups x P x 4
     # NVIDIA's calc_iou_tensor, operation for operation, in float32; IoU and the test are symmetric in i and j.
-    iou = box_iou(b, b)
-    # NVIDIA keeps iou < criteria, so a NaN IoU (two degenerate boxes) suppresses too ...
-    suppress = ~(iou < recipe.iou_threshold) if recipe.suppress_equal else iou > recipe.iou_threshold
-    del iou
-    # ... but boxes with NaN/inf coordinates take no part: they would suppress or be suppressed by everything.
+    suppress = _suppresses(box_iou(b, b), recipe)
+    # Boxes with NaN/inf coordinates take no part: they would suppress or be suppressed by everything.
     usable = valid & torch.isfinite(b).all(dim=-1)
     size = pos.shape[1]
     above = torch.ones(size, size, dtype=torch.bool, device=pos.device).triu_(diagonal=1)
     return suppress & above & usable[:, :, None] & usable[:, None, :]
 
 
-class _Chunk:
-    """Groups padded to one size P: their suppression matrices and the current greedy-keep estimate."""
+def _greedy_chunk(cands: _Candidates, boxes: Tensor, members: np.ndarray, size: int, recipe: PostProcessSpec
+                  ) -> tuple[Tensor, Tensor]:
+    """Greedy NMS of the groups ``members`` (padded to ``size``), all at once: candidate i of every group, in rank
+    order, drops the later ones it suppresses unless it was dropped itself. Returns (positions of the candidates,
+    G x P; which of them are dropped, G x P).
 
-    def __init__(self, cands: _Candidates, boxes: Tensor, members: np.ndarray, size: int,
-                 recipe: PostProcessSpec) -> None:
-        device = boxes.device
-        groups = torch.from_numpy(members).to(device)
-        offsets = torch.arange(size, device=device)
-        self.valid = offsets < cands.group_size[groups, None]
-        self.pos = torch.where(self.valid, cands.group_start[groups, None] + offsets, 0)
-        self.suppress = _suppression(boxes, self.pos, self.valid, recipe)
-        self.keep = torch.ones_like(self.valid)
-        self.rounds_left = size + 1
-
-    def step(self) -> Tensor:
-        """One round of keep[j] = not any(keep[i] & S[i, j]); returns whether anything changed (on device)."""
-        new = ~(self.keep[:, :, None] & self.suppress).any(dim=1)
-        changed = (new != self.keep).any()
-        self.keep = new
-        self.rounds_left -= 1
-        return changed
+    Row i of the suppression matrix is computed at step i, only against the candidates after i: the same float32
+    operations as the whole matrix (:func:`_suppression`, elementwise, so bit for bit the same IoU), half the work
+    and G x P memory instead of G x P x P. No step reads anything back to the host.
+    """
+    device = boxes.device
+    groups = torch.from_numpy(members).to(device)
+    offsets = torch.arange(size, device=device)
+    valid = offsets < cands.group_size[groups, None]
+    pos = torch.where(valid, cands.group_start[groups, None] + offsets, 0)
+    b = boxes[pos]  # G x P x 4
+    # Boxes with NaN/inf coordinates take no part: they would suppress or be suppressed by everything.
+    usable = valid & torch.isfinite(b).all(dim=-1)
+    dropped = torch.zeros_like(valid)
+    for i in range(size - 1):
+        active = usable[:, i] & ~dropped[:, i]
+        iou = box_iou(b[:, i : i + 1], b[:, i + 1 :])[:, 0]
+        dropped[:, i + 1 :] |= _suppresses(iou, recipe) & usable[:, i + 1 :] & active[:, None]
+    return pos, valid & dropped
 
 
 def _nms(cands: _Candidates, boxes: Tensor, recipe: PostProcessSpec) -> Tensor:
@@ -287,27 +296,10 @@ def _nms(cands: _Candidates, boxes: Tensor, recipe: PostProcessSpec) -> Tensor:
     n_cands = cands.score.shape[0]
     # One spare slot receives the writes for padding, so no data-dependent (host-syncing) selection is needed.
     keep = torch.ones(n_cands + 1, dtype=torch.bool, device=boxes.device)
-    waves: list[list[tuple[np.ndarray, int]]] = []
-    load = _WAVE_ELEMENTS
+    # The group sizes are the one read back to the host: they fix the chunks' shapes and step counts.
     for members, size in _plan_chunks(cands.group_size.cpu().numpy()):
-        elements = members.size * size * size
-        if load + elements > _WAVE_ELEMENTS:
-            waves.append([])
-            load = 0
-        waves[-1].append((members, size))
-        load += elements
-
-    for wave in waves:
-        chunks = [_Chunk(cands, boxes, members, size, recipe) for members, size in wave]
-        # Greedy keep is the unique solution of keep[j] = not any(keep[i] & S[i, j]) in rank order; iterating
-        # from all-True settles at least one more rank per round, so a chunk of padded size P is done within P
-        # rounds and the round after shows no change.
-        active = chunks
-        while active:
-            flags = torch.stack([chunk.step() for chunk in active]).tolist()  # the round's single host sync
-            active = [chunk for chunk, changed in zip(active, flags) if changed and chunk.rounds_left > 0]
-        for chunk in chunks:
-            keep[torch.where(chunk.valid & ~chunk.keep, chunk.pos, n_cands)] = False
+        pos, dropped = _greedy_chunk(cands, boxes, members, size, recipe)
+        keep[torch.where(dropped, pos, n_cands)] = False
     return keep[:n_cands]
 
 

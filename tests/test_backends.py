@@ -410,8 +410,8 @@ def test_load_a_name_a_file_or_a_network(model, files, hub_dir, monkeypatch):
     assert ssd.load(model).model is model
     if "xml" in files:
         assert ssd.load(files["xml"], precision="fp32").runtime == "openvino"
-    with pytest.raises(ValueError, match=r"backend: expected None for the model name 'nvidia_ssd', which runs in "
-                                         r"PyTorch"):
+    with pytest.raises(ValueError, match=r"backend: expected None or 'auto' for the model name 'nvidia_ssd', which "
+                                         r"runs in PyTorch"):
         ssd.load("nvidia_ssd", backend="openvino", pretrained=False)
     with pytest.raises(TypeError, match=r"load: expected options among .* for a model name, got nms"):
         ssd.load("nvidia_ssd", nms=True)

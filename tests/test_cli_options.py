@@ -75,8 +75,8 @@ def test_version_answers_within_a_second_as_a_process():
 def test_every_command_is_registered_once_and_shares_the_options():
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices  # argparse keeps the subparsers here
-    assert list(commands) == ["detect", "evaluate", "train", "make-shapes", "export", "convert"]
-    assert COMMANDS == ("detect", "evaluate", "train", "export", "convert")
+    assert list(commands) == ["detect", "evaluate", "train", "make-shapes", "export", "convert", "benchmark"]
+    assert COMMANDS == ("detect", "evaluate", "train", "export", "convert", "benchmark")
     for name in ("detect", "evaluate", "train"):
         options = {o for action in commands[name]._actions for o in action.option_strings}
         assert {"--model", "--checkpoint", "--device", "--precision", "--batch-size"} <= options, name

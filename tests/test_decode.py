@@ -257,12 +257,51 @@ def test_scores_near_the_threshold_match_reference():
     assert len(expected[0][1]) > 0
 
 
-def test_small_chunks_and_waves_give_the_same(monkeypatch):
+def test_small_chunks_give_the_same(monkeypatch):
     locs, confs = random_predictions(2, seed=4)
     expected = decode_ascending(locs, confs, max_output=500)
-    monkeypatch.setattr(decode_module, "_CHUNK_ELEMENTS", 1000)
-    monkeypatch.setattr(decode_module, "_WAVE_ELEMENTS", 30_000)
+    monkeypatch.setattr(decode_module, "_CHUNK_ELEMENTS", 100)
     assert_same(decode_ascending(locs, confs, max_output=500), expected)
+
+
+def fixed_point_nms(cands, boxes, recipe):
+    """The NMS this library ran before the row-by-row loop: the whole suppression matrix of each group, then
+    keep[j] = not any(keep[i] & S[i, j]) iterated from all-True until nothing changes (greedy NMS's unique
+    solution). Slow with many candidates (seconds per image at threshold 0.001), plain to check."""
+    keep = torch.ones(cands.score.shape[0], dtype=torch.bool)
+    for start, size in zip(cands.group_start.tolist(), cands.group_size.tolist()):
+        if size < 2:
+            continue
+        pos = torch.arange(start, start + size)[None]
+        suppress = decode_module._suppression(boxes, pos, torch.ones(1, size, dtype=torch.bool), recipe)[0]
+        kept = torch.ones(size, dtype=torch.bool)
+        while True:
+            new = ~(kept[:, None] & suppress).any(dim=0)
+            if torch.equal(new, kept):
+                break
+            kept = new
+        keep[start : start + size] = kept
+    return keep
+
+
+@pytest.mark.parametrize("suppress_equal", [False, True])
+def test_many_candidates_match_the_fixed_point_nms(monkeypatch, suppress_equal):
+    # torchvision's SSDLite recipe at its evaluation threshold 0.001 on an untrained-looking output: every class
+    # of every box passes, so each of the 90 classes has its 300-candidate cap (27,000 candidates), in long
+    # suppression chains. The row-by-row NMS must keep exactly what the matrix fixed point keeps.
+    from ssd.models.tv_ssd import TV_SSDLITE320
+
+    spec = TV_SSDLITE320
+    recipe = spec.postprocess.updated(suppress_equal=suppress_equal)
+    gen = torch.Generator().manual_seed(22)
+    locs = torch.randn(1, 4, spec.anchors.num_anchors, generator=gen) * 0.5
+    confs = torch.randn(1, spec.num_classes, spec.anchors.num_anchors, generator=gen) * 0.3
+    fast = postprocess((locs, confs), spec, recipe)
+    monkeypatch.setattr(decode_module, "_nms", fixed_point_nms)
+    slow = postprocess((locs, confs), spec, recipe)
+    assert fast.counts.tolist() == [recipe.max_detections]
+    for got, expected in zip(fast, slow):
+        assert torch.equal(got, expected)
 
 
 def suppression_of(boxes: list[list[float]], criteria: float) -> torch.Tensor:

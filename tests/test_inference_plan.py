@@ -109,3 +109,41 @@ def test_detect_runs_its_forward_pass_on_the_threads_the_environment_names(monke
     monkeypatch.setenv("SSD_NUM_THREADS", "3")
     model.detect(np.zeros((64, 64, 3), dtype=np.uint8))
     assert seen == [3]
+
+
+def test_thread_tuner_times_both_counts_then_keeps_the_faster():
+    tuner = plan_module.ThreadTuner(low=1, high=2, probe_every=8)
+    assert tuner.choose() == (1, False)  # warm-up: first-call costs are not the steady state
+    assert tuner.choose() == (1, True)
+    tuner.record(1, 0.30)
+    assert tuner.choose() == (2, True)
+    tuner.record(2, 0.16)  # a quiet machine: two threads nearly halve the time
+    picks = [tuner.choose() for _ in range(3, 17)]
+    assert [t for t, _ in picks] == [2] * 5 + [1] + [2] * 7 + [1]  # calls 8 and 16 probe the other count again
+    tuner.record(1, 0.30)
+    tuner.record(2, 0.90)  # something else started running: two threads now wait on each other
+    assert tuner.best == 1 and tuner.choose() == (1, True)
+
+
+def test_backend_tunes_threads_only_when_no_count_is_given(monkeypatch):
+    from ssd.backends import PyTorchBackend
+    from ssd.models import SSD300
+
+    monkeypatch.delenv("SSD_NUM_THREADS", raising=False)
+    monkeypatch.setattr(plan_module, "usable_cores", lambda: 2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = SSD300().eval()
+        backend = PyTorchBackend(model)
+        assert backend.tuner is not None and (backend.tuner.low, backend.tuner.high) == (1, 2)
+        x = torch.zeros(1, 3, 300, 300)
+        for _ in range(3):
+            backend(x)
+        assert set(backend.tuner.seconds) == {1, 2} and all(s > 0 for s in backend.tuner.seconds.values())
+        assert torch.get_num_threads() == 2  # the caller's setting is restored after each pass
+        assert PyTorchBackend(model, threads=1).tuner is None
+        monkeypatch.setenv("SSD_NUM_THREADS", "1")
+        assert PyTorchBackend(model).tuner is None
+    finally:
+        torch.set_num_threads(before)

@@ -55,7 +55,7 @@ def test_wheel_holds_the_whole_library_and_nothing_else(wheel):
     assert {f"Requires-Dist: {r}" for r in runtime} <= required
     # Each extra installs what its name says; evaluation needs none (pycocotools is a runtime dependency).
     extras = {line.split(":", 1)[1].strip() for line in metadata.splitlines() if line.startswith("Provides-Extra:")}
-    assert extras == {"onnx", "openvino", "pandas", "tensorboard", "video"}, extras
+    assert extras == {"onnx", "openvino", "int8", "pandas", "tensorboard", "video"}, extras
     assert any(r.startswith("pycocotools") for r in runtime)
     by_extra: dict[str, set[str]] = {}
     for line in metadata.splitlines():
@@ -64,7 +64,8 @@ def test_wheel_holds_the_whole_library_and_nothing_else(wheel):
             name = re.split(r"[<>=!~ ]", requirement.strip())[0]
             by_extra.setdefault(marker.split("==")[1].strip().strip("'\""), set()).add(name)
     assert by_extra == {"onnx": {"onnx", "onnxruntime", "onnxscript"}, "openvino": {"onnx", "openvino"},
-                        "pandas": {"pandas"}, "tensorboard": {"tensorboard"}, "video": {"av"}}, by_extra
+                        "int8": {"onnx", "openvino", "nncf"}, "pandas": {"pandas"}, "tensorboard": {"tensorboard"},
+                        "video": {"av"}}, by_extra
 
 
 @pytest.mark.timeout(600)
@@ -88,6 +89,9 @@ def test_installed_command_runs_from_another_folder(wheel, tmp_path):
     helped = run("detect", "--help")
     assert helped.returncode == 0, helped.stderr
     assert helped.stdout.startswith("usage: ssd detect") and "examples:" in helped.stdout
+    # The benchmark command is the installed package's, not only the checkout's benchmarks/.
+    bench = run("benchmark", "--formats", "pytorch,tensorrt")
+    assert bench.returncode == 2 and "formats: expected a comma-separated list of pytorch" in bench.stderr, bench.stderr
     where = subprocess.run([sys.executable, "-c", "import ssd, ssd.inference.detect; print(ssd.__file__)"],
                            cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
     assert where.returncode == 0, where.stderr

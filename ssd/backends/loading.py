@@ -35,14 +35,17 @@ def load(model: Any, /, **options: Any) -> Any:
             ``num_classes``, ``class_names``, ``half``, ``model_math``, ``force_download``, ``progress``), and
             ``device`` (default: the CPU; ``"auto"``: CUDA when available), ``precision`` (None: the weights'
             dtype, ``'fp32'``, ``'bf16'`` or ``'fp16'`` autocast; bf16 also runs the model channels_last) and
-            ``threads`` (CPU intra-op threads) for the :class:`~ssd.backends.PyTorchBackend`. For a network:
+            ``threads`` (CPU intra-op threads) for the :class:`~ssd.backends.PyTorchBackend`; ``backend="auto"``:
+            the fastest installed backend whose detections agree with fp32's on a check image (OpenVINO, else bf16
+            autocast on CPUs with native bf16, else fp32: :mod:`ssd.backends.auto`). For a network:
             ``precision`` and ``threads``. For a file: ``backend`` (``"auto"``, ``"onnxruntime"`` or
             ``"openvino"``), ``threads``, ``device`` (None or ``"cpu"``), and ``precision`` (OpenVINO: ``"fp32"``,
             ``"bf16"``, ``"default"``), ``providers`` (onnxruntime) or ``runtime_device`` (OpenVINO).
 
     Raises:
-        ValueError: an unknown name, a file of another kind, or ``backend`` given with a model name (a name runs
-            in PyTorch); the errors of :func:`ssd.build_model` and :func:`~ssd.backends.load_exported`.
+        ValueError: an unknown name, a file of another kind, or a ``backend`` other than ``"auto"`` given with a
+            model name (a name runs in PyTorch); the errors of :func:`ssd.build_model` and
+            :func:`~ssd.backends.load_exported`.
         TypeError: an option the model's kind does not take.
     """
     if is_detector(model):
@@ -54,11 +57,13 @@ def load(model: Any, /, **options: Any) -> Any:
     from .. import distributed, registry
 
     if isinstance(model, str) and model in registry.list_models():
-        if options.get("backend") is not None:
-            raise ValueError(f"backend: expected None for the model name {model!r}, which runs in PyTorch (a runtime "
-                             f"is chosen for an exported .onnx/.xml file), got {options['backend']!r}")
-        options.pop("backend", None)
+        backend = options.pop("backend", None)
+        if backend not in (None, "auto"):
+            raise ValueError(f"backend: expected None or 'auto' for the model name {model!r}, which runs in PyTorch "
+                             f"(a runtime is chosen for an exported .onnx/.xml file), got {backend!r}")
         _only(options, _BUILD_OPTIONS + _BACKEND_OPTIONS, "a model name")
+        if backend == "auto":
+            return _load_auto(model, options).backend
         return _load_registered(model, options)
     if is_exported_file(model):
         device = options.pop("device", None)
@@ -93,6 +98,23 @@ def _load_registered(name: str, options: dict[str, Any]) -> PyTorchBackend:
     return PyTorchBackend(model, precision, threads=threads)
 
 
+def _load_auto(name: str, options: dict[str, Any]) -> Any:
+    """``backend="auto"`` for a model name: build it in float32, then :func:`ssd.backends.auto.choose_backend`."""
+    from .. import distributed, registry
+    from .auto import choose_backend
+
+    if options.get("precision") not in (None, "fp32") or options.get("half") or options.get("model_math") == "fp16":
+        raise ValueError("backend: expected no precision with 'auto', which picks the precision itself (fp32, bf16 "
+                         "or OpenVINO's), got a half-precision or autocast request")
+    device = options.pop("device", None)
+    threads = options.pop("threads", None)
+    options.pop("precision", None)
+    model = registry.build_model(name, **options)
+    if device is not None:
+        model.to(distributed.resolve_device(device))
+    return choose_backend(model, threads=threads)
+
+
 def command_device(model: str, device: str | None, name: str = "--device") -> torch.device:
     """The device for a command's ``--model`` (checked: a model name or an exported file): for a model name
     ``device`` as :func:`ssd.distributed.resolve_device` gives it (default CUDA when available; under torchrun
@@ -117,9 +139,14 @@ def check_command_options(model: str, *, backend: str | None, checkpoint: str | 
     ``--backend`` with a model name (it runs in PyTorch), ``--checkpoint`` with an exported file (its weights are in
     it), and a precision the file's runtime does not have. Raises ValueError naming the option."""
     if not is_exported_file(model):
+        if backend == "auto":
+            if half or precision not in (None, "fp32"):
+                raise ValueError(f"--precision: expected fp32 (the reference) with --backend auto, which picks the "
+                                 f"precision itself, got {'fp16' if half else precision}")
+            return
         if backend is not None:
-            raise ValueError(f"--backend: expected it only with an exported --model file (.onnx or .xml), got "
-                             f"--backend {backend} with the model name {model!r}, which runs in PyTorch")
+            raise ValueError(f"--backend: expected it only with an exported --model file (.onnx or .xml) or 'auto', "
+                             f"got --backend {backend} with the model name {model!r}, which runs in PyTorch")
         return
     if checkpoint is not None:
         raise ValueError(f"--checkpoint: expected none with an exported --model file (its weights are in "
@@ -136,9 +163,10 @@ def check_command_options(model: str, *, backend: str | None, checkpoint: str | 
 
 
 def load_for_command(model: str, *, backend: str | None, checkpoint: str | None, device: torch.device,
-                     precision: str | None, half: bool = False) -> Any:
+                     precision: str | None, half: bool = False, announce: Any = None) -> Any:
     """The backend for a command's ``--model NAME_OR_FILE`` with ``--backend``, ``--checkpoint``, a device from
-    :func:`command_device`, ``precision`` (autocast: None, fp32, bf16, fp16) and ``half`` (half weights).
+    :func:`command_device`, ``precision`` (autocast: None, fp32, bf16, fp16) and ``half`` (half weights). With
+    ``--backend auto`` and a model name, ``announce`` (e.g. ``print``) is given the line that says what was picked.
 
     Raises:
         ValueError: the options do not go together (:func:`check_command_options`), and every error of
@@ -146,6 +174,11 @@ def load_for_command(model: str, *, backend: str | None, checkpoint: str | None,
     """
     check_command_options(model, backend=backend, checkpoint=checkpoint, precision=precision, half=half)
     if not is_exported_file(model):
+        if backend == "auto":
+            choice = _load_auto(model, {"checkpoint": checkpoint, "device": device})
+            if announce is not None:
+                announce(choice.describe())
+            return choice.backend
         return load(model, checkpoint=checkpoint, device=device, precision=precision, half=half)
     if precision == "bf16":
         return load_exported(model, backend or "auto", precision="bf16")

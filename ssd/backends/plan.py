@@ -6,6 +6,7 @@ import contextlib
 import copy
 import os
 import threading
+import time
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -14,8 +15,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["PRECISIONS", "InferencePlan", "ThreadPlan", "first_conv_weight", "plan_for", "thread_plan",
-           "usable_cores"]
+__all__ = ["PRECISIONS", "InferencePlan", "ThreadPlan", "ThreadTuner", "first_conv_weight", "plan_for",
+           "thread_plan", "usable_cores"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -178,3 +179,68 @@ def threads_from_env() -> int | None:
     if not value.isdecimal() or int(value) < 1:  # isdigit() would pass "²", which int() refuses
         raise ValueError(f"SSD_NUM_THREADS: expected a positive whole number of threads, got {value!r}")
     return int(value)
+
+
+class ThreadTuner:
+    """The forward pass's thread count, chosen by timing it: no fixed rule is right on a small CPU both when it is
+    quiet and when something else runs (2 cores, SSD300 fp32: 2 threads are 1.9x faster than 1 on a quiet machine
+    and 2.5-3.2x slower beside a busy process; benchmarks/RESULTS.md).
+
+    The candidates are the plan's ``low`` count (threads + loaders within the cores) and ``high`` (every core torch
+    may use). The first call is a warm-up at ``low``; the next two time ``low`` and ``high``; then the faster per
+    image runs, and every ``probe_every`` calls the other is timed once more, so that a change in the machine's load
+    is followed (the cost of a wrong probe is one batch in ``probe_every``). Safe to share between threads.
+    """
+
+    def __init__(self, low: int, high: int, probe_every: int = 32) -> None:
+        self.low, self.high, self.probe_every = low, high, probe_every
+        self.seconds: dict[int, float] = {}  # threads -> latest seconds per image
+        self.calls = 0
+        self._lock = threading.Lock()
+
+    def choose(self) -> tuple[int, bool]:
+        """(threads for the next call, whether its time should be recorded)."""
+        with self._lock:
+            call = self.calls
+            self.calls += 1
+            if call == 0:
+                return self.low, False
+            if call == 1:
+                return self.low, True
+            if call == 2:
+                return self.high, True
+            best = self.best
+            if call % self.probe_every == 0:
+                return (self.high if best == self.low else self.low), True
+            return best, True
+
+    @property
+    def best(self) -> int:
+        """The faster count measured so far (``low`` until both are)."""
+        if self.low not in self.seconds or self.high not in self.seconds:
+            return self.low
+        return self.high if self.seconds[self.high] < self.seconds[self.low] else self.low
+
+    def record(self, threads: int, seconds_per_image: float) -> None:
+        with self._lock:
+            self.seconds[threads] = seconds_per_image
+
+    @contextlib.contextmanager
+    def forward(self, images: int) -> Iterator[None]:
+        """Run the enclosed forward pass of ``images`` images on the chosen thread count, timing it."""
+        threads, timed = self.choose()
+        with ThreadPlan(threads, 1).forward():
+            started = time.perf_counter()
+            yield
+            elapsed = time.perf_counter() - started
+        if timed:
+            self.record(threads, elapsed / max(1, images))
+
+
+def thread_tuner(plan: ThreadPlan, explicit: bool) -> ThreadTuner | None:
+    """The tuner for a CPU backend with ``plan``, or None where the count is fixed: given (``threads=``,
+    ``SSD_NUM_THREADS``), or torch allowed no more threads than the plan's, or the process has one core."""
+    if explicit or threads_from_env() is not None:
+        return None
+    high = min(torch.get_num_threads(), usable_cores())
+    return ThreadTuner(plan.intra_op, high) if high > plan.intra_op else None

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from .base import is_detector, local_spec
-from .plan import channels_last_copy, plan_for, thread_plan
+from .plan import channels_last_copy, plan_for, thread_plan, thread_tuner
 
 __all__ = ["PyTorchBackend"]
 
@@ -20,8 +20,10 @@ class PyTorchBackend:
     It owns the inference plan (:mod:`ssd.backends.plan`): the model's device and dtype are followed; ``precision``
     None keeps the weights' dtype, ``'fp32'`` needs a float32 model, ``'bf16'``/``'fp16'`` autocast a float32 model;
     a contiguous float32 model on the CPU runs as a cached channels_last copy (remade when its weights change). On
-    the CPU the forward pass runs on ``threads`` intra-op threads (default: the cores left by the image loaders,
-    :func:`~ssd.backends.plan.thread_plan`). Batches run under ``torch.inference_mode()``.
+    the CPU the forward pass runs on ``threads`` intra-op threads (default: tuned by timing between the cores left
+    by the image loaders, :func:`~ssd.backends.plan.thread_plan`, and all the cores torch may use,
+    :class:`~ssd.backends.plan.ThreadTuner`; ``SSD_NUM_THREADS`` fixes it). Batches run under
+    ``torch.inference_mode()``.
 
     The model is never modified: a model in training mode runs as an evaluation-mode copy made here. Several
     threads may call one backend.
@@ -43,6 +45,10 @@ class PyTorchBackend:
         self.precision = precision
         self.plan = plan_for(model, precision, stacklevel=4)
         self._threads = thread_plan(intra_op=threads) if self.plan.device.type == "cpu" else None
+        # Without a thread count given, the forward pass's is tuned by timing (ThreadTuner): on a small CPU no
+        # fixed count is right both when the machine is quiet and when it is shared.
+        self._explicit_threads = threads is not None
+        self.tuner = thread_tuner(self._threads, threads is not None) if self._threads is not None else None
 
     @property
     def names(self) -> list[str]:
@@ -81,7 +87,12 @@ class PyTorchBackend:
 
     def __call__(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(locs, confs)`` for a preprocessed batch on :attr:`device`, in :attr:`input_dtype`."""
-        threads = self._threads.forward() if self._threads is not None else contextlib.nullcontext()
+        if self.tuner is not None:
+            threads = self.tuner.forward(int(batch.shape[0]))
+        elif self._threads is not None:
+            threads = self._threads.forward()
+        else:
+            threads = contextlib.nullcontext()
         with torch.inference_mode(), self.plan.autocast(), threads:
             return self._network()(batch)
 
@@ -93,5 +104,5 @@ class PyTorchBackend:
             device = torch.device("cuda", torch.cuda.current_device())
         if device == self.device:
             return self
-        threads = self._threads.intra_op if self._threads is not None else None
+        threads = self._threads.intra_op if self._threads is not None and self._explicit_threads else None
         return PyTorchBackend(copy.deepcopy(self.model).to(device), self.precision, threads=threads)

@@ -33,9 +33,11 @@ COMMANDS = (
     "train",  # train and make-shapes
     "export",
     "convert",
+    "benchmark",
 )
 
-DESCRIPTION = "SSD object detectors: detect, evaluate, fine-tune, export and convert data (COCO classes by default)."
+DESCRIPTION = ("SSD object detectors: detect, evaluate, fine-tune, export, convert data and benchmark (COCO classes by "
+               "default).")
 
 EPILOG = """\
 examples:

@@ -65,9 +65,11 @@ def add_model(parser: argparse.ArgumentParser, *, files: bool = True, default: s
     if files:
         parser.add_argument("--model", default=default, metavar="NAME_OR_FILE",
                             help=f"{names} (default {default}), or an exported .onnx / OpenVINO .xml file")
-        parser.add_argument("--backend", choices=("onnxruntime", "openvino"), default=None,
-                            help="runtime for --model FILE (default: onnxruntime for .onnx, openvino for .xml); "
-                                 "refused with a model name, which runs in PyTorch")
+        parser.add_argument("--backend", choices=("auto", "onnxruntime", "openvino"), default=None,
+                            help="runtime for --model FILE (default: onnxruntime for .onnx, openvino for .xml); with "
+                                 "a model name only auto: the fastest installed backend whose detections agree with "
+                                 "fp32 on a check image (OpenVINO, else bf16 on CPUs with native bf16, else fp32), "
+                                 "and says which")
     else:
         parser.add_argument("--model", choices=list_models(), default=default, metavar="NAME",
                             help=f"{names} (default {default})")

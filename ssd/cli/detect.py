@@ -277,8 +277,7 @@ def run(args: argparse.Namespace) -> int:
     streaming = args.jsonl or args.resume or distributed.env_world_size() > 1
     try:
         backend = load_for_command(args.model, backend=args.backend, checkpoint=args.checkpoint, device=device,
-                                   precision=common.autocast(args.precision),
-                                   half=args.half)
+                                   precision=common.autocast(args.precision), half=args.half, announce=print)
         resolve_classes(options.classes, backend.spec, options.classes_by)  # the model's classes are known now
     except (CheckpointUnavailableError, InvalidCheckpointError, OSError, ValueError, TypeError, ImportError) as exc:
         return fail(str(exc).replace("classes: ", "--classes: ", 1) if str(exc).startswith("classes: ") else exc)

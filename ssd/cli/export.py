@@ -1,5 +1,6 @@
-"""``ssd export``: write a model as ONNX or OpenVINO IR, saying each stage (trace, check, optimise for OpenVINO,
-then run: the written file once with its runtime), and the file's size and the time taken.
+"""``ssd export``: write a model as ONNX or OpenVINO IR (optionally INT8), saying each stage (trace, check,
+optimise for OpenVINO, quantize for INT8, then run: the written file once with its runtime), and the file's size
+and the time taken.
 
 Such files are run by the backends of :mod:`ssd.backends` (``detect``/``evaluate --model FILE``).
 """
@@ -42,6 +43,13 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--half", action="store_true",
                         help="with --format openvino: store the weights in fp16 (half the file; OpenVINO still "
                              "computes in the device's own precision)")
+    parser.add_argument("--int8", action="store_true",
+                        help="with --format openvino: INT8 weights and activations (NNCF post-training quantization, "
+                             "calibrated on --calibration)")
+    parser.add_argument("--calibration", type=pathlib.Path, default=None, metavar="DIR",
+                        help="with --int8: a folder of representative images (searched recursively; at least 100)")
+    parser.add_argument("--calibration-images", type=int, default=300, metavar="N",
+                        help="with --int8: use N of the calibration images, spread over the folder (default 300)")
     parser.add_argument("--no-check", dest="check", action="store_false",
                         help="skip the last stage: running the written file once with its runtime")
     parser.set_defaults(run=run)
@@ -68,6 +76,24 @@ def _check_out(out: pathlib.Path, suffix: str, fmt: str) -> str | None:
         return f"--out: expected a folder (or a path to create one) for {out.name}, got the file {str(existing)!r}"
     if not os.access(existing, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
         return f"--out: expected a writable location, got {str(out)!r} (permission denied)"
+    return None
+
+
+def _int8_problem(args: argparse.Namespace) -> str | None:
+    """Why --int8 and its options do not go together with the rest, if so (checked before anything loads)."""
+    if not args.int8:
+        if args.calibration is not None:
+            return f"--calibration: expected it only with --int8, got --calibration {args.calibration}"
+        return None
+    if args.format != "openvino":
+        return f"--int8: expected --format openvino (NNCF quantizes the OpenVINO IR), got --format {args.format}"
+    if args.calibration is None:
+        return "--calibration: expected a folder of images with --int8, got none"
+    from ..export.int8 import MIN_CALIBRATION_IMAGES
+
+    if args.calibration_images < MIN_CALIBRATION_IMAGES:
+        return (f"--calibration-images: expected at least {MIN_CALIBRATION_IMAGES} (statistics from fewer images are "
+                f"dominated by outliers), got {args.calibration_images}")
     return None
 
 
@@ -113,6 +139,9 @@ def run(args: argparse.Namespace) -> int:
         return fail(f"--batch-size: expected an integer >= 1, got {args.batch_size}")
     if args.half and args.format != "openvino":
         return fail(f"--half: expected --format openvino (ONNX files are written in fp32), got --format {args.format}")
+    problem = _int8_problem(args)
+    if problem:
+        return fail(problem)
     from ..export.metadata import require
     from ..export.onnx import MIN_OPSET, export_onnx, export_openvino
 
@@ -124,15 +153,27 @@ def run(args: argparse.Namespace) -> int:
         require("onnx", "export")
         if args.format == "openvino":
             require("openvino", "--format openvino")
+        if args.int8:
+            require("nncf", "--int8")
+            from ..export.int8 import calibration_files
+
+            calibration_files(args.calibration, args.calibration_images)  # refused before minutes of export
         model = _build(args.model, args.checkpoint)
         print(f"export: {args.model} ({len(model.spec.classes.names)} classes) to {args.out}", flush=True)
         created = _missing_folders(args.out.parent)
         for folder in created:
             folder.mkdir()
-        options = {"compress_to_fp16": True} if args.half else {}
-        write = export_openvino if args.format == "openvino" else export_onnx
-        path = write(model, args.out, opset=args.opset, nms=args.nms, batch=args.batch_size,
-                     dynamic_batch=not args.static_batch, log=lambda line: print(line, flush=True), **options)
+        options = {"opset": args.opset, "nms": args.nms, "batch": args.batch_size,
+                   "dynamic_batch": not args.static_batch, "log": lambda line: print(line, flush=True)}
+        if args.int8:
+            from ..export.int8 import export_openvino_int8
+
+            path = export_openvino_int8(model, args.out, args.calibration, images=args.calibration_images, **options)
+        else:
+            if args.half:
+                options["compress_to_fp16"] = True
+            write = export_openvino if args.format == "openvino" else export_onnx
+            path = write(model, args.out, **options)
     except (ImportError, OSError, ValueError, TypeError) as exc:
         for folder in reversed(created):  # leave no empty folders behind a failed export
             try:
@@ -148,6 +189,7 @@ def run(args: argparse.Namespace) -> int:
         except Exception as exc:  # noqa: BLE001 - whatever the runtime raises, the file is not usable: say so
             return fail(f"{path} was written but its runtime cannot run it: {exc}", 1)
     outputs = "det_boxes, det_scores, det_labels, num_detections" if args.nms else "boxes, scores"
-    print(f"wrote {path} ({_size(path)}; {args.model}, {len(model.spec.classes.names)} classes, opset {args.opset}, "
-          f"outputs: {outputs}) in {time.perf_counter() - started:.1f} s")
+    int8 = ", INT8" if args.int8 else ""
+    print(f"wrote {path} ({_size(path)}; {args.model}, {len(model.spec.classes.names)} classes, opset {args.opset}"
+          f"{int8}, outputs: {outputs}) in {time.perf_counter() - started:.1f} s")
     return 0

@@ -309,11 +309,14 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, opset: int = 17, n
 
 def export_openvino(model: nn.Module, path: str | os.PathLike, *, opset: int = 17, nms: bool = False,
                     batch: int = 1, dynamic_batch: bool = True, recipe: PostProcessSpec | None = None,
-                    compress_to_fp16: bool = False, log: Callable[[str], None] | None = None) -> pathlib.Path:
+                    compress_to_fp16: bool = False, transform: Callable[[Any], Any] | None = None,
+                    log: Callable[[str], None] | None = None) -> pathlib.Path:
     """Write ``model`` as an OpenVINO IR (``path`` .xml plus its .bin beside it), converted from the ONNX graph
     of :func:`export_onnx`, with the same metadata in its ``rt_info``. Weights stay float32 unless
-    ``compress_to_fp16`` (OpenVINO then still computes in the device's default precision). ``log`` is called
-    with a line per stage done (trace, check, optimise: OpenVINO's conversion)."""
+    ``compress_to_fp16`` (OpenVINO then still computes in the device's default precision). ``transform``, when
+    given, turns the converted ``openvino.Model`` into the one written (INT8 quantization:
+    :func:`ssd.export.int8.export_openvino_int8`); the metadata is set on its result. ``log`` is called with a line
+    per stage done (trace, check, optimise: OpenVINO's conversion)."""
     ov = require("openvino", "OpenVINO export")
     path = _check_destination(path, (".xml",))
     proto = build_onnx(model, opset=opset, nms=nms, batch=batch, dynamic_batch=dynamic_batch, recipe=recipe,
@@ -325,6 +328,8 @@ def export_openvino(model: nn.Module, path: str | os.PathLike, *, opset: int = 1
         converted = ov.convert_model(source)
         if log is not None:
             log(f"optimise: OpenVINO's model conversion ({time.perf_counter() - started:.1f} s)")
+        if transform is not None:
+            converted = transform(converted)
         for entry in proto.metadata_props:
             converted.set_rt_info(entry.value, ["ssd_metadata", entry.key])
         staged = pathlib.Path(folder) / path.name

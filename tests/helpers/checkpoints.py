@@ -113,3 +113,23 @@ def serve_published(monkeypatch, server, model: str = "nvidia_ssd") -> dict:
         urls = tuple(server.url(f"/{name}/{i}/{weights.file_name}") for i in range(len(weights.urls)))
         monkeypatch.setitem(table, name, dataclasses.replace(weights, urls=urls))
     return dict(table)
+
+
+SMALL_MODEL = "tv_ssdlite320_mobilenet_v3_large"  # the smallest network of the registry: 3.4M parameters
+
+
+def detecting_ssdlite() -> torch.nn.Module:
+    """SSDLite with random weights whose class head favours person on the last two feature maps, so that it finds
+    boxes on any photo (the scores still depend on the pixels). Fast enough for tests that export and quantize."""
+    from ssd.registry import build_model
+
+    torch.manual_seed(0)
+    model = build_model(SMALL_MODEL, pretrained=False).eval()
+    classes = model.spec.num_classes
+    state = model.state_dict()
+    for level in (4, 5):
+        bias = state[f"head.classification_head.module_list.{level}.1.bias"]
+        for anchor in range(bias.numel() // classes):
+            bias[anchor * classes + 1] += 9.0 - 0.5 * anchor  # distinct per anchor shape: no near-ties in NMS
+    model.load_state_dict(state)
+    return model
