@@ -91,6 +91,10 @@ def run(args: argparse.Namespace) -> int:
                      dynamic_batch=not args.static_batch)
     except (ImportError, OSError, ValueError, TypeError) as exc:
         return _error(str(exc))
+    except KeyboardInterrupt:
+        # The temporary files are gone (the writers remove theirs on any exception) and --out is as it was.
+        print(f"interrupted: {args.out} was left as it was", file=sys.stderr)
+        return 130
     outputs = "det_boxes, det_scores, det_labels, num_detections" if args.nms else "boxes, scores"
     print(f"wrote {path} ({args.model}, {len(model.spec.classes.names)} classes, opset {args.opset}, "
           f"outputs: {outputs})")
