@@ -517,6 +517,7 @@ def test_report_is_rewritten_as_results_come_and_a_failed_rewrite_does_not_stop_
     assert "warning: could not update" in capsys.readouterr().err and broken.done == [{"file": "a.png"}]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_cli_ctrl_c_keeps_the_results_so_far(tmp_path, checkpoint):
     photos = tmp_path / "photos"

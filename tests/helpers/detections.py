@@ -67,7 +67,7 @@ def raw_outputs_recorder(module: torch.nn.Module, convert=None):
 
 
 def assert_same_detections(ours, theirs, *, score_tol: float, box_tol: float, cut: int | None = None,
-                           threshold: float | None = None, label: str = "") -> None:
+                           threshold: float | None = None, label: str = "") -> tuple[list, list, list]:
     """``ours`` and ``theirs`` (each with ``boxes`` N x 4, ``scores`` N descending, ``labels`` N; objects or dicts)
     are the same detections, found by a one-to-one matching rather than position by position:
 
@@ -78,6 +78,8 @@ def assert_same_detections(ours, theirs, *, score_tol: float, box_tol: float, cu
     * at a cut (``cut``: the lists hold ``max_detections``; ``threshold``: the score threshold), a near-tie may let
       a different detection in: one left unmatched on each side is allowed only with a score within ``score_tol``
       of the cut's score.
+
+    Returns the matched pairs ``(i, j)`` (ours' index, theirs') and the indices left unmatched on each side.
     """
     from scipy.optimize import linear_sum_assignment
 
@@ -114,6 +116,7 @@ def assert_same_detections(ours, theirs, *, score_tol: float, box_tol: float, cu
     # the only reordering allowed is a near-tie's, with no further check.
     for side, found in (("ours", a), ("theirs", b)):
         assert np.all(np.diff(found["scores"]) <= 0), f"{label}: {side} are not in descending score order"
+    return pairs, left_a, left_b
 
 
 def _arrays(found) -> dict[str, np.ndarray]:
