@@ -4,7 +4,8 @@ real photo, a 2-iteration training run whose checkpoint torch.hub loads with its
 as PyTorch does, and evaluation through both backends giving the same scores.
 
 A new family is covered by adding its test weights to tests/helpers/zoo.py. The models are built once a session
-(the ``zoo`` fixture); the stages that take long on VGG models are marked slow for all but FAST_MODELS.
+(the ``zoo`` fixture); every stage of every model runs in the whole suite, those of FAST_MODELS in the fast one
+too (the others are marked slow).
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def test_every_model_of_the_registry_is_covered():
 # Build, forward, detect
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", _staged())
 def test_builds_untrained_offline_with_the_layout_of_its_weights(name, zoo, monkeypatch):
     def no_network(*args, **kwargs):
         raise AssertionError(f"building {name} untrained opened a connection: {args}")
@@ -71,7 +72,7 @@ def test_builds_untrained_offline_with_the_layout_of_its_weights(name, zoo, monk
     assert {k: v.shape for k, v in untrained.state_dict().items()} == {k: v.shape for k, v in trained.items()}
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", _staged())
 def test_forward_gives_the_shapes_the_spec_declares(name, zoo):
     model = zoo.model(name)
     spec = model.spec
@@ -84,7 +85,7 @@ def test_forward_gives_the_shapes_the_spec_declares(name, zoo):
     assert spec.num_classes == len(model.names) + 1 == len(spec.classes.category_ids) + 1
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", _staged())
 def test_detect_on_a_photo_returns_detections(name, zoo):
     model = zoo.model(name)
     image = photo("chelsea")

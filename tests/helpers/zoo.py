@@ -12,8 +12,9 @@ import pathlib
 import torch
 
 MMDET_SHORT = {"ssd300_vgg16": "ssd300", "ssd512_vgg16": "ssd512", "ssdlite320_mobilenet_v2": "ssdlite"}
-# The models whose every stage (export, evaluation, a training run) also runs in the fast suite: the two cheapest,
-# of two families. The others' run in the full suite (marked slow): SSD300/512's VGG takes seconds an image here.
+# The models whose stages also run in the fast suite (make test-fast): the two cheapest, of two families. The
+# others' run in the whole suite (marked slow): SSD300/512's VGG and NVIDIA's ResNet-50 take seconds an image here,
+# and minutes to export and train.
 FAST_MODELS = ("ssdlite320_mobilenet_v2", "tv_ssdlite320_mobilenet_v3_large")
 
 
