@@ -227,6 +227,7 @@ def test_bf16_autocast_keeps_the_top_detections(model):
         _assert_top_detections_agree(exact, fast)
 
 
+@pytest.mark.slow
 def test_fp16_model_detects_like_fp32(model, chelsea):
     # A half-precision model (as model_math='fp16' builds) takes half inputs; on the CPU only a small check
     # is affordable, so compare on one image.

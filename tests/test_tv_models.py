@@ -24,7 +24,15 @@ from ssd.weights import InvalidCheckpointError, read_checkpoint
 
 from helpers import REPO, photo
 from helpers.checkpoints import serve_published
-from helpers.detections import assert_same_detections, box_tolerance, raw_delta, raw_outputs_recorder, score_tolerance
+from helpers.detections import (
+    assert_same_detections,
+    box_tolerance,
+    float32_error,
+    raw_delta,
+    raw_outputs_recorder,
+    rounding_bound,
+    score_tolerance,
+)
 from helpers.tv import detecting_state_dict, torchvision_model
 
 SPECS = {TV_SSD300.name: TV_SSD300, TV_SSDLITE320.name: TV_SSDLITE320}
@@ -78,13 +86,18 @@ def test_raw_head_outputs_equal_torchvisions(name, tv_file):
     anchors, classes = ours.spec.anchors.num_anchors, ours.spec.num_classes
     assert got[0].shape == (len(images), 4, anchors) and got[1].shape == (len(images), classes, anchors) == (
         len(images), 91, anchors)
-    for ours_out, theirs_out in zip(got, expected):
+    batch = preprocess_for_detection([torch.from_numpy(i).permute(2, 0, 1) for i in images], ours.spec.input)
+    rounding = float32_error(ours, batch)
+    for ours_out, theirs_out, own_error in zip(got, expected, rounding):
         # The same float32 operations on the same inputs (the preprocessing is bit-identical, tests/test_transforms):
-        # equal here. 1e-5 of the output's range (~80 float32 ulps of it) leaves room for a convolution backend that
-        # sums in another order, which changes each output by a few ulps of the largest partial sums.
+        # equal when the same kernels run. 1e-5 of the output's range (~80 float32 ulps of it) leaves room for a
+        # convolution backend that sums in another order, which changes each output by a few ulps of the largest
+        # partial sums; where the network amplifies rounding more than that (the key-seeded SSDLite: its float32
+        # outputs are ~5e-4 from its float64 ones), by what its own measured rounding allows.
         spread = float(theirs_out.max() - theirs_out.min())
         error = float((ours_out - theirs_out).abs().max())
-        assert spread > 1.0 and error <= 1e-5 * spread, f"{name}: max error {error} over a range of {spread}"
+        bound = max(1e-5 * spread, rounding_bound(own_error, float(theirs_out.abs().max())))
+        assert spread > 1.0 and error <= bound, f"{name}: max error {error} over a range of {spread} (bound {bound})"
 
 
 def _torchvision_anchors(name: str) -> torch.Tensor:
@@ -192,8 +205,13 @@ def test_detect_finds_torchvisions_detections_with_its_recipe(name, tv_file, mon
     # (bounded as test_raw_head_outputs_equal_torchvisions bounds it) and carried through the post-processing.
     [ours_raw] = ours_raw
     loc_delta, conf_delta = raw_delta(ours_raw, their_raw)
-    for delta, theirs_out in zip((loc_delta, conf_delta), their_raw):
-        assert delta <= 1e-5 * float(theirs_out.max() - theirs_out.min()), (name, delta)
+    # Rounding, not a change: within what this network's own float32 error allows (or 1e-5 of the range, as the raw
+    # test above).
+    batch = preprocess_for_detection([torch.from_numpy(i).permute(2, 0, 1) for i in images], model.spec.input)
+    for delta, theirs_out, own_error in zip((loc_delta, conf_delta), their_raw, float32_error(model, batch)):
+        bound = max(1e-5 * float(theirs_out.max() - theirs_out.min()),
+                    rounding_bound(own_error, float(theirs_out.abs().max())))
+        assert delta <= bound, (name, delta, bound)
     score_tol = score_tolerance(conf_delta)
     max_offset = float(their_raw[0].abs().max())
     for ours, their, image, photo_name in zip(found, theirs, images, PHOTOS):
@@ -227,7 +245,9 @@ def test_detect_defaults(tv_file):
     hook.remove()
     assert len(ours_raw) == 1, "detect did not run the channels_last copy"
     loc_delta, conf_delta = raw_delta(ours_raw[0], their_raw)
-    assert max(loc_delta, conf_delta) < 1e-3
+    batch = preprocess_for_detection([torch.from_numpy(i).permute(2, 0, 1) for i in images], model.spec.input)
+    for delta, theirs_out, own_error in zip((loc_delta, conf_delta), their_raw, float32_error(model, batch)):
+        assert delta <= rounding_bound(own_error, float(theirs_out.abs().max())), delta  # rounding, not a change
     recipe = model.spec.detect_postprocess
     assert recipe.score_threshold == 0.4 and recipe.max_detections == 100
     max_offset = float(their_raw[0].abs().max())

@@ -160,3 +160,26 @@ def assert_detect_results_agree(found: Sequence, expected: Sequence, deltas: Seq
 def _first(found, n: int) -> dict[str, np.ndarray]:
     arrays = _arrays(found)
     return {key: value[:n] for key, value in arrays.items()}
+
+
+def float32_error(model: torch.nn.Module, batch: torch.Tensor) -> tuple[float, float]:
+    """How far ``model``'s float32 raw outputs ``(locs, confs)`` are from its float64 ones on ``batch``.
+
+    Rounding differences grow through the layers by the network's own gain. Random test weights can make it large:
+    the MobileNet SSDLites' move their logits by ~1e-4 to ~1e-2 for a 1-ulp change of the input, NVIDIA's SSD300 by
+    ~5e-7. Two float32 runs of the same network on other kernels differ by about the sum of their errors, so a
+    difference within a few times this error is rounding; a wrong layer is far more.
+    """
+    import copy
+
+    with torch.inference_mode():
+        single = model(batch)
+        double = copy.deepcopy(model).double()(batch.double())
+    return tuple(float((a.double() - b).abs().max()) for a, b in zip(single, double))
+
+
+def rounding_bound(error: float, scale: float) -> float:
+    """What two float32 runs may differ by, given one run's error against float64: 4 x the error (the other
+    kernels may round up to 3 x worse), and at least 64 float32 ulps of the outputs' ``scale`` for a network so
+    well conditioned that its error is near zero."""
+    return 4 * error + 64 * EPS32 * scale
