@@ -232,7 +232,16 @@ def test_a_full_disk_is_one_line_exit_1_from_the_command(shapes, tmp_path, monke
     assert not (out / "last.pt").exists() and _temporaries(out) == []
 
 
-def test_ctrl_c_while_saving_finishes_the_file_then_stops(shapes, tmp_path, monkeypatch):
+@pytest.fixture()
+def default_ctrl_c():
+    """Python's own Ctrl-C handler, whatever this process inherited: a shell's background job starts with SIGINT
+    ignored, and then a SIGINT the test sends itself would be a no-op."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_while_saving_finishes_the_file_then_stops(shapes, tmp_path, monkeypatch, default_ctrl_c):
     out = tmp_path / "out"
     real_save = torch.save
     interrupted = []
