@@ -41,6 +41,9 @@ LITE = TV_SSDLITE320.name
 EPS = torch.finfo(torch.float32).eps
 PHOTOS = ("astronaut", "chelsea", "coffee")
 NA_IDS = tuple(i for i in range(1, 91) if i not in COCO_CATEGORY_IDS)
+# SSD300's VGG takes seconds an image here: its forward-pass tests run in the whole suite only (make test-fast
+# leaves them out), SSDLite's in both.
+NAMES_VGG_SLOW = [pytest.param(n, marks=pytest.mark.slow) if n == TV_SSD300.name else n for n in NAMES]
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +77,7 @@ def _torchvision_head_outputs(model: torch.nn.Module, images: list[np.ndarray]) 
 # The network, the default boxes and the box coder against torchvision's code
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES_VGG_SLOW)
 def test_raw_head_outputs_equal_torchvisions(name, tv_file):
     # SSD300's VGG on this CPU is ~1 s an image: one photo for it, two for SSDLite.
     images = [photo(p) for p in (PHOTOS[:1] if name == TV_SSD300.name else PHOTOS[:2])]
@@ -183,7 +186,7 @@ def _torchvision_detections(name: str, images: list[np.ndarray]) -> tuple[list[d
     return [{k: v.numpy() for k, v in f.items()} for f in found], raw
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES_VGG_SLOW)
 def test_detect_finds_torchvisions_detections_with_its_recipe(name, tv_file, monkeypatch):
     import ssd.backends.plan
 
