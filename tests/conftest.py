@@ -59,3 +59,12 @@ def hub_dir(tmp_path, monkeypatch):
     monkeypatch.delenv("SSD_CHECKPOINT", raising=False)
     yield tmp_path / "hub"
     torch.hub.set_dir(old)
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory):
+    """Every registered model with detecting weights, its checkpoint and its ONNX export, each made once a session
+    (helpers.zoo)."""
+    from helpers.zoo import Zoo
+
+    return Zoo(tmp_path_factory.mktemp("zoo"))

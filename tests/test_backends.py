@@ -99,6 +99,7 @@ def test_every_backend_implements_the_protocol(model, files):
     assert load_exported(files["nms"]).outputs == "nms"
 
 
+@pytest.mark.slow
 def test_detect_gives_the_same_detections_through_every_backend(model, files, photos):
     expected = detect(model, photos)
     for backend in _backends(model, files).values():
@@ -108,6 +109,7 @@ def test_detect_gives_the_same_detections_through_every_backend(model, files, ph
     _same_detections(detect(load_exported(files["nms"]), photos), expected)
 
 
+@pytest.mark.slow
 def test_evaluate_gives_the_same_stats_through_every_backend(tmp_path):
     # The minicoco weights, whose single-process PyTorch stats are NVIDIA's own (test_evaluation's golden test).
     net = _net(minicoco_state_dict())
@@ -310,6 +312,7 @@ def test_cli_runtime_failure_is_one_line_and_status_1(tmp_path, capsys):
 # Threads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["onnxruntime", "openvino"])
 def test_threads_sharing_one_exported_backend_get_their_own_results(files, kind):
     if kind == "openvino":
@@ -353,6 +356,7 @@ def other_copy():
             del sys.modules[key]
 
 
+@pytest.mark.slow
 def test_a_model_of_another_copy_is_accepted_everywhere(other_copy, model, files, photos, tmp_path):
     other_models = importlib.import_module("ssd_other_copy.models")
     theirs = other_models.SSD300()
@@ -433,6 +437,7 @@ def test_cli_backend_with_a_model_name_is_one_error_line(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_cli_evaluates_an_exported_file(tmp_path, capsys):
     from ssd.cli import main
 

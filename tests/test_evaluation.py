@@ -163,6 +163,7 @@ def test_cli_with_workers_matches_the_api(reference, fast_cli, tmp_path, capsys)
     assert "dog " in out and "images/s" in out
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_torchrun_evaluate_gives_the_single_process_stats(reference, checkpoint, tmp_path):
     done = torchrun("evaluate", "--images", str(IMAGES), "--annotations", str(ANNOTATIONS), "--out", str(tmp_path),
@@ -183,6 +184,7 @@ def test_torchrun_evaluate_gives_the_single_process_stats(reference, checkpoint,
     assert done.stdout.count("Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all") == 1  # rank 0 alone prints
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_torchrun_error_on_one_rank_stops_every_rank(checkpoint, tmp_path):
     images, path = _set_with_broken_and_missing(tmp_path)
@@ -200,6 +202,7 @@ def test_torchrun_error_on_one_rank_stops_every_rank(checkpoint, tmp_path):
     assert not (tmp_path / "o" / "metrics.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_torchrun_detect_streams_json_lines_per_rank(checkpoint, tmp_path):
     photos = tmp_path / "photos"
@@ -225,6 +228,7 @@ def _lines(path: pathlib.Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_json_lines_survive_a_killed_run_and_resume(checkpoint, tmp_path, monkeypatch, capsys):
     photos = tmp_path / "photos"

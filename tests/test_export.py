@@ -136,6 +136,7 @@ def test_stricter_threshold_on_nms_graph_and_fixed_iou(model, exports, photos):
         detect(detector, photos, precision="bf16")
 
 
+@pytest.mark.slow
 def test_openvino_fp32_matches_pytorch(model, exports, photos, tmp_path):
     pytest.importorskip("openvino")
     xml = export_openvino(model, tmp_path / "ssd.xml")
@@ -164,6 +165,7 @@ def _four_class_state_dict() -> dict[str, torch.Tensor]:
     return state
 
 
+@pytest.mark.slow
 def test_fine_tuned_four_class_model_round_trips_its_classes(tmp_path, photos):
     names = ("cup", "saucer", "spoon", "cake")
     net = SSD300(nvidia_spec(class_names=names, category_ids=(11, 12, 13, 14)))

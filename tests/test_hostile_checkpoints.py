@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from ssd.io.http import DownloadError
-from ssd.registry import build_model, get_entry
+from ssd.registry import build_model, get_entry, list_models
 from ssd.weights import CheckpointUnavailableError, InvalidCheckpointError, checkpoints, load_file, loader
 from ssd.weights import read_checkpoint as read_for
 from ssd.weights.checkpoints import url_cache_name
@@ -564,6 +564,14 @@ def layout_of(model: str) -> Layout:
 
         if model == "nvidia_ssd":
             _LAYOUTS[model] = Layout(golden_state_dict(), _save_nvidia, "conf.0.weight", "loc.0.bias", "loc.0.bias")
+        elif model.startswith("tv_"):
+            from helpers.tv import detecting_state_dict
+
+            # torchvision's key names are this family's own: the file's key is the converted one.
+            level = "0" if model == "tv_ssd300_vgg16" else "0.1"
+            body = f"head.regression_head.module_list.{level}.bias"
+            _LAYOUTS[model] = Layout(detecting_state_dict(model), lambda path, state: torch.save(state, path),
+                                     f"head.classification_head.module_list.{level}.weight", body, body)
         else:
             short, level = {"ssd300_vgg16": ("ssd300", "0"), "ssd512_vgg16": ("ssd512", "0"),
                             "ssdlite320_mobilenet_v2": ("ssdlite", "1")}[model]
@@ -609,7 +617,8 @@ SPOILED = {
 }
 
 
-@pytest.mark.parametrize("model", ["nvidia_ssd", "ssd300_vgg16", "ssdlite320_mobilenet_v2"])
+@pytest.mark.parametrize("model", ["nvidia_ssd", "ssd300_vgg16", "ssdlite320_mobilenet_v2",
+                                   "tv_ssdlite320_mobilenet_v3_large"])
 @pytest.mark.parametrize("spoiled", list(SPOILED))
 def test_every_family_refuses_spoiled_files_naming_file_and_key(tmp_path, hub_dir, model, spoiled):
     change, message = SPOILED[spoiled]
@@ -645,7 +654,7 @@ ENTRIES = {"checkpoint=": _by_argument, "SSD_CHECKPOINT": _by_environment, "file
            "torch.hub": _by_hub}
 
 
-@pytest.mark.parametrize("model", ["nvidia_ssd", "ssd300_vgg16", "ssd512_vgg16", "ssdlite320_mobilenet_v2"])
+@pytest.mark.parametrize("model", list_models())
 @pytest.mark.parametrize("entry", list(ENTRIES))
 def test_every_entry_point_reads_through_the_guarded_reader(tmp_path, hub_dir, monkeypatch, model, entry):
     layout = layout_of(model)
@@ -654,6 +663,65 @@ def test_every_entry_point_reads_through_the_guarded_reader(tmp_path, hub_dir, m
     with pytest.raises(InvalidCheckpointError, match=message) as info:
         ENTRIES[entry](model, path, monkeypatch)
     assert str(path) in str(info.value) and layout.body in str(info.value)
+    assert cache_files(hub_dir) == []
+
+
+def _command(command: str, model: str, path: pathlib.Path, work: pathlib.Path, shapes) -> list[str]:
+    """The command line that reads ``path`` as model ``model``'s checkpoint, for each command that takes one."""
+    annotations, images = shapes
+    data = ["--images", str(images), "--annotations", str(annotations)]
+    train = ["train", "--model", model, *data, "--out", str(work / "run"), "--epochs", "1", "--batch-size", "2",
+             "--device", "cpu", "--workers", "0"]
+    return {
+        "detect --checkpoint": ["detect", str(next(images.iterdir())), "--model", model, "--checkpoint", str(path),
+                                "--out", str(work / "detected")],
+        "evaluate --checkpoint": ["evaluate", "--model", model, "--checkpoint", str(path), *data, "--no-progress"],
+        "export --checkpoint": ["export", "--model", model, "--checkpoint", str(path), "--out", str(work / "m.onnx")],
+        "train --checkpoint": [*train, "--checkpoint", str(path)],
+        "train --resume": [*train, "--resume", str(path)],
+    }[command]
+
+
+COMMANDS = ("detect --checkpoint", "evaluate --checkpoint", "export --checkpoint", "train --checkpoint",
+            "train --resume")
+
+
+@pytest.mark.parametrize("model", list_models())
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_reads_checkpoints_through_the_guarded_reader(tmp_path, hub_dir, capsys, shapes, model,
+                                                                    command):
+    """A file with a NaN weight, in the family's own format (or as ssd train's last.pt for --resume), given to every
+    command that reads a checkpoint: one error line naming the file and the key, exit 2, nothing built or written."""
+    from ssd.cli import main
+
+    layout = layout_of(model)
+    change, message = SPOILED["nan"]
+    if command == "train --resume":
+        # What ssd train writes for this model and the shapes' classes, one weight spoiled.
+        network = build_model(model, pretrained=False, class_names=["circle", "square", "triangle"])
+        state = {k: v.clone() for k, v in network.state_dict().items()}
+        key = layout.ours
+        state[key][0] = float("nan")
+        path = tmp_path / "run" / "last.pt"
+        path.parent.mkdir()
+        torch.save({"format": "ssd-train/2", "model": model, "state_dict": state,
+                    "class_names": ["circle", "square", "triangle"], "category_ids": [1, 2, 3], "epoch": 0,
+                    "iteration": 1, "best_map": None, "optimizer": {"state": {}, "param_groups": []},
+                    "scheduler": {}, "scaler": {}}, path)
+        names = (key,)
+    else:
+        path = layout.write(tmp_path / "nan.pt", change)
+        names = (layout.body, layout.ours)
+    if command.startswith("evaluate"):
+        pytest.importorskip("pycocotools")
+    if command.startswith("export"):
+        pytest.importorskip("onnx")
+    code = main(_command(command, model, path, tmp_path, shapes))
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    assert str(path) in err and re.search(message, err) and any(k in err for k in names), err
+    assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "detected").exists()
     assert cache_files(hub_dir) == []
 
 

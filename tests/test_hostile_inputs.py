@@ -21,6 +21,7 @@ import torch
 from PIL import Image, ImageFile, features
 from skimage import data
 
+from ssd.backends.plan import channels_last_copy
 from ssd.cli import main
 from ssd.compat.nvidia import prepare_input
 from ssd.inference.detect import detect
@@ -33,6 +34,7 @@ from ssd.models.spec import MAX_DETECTIONS_LIMIT
 
 from helpers import REPO
 from helpers.checkpoints import detecting_state_dict, save_detecting_checkpoint
+from helpers.detections import assert_detect_results_agree, raw_outputs_recorder
 
 CHELSEA = data.chelsea()  # 300 x 451: landscape, so a rotation shows in the shape
 
@@ -221,7 +223,9 @@ def test_detect_leaves_a_training_model_in_training_mode_with_its_buffers(model)
 @pytest.mark.timeout(300)
 def test_four_threads_on_one_model_agree_with_sequential_calls(model):
     inputs = [CHELSEA, data.astronaut()[::2, ::2]]
+    raw, hook = raw_outputs_recorder(channels_last_copy(model))
     sequential = [detect(model, [image])[0] for image in inputs]
+    hook.remove()
     start = threading.Barrier(4)  # all four threads call detect together, not one after another
 
     def work(k: int) -> list:
@@ -230,11 +234,15 @@ def test_four_threads_on_one_model_agree_with_sequential_calls(model):
 
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(work, range(4)))
+    # What goes wrong when threads share state is another image's detections, or a mix: hundreds of pixels off.
+    # Batches of 1 and 2 run other kernels, and threads that set torch's thread count at once may leave a pass with
+    # another count: raw outputs below 1e-3 apart (the bound the single-thread tests measure well inside; the actual
+    # figure depends on the CPU), carried through the decoding as in tests/helpers/detections.py.
+    bound = [(1e-3, 1e-3)] * len(inputs)
+    max_offset = float(torch.cat([r[0] for r in raw]).abs().max()) + 1e-3
     for k, found in enumerate(results):
-        for expected, got in zip(sequential[k % 2:] + sequential[:k % 2], found):
-            np.testing.assert_array_equal(got.labels, expected.labels)
-            np.testing.assert_allclose(got.scores, expected.scores, atol=1e-5)
-            np.testing.assert_allclose(got.boxes, expected.boxes, atol=1e-3)
+        assert_detect_results_agree(found, sequential[k % 2:] + sequential[:k % 2], bound, model.spec.box_coder,
+                                    max_offset=max_offset, label=f"thread {k}")
 
 
 def test_numeric_arguments_accept_numpy_and_torch_scalars(model):
@@ -509,6 +517,7 @@ def test_report_is_rewritten_as_results_come_and_a_failed_rewrite_does_not_stop_
     assert "warning: could not update" in capsys.readouterr().err and broken.done == [{"file": "a.png"}]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_cli_ctrl_c_keeps_the_results_so_far(tmp_path, checkpoint):
     photos = tmp_path / "photos"

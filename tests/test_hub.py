@@ -160,6 +160,7 @@ IMPORT_LIKE = """
 """
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_hub_load_behaves_like_an_import(tmp_path):
     done = run_python(IMPORT_LIKE.format(repo=str(REPO), prelude="", spawn_too=True), cwd=tmp_path)

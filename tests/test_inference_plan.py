@@ -12,6 +12,7 @@ from ssd.models import SSD300
 
 from helpers import SAMPLE_PHOTOS, photo
 from helpers.checkpoints import detecting_state_dict
+from helpers.detections import assert_detect_results_agree, per_image_deltas, raw_outputs_recorder
 
 
 @pytest.fixture(scope="module")
@@ -47,22 +48,26 @@ def test_channels_last_keeps_top_detections_and_model_output(model, monkeypatch)
     x = torch.rand(1, 3, 300, 300)
     with torch.inference_mode():
         before = model(x)
+    fast_raw, hook = raw_outputs_recorder(plan_module.channels_last_copy(model))
     fast = model.detect(photos)
+    hook.remove()
     with torch.inference_mode():
         after = model(x)
     for a, b in zip(before, after):
         assert torch.equal(a, b)  # model(x) stays bit-exact
     monkeypatch.setattr(plan_module, "CPU_CHANNELS_LAST", False)
     assert plan_for(model, None).runner is None
+    reference_raw, hook = raw_outputs_recorder(model)
     reference = model.detect(photos)
-    for a, b in zip(fast, reference):
-        top = min(len(b), 10)
-        assert len(a) == len(b) > 0
-        height, width = b.image_size
-        scale = np.array([width, height, width, height], dtype=np.float32)
-        np.testing.assert_array_equal(a.labels[:top], b.labels[:top])
-        np.testing.assert_allclose(a.boxes[:top] / scale, b.boxes[:top] / scale, atol=1e-4, rtol=0)
-        np.testing.assert_allclose(a.scores[:top], b.scores[:top], atol=1e-5, rtol=0)
+    hook.remove()
+    assert all(len(b) > 0 for b in reference)
+    # Other convolution kernels: raw outputs a few float32 ulps of the partial sums apart (how many depends on the
+    # CPU and the thread count), measured per image and carried through the decoding (tests/helpers/detections.py).
+    deltas = per_image_deltas(fast_raw, reference_raw)
+    assert max(max(d) for d in deltas) < 1e-3
+    max_offset = float(torch.cat([r[0] for r in reference_raw]).abs().max())
+    assert_detect_results_agree(fast, reference, deltas, model.spec.box_coder, max_offset=max_offset, top=10,
+                                label="channels_last")
 
 
 @pytest.mark.parametrize("cores", [1, 2, 4, 8, 16, 64])

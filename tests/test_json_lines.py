@@ -64,6 +64,7 @@ def strict_records(path: pathlib.Path) -> list[dict]:
 # torchrun: two ranks
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_two_rank_merge_lists_the_inputs_of_a_missing_part_and_fails(checkpoint, tmp_path):
     files = photos(tmp_path / "photos")
@@ -103,6 +104,7 @@ def test_two_rank_merge_lists_the_inputs_of_a_missing_part_and_fails(checkpoint,
     assert [r["file"] for r in strict_records(out / "detections.jsonl")] == files
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_ranks_given_different_out_folders_are_refused_before_any_work(checkpoint, tmp_path):
     photos(tmp_path / "photos", count=2)
@@ -116,6 +118,7 @@ def test_ranks_given_different_out_folders_are_refused_before_any_work(checkpoin
     assert not list(tmp_path.glob("out*/detections*"))  # no work was done
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_detect_with_an_exported_model_under_torchrun(checkpoint, tmp_path):
     files = photos(tmp_path / "photos", count=3)
@@ -130,6 +133,7 @@ def test_detect_with_an_exported_model_under_torchrun(checkpoint, tmp_path):
     assert all((tmp_path / "out" / r["picture"]).is_file() for r in merged)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_frozen_peer_stops_the_run_at_the_timeout_with_a_message(checkpoint, tmp_path):
     photos(tmp_path / "photos", count=1)
@@ -260,6 +264,7 @@ def test_a_duplicated_input_gives_one_record_in_json_and_json_lines(weights, tmp
     assert [i["file"] for i in report["images"]] == [r["file"] for r in lines] == files[:2]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_ctrl_c_in_detect_jsonl_finishes_the_write_and_exits_130(checkpoint, tmp_path):
     files = photos(tmp_path / "photos", count=12, scale=3)

@@ -17,6 +17,9 @@ from skimage import data
 from helpers import REPO
 from helpers.checkpoints import save_detecting_checkpoint
 
+# Runs notebooks, README code, packaging or subprocesses: minutes (make test-fast leaves it out).
+pytestmark = pytest.mark.slow
+
 NOTEBOOK = REPO / "notebooks" / "ssd_inference.ipynb"
 GENERATOR = REPO / "notebooks" / "make_notebook.py"
 SEED = REPO / "tests" / "data" / "seed_notebook.md"

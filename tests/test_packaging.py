@@ -20,6 +20,9 @@ import ssd
 
 from helpers import REPO
 
+# Runs notebooks, README code, packaging or subprocesses: minutes (make test-fast leaves it out).
+pytestmark = pytest.mark.slow
+
 _NOT_SOURCE = shutil.ignore_patterns(".git", ".venv*", "__pycache__", "*.pyc", "build", "dist", "*.egg-info",
                                      ".pytest_cache", ".ruff_cache", "ssd-out", ".ipynb_checkpoints")
 

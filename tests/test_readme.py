@@ -14,6 +14,9 @@ from skimage import data
 from helpers import REPO
 from helpers.checkpoints import save_detecting_checkpoint
 
+# Runs notebooks, README code, packaging or subprocesses: minutes (make test-fast leaves it out).
+pytestmark = pytest.mark.slow
+
 README = (REPO / "README.md").read_text()
 
 

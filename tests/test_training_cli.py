@@ -73,6 +73,7 @@ def first_run(shapes, golden_checkpoint, tmp_path_factory) -> pathlib.Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_finetune_refuse_resume_and_force(first_run, shapes, tmp_path, capsys):
     out = tmp_path / "out"
@@ -163,6 +164,7 @@ def test_make_shapes_command(tmp_path, capsys):
     assert main(["make-shapes", "--out", str(tmp_path / "bad"), "--images", "2", "--size", "10x10"]) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_validation_lines_and_best_checkpoint(shapes, tmp_path):
     scores = iter([0.25, 0.125])
@@ -189,6 +191,7 @@ def test_validation_lines_and_best_checkpoint(shapes, tmp_path):
                           resume=tmp_path / "best.pt"))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_train_command_validates_with_the_evaluator(shapes, tmp_path):
     pytest.importorskip("ssd.evaluation")
@@ -240,6 +243,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_torchrun_two_processes(tmp_path):
     data = tmp_path / "data"
@@ -278,6 +282,7 @@ def _run_bounded(command: list[str], cwd: pathlib.Path, env: dict, timeout: floa
     return subprocess.CompletedProcess(command, child.returncode, stdout, stderr)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_torchrun_two_processes_with_validation(tmp_path):
     """Validation at the end of each epoch under torchrun: every rank evaluates its share (issue 24: only rank 0
@@ -363,6 +368,7 @@ def test_starting_from_a_trained_checkpoint_keeps_heads_only_for_the_same_classe
     assert not torch.equal(other.state_dict()["conf.0.weight"], trained["conf.0.weight"])
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_docs_python_loop_runs(golden_checkpoint, tmp_path, monkeypatch, capsys):
     text = (REPO / "docs" / "training.md").read_text()

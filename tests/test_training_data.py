@@ -355,6 +355,7 @@ def test_coco_dataset_corrupt_image_and_collate(tmp_path):
 # ---------------------------------------------------------------------------------------------- overfit
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_ssd300_overfits_four_synthetic_images(tmp_path):
     from ssd.models import NVIDIA_SSD300, SSD300

@@ -43,6 +43,7 @@ def _metrics(path, kind="epoch"):
     return [r for r in map(json.loads, path.read_text().splitlines()) if r["type"] == kind]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_train_checkpoint_resume_and_nan_stop(shapes, tmp_path, monkeypatch):
     out = tmp_path / "run"
@@ -85,6 +86,7 @@ def test_train_checkpoint_resume_and_nan_stop(shapes, tmp_path, monkeypatch):
     assert len(_metrics(out / "metrics.jsonl")) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_train_bf16_channels_last_short_epoch(shapes, tmp_path):
     summary = train(_config(shapes, tmp_path, precision="bf16", max_iters_per_epoch=1, augment=False))
@@ -151,6 +153,7 @@ def test_train_rejects_unknown_config_keys(shapes, tmp_path):
         train({"annotations": shapes[0], "images": shapes[1], "out_dir": tmp_path, "learning_rate": 1.0})
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_train_skips_and_counts_bad_images_with_workers(shapes, tmp_path):
     annotations, images = shapes

@@ -157,6 +157,7 @@ def test_missing_training_images_are_found_up_front_or_skipped(shapes, tmp_path,
     assert any(m.startswith("skipped 1 unusable image(s): ") and missing in m for m in messages)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("skip", [False, True])
 def test_a_corrupt_image_with_workers_is_one_line_or_skipped_and_reported(skip, shapes, tmp_path, capsys):
@@ -231,7 +232,16 @@ def test_a_full_disk_is_one_line_exit_1_from_the_command(shapes, tmp_path, monke
     assert not (out / "last.pt").exists() and _temporaries(out) == []
 
 
-def test_ctrl_c_while_saving_finishes_the_file_then_stops(shapes, tmp_path, monkeypatch):
+@pytest.fixture()
+def default_ctrl_c():
+    """Python's own Ctrl-C handler, whatever this process inherited: a shell's background job starts with SIGINT
+    ignored, and then a SIGINT the test sends itself would be a no-op."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_while_saving_finishes_the_file_then_stops(shapes, tmp_path, monkeypatch, default_ctrl_c):
     out = tmp_path / "out"
     real_save = torch.save
     interrupted = []
@@ -275,6 +285,7 @@ def _train_args(shapes, out: pathlib.Path, *extra: str) -> list[str]:
             "--log-every", "1", *extra]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_kill_tests_leave_no_temporary_and_a_whole_last_pt(shapes, tmp_path):
     """SIGINT (Ctrl-C) and SIGKILL of real runs: the next start removes every temporary, last.pt loads, and the
@@ -506,6 +517,7 @@ def test_new_options_are_checked_in_one_line(extra, message, shapes, tmp_path, c
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_peer_that_never_comes_is_one_line_after_the_timeout(shapes, tmp_path):
     """A rank started by hand whose peer never starts: the rendezvous gives up after --timeout (minutes, here 3 s),

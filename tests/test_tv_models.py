@@ -24,6 +24,15 @@ from ssd.weights import InvalidCheckpointError, read_checkpoint
 
 from helpers import REPO, photo
 from helpers.checkpoints import serve_published
+from helpers.detections import (
+    assert_same_detections,
+    box_tolerance,
+    float32_error,
+    raw_delta,
+    raw_outputs_recorder,
+    rounding_bound,
+    score_tolerance,
+)
 from helpers.tv import detecting_state_dict, torchvision_model
 
 SPECS = {TV_SSD300.name: TV_SSD300, TV_SSDLITE320.name: TV_SSDLITE320}
@@ -32,6 +41,9 @@ LITE = TV_SSDLITE320.name
 EPS = torch.finfo(torch.float32).eps
 PHOTOS = ("astronaut", "chelsea", "coffee")
 NA_IDS = tuple(i for i in range(1, 91) if i not in COCO_CATEGORY_IDS)
+# SSD300's VGG takes seconds an image here: its forward-pass tests run in the whole suite only (make test-fast
+# leaves them out), SSDLite's in both.
+NAMES_VGG_SLOW = [pytest.param(n, marks=pytest.mark.slow) if n == TV_SSD300.name else n for n in NAMES]
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +77,7 @@ def _torchvision_head_outputs(model: torch.nn.Module, images: list[np.ndarray]) 
 # The network, the default boxes and the box coder against torchvision's code
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES_VGG_SLOW)
 def test_raw_head_outputs_equal_torchvisions(name, tv_file):
     # SSD300's VGG on this CPU is ~1 s an image: one photo for it, two for SSDLite.
     images = [photo(p) for p in (PHOTOS[:1] if name == TV_SSD300.name else PHOTOS[:2])]
@@ -77,13 +89,18 @@ def test_raw_head_outputs_equal_torchvisions(name, tv_file):
     anchors, classes = ours.spec.anchors.num_anchors, ours.spec.num_classes
     assert got[0].shape == (len(images), 4, anchors) and got[1].shape == (len(images), classes, anchors) == (
         len(images), 91, anchors)
-    for ours_out, theirs_out in zip(got, expected):
+    batch = preprocess_for_detection([torch.from_numpy(i).permute(2, 0, 1) for i in images], ours.spec.input)
+    rounding = float32_error(ours, batch)
+    for ours_out, theirs_out, own_error in zip(got, expected, rounding):
         # The same float32 operations on the same inputs (the preprocessing is bit-identical, tests/test_transforms):
-        # equal here. 1e-5 of the output's range (~80 float32 ulps of it) leaves room for a convolution backend that
-        # sums in another order, which changes each output by a few ulps of the largest partial sums.
+        # equal when the same kernels run. 1e-5 of the output's range (~80 float32 ulps of it) leaves room for a
+        # convolution backend that sums in another order, which changes each output by a few ulps of the largest
+        # partial sums; where the network amplifies rounding more than that (the key-seeded SSDLite: its float32
+        # outputs are ~5e-4 from its float64 ones), by what its own measured rounding allows.
         spread = float(theirs_out.max() - theirs_out.min())
         error = float((ours_out - theirs_out).abs().max())
-        assert spread > 1.0 and error <= 1e-5 * spread, f"{name}: max error {error} over a range of {spread}"
+        bound = max(1e-5 * spread, rounding_bound(own_error, float(theirs_out.abs().max())))
+        assert spread > 1.0 and error <= bound, f"{name}: max error {error} over a range of {spread} (bound {bound})"
 
 
 def _torchvision_anchors(name: str) -> torch.Tensor:
@@ -157,42 +174,56 @@ def test_box_decoding_is_torchvisions_within_the_clamp(name):
 # detect against torchvision's detections
 
 
-def _torchvision_detections(name: str, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+def _torchvision_detections(name: str, images: list[np.ndarray]) -> tuple[list[dict[str, np.ndarray]], tuple]:
+    """torchvision's detections, and its head's raw outputs in our (N x 4 x A, N x C x A) layout as it ran them."""
     model = torchvision_model(name, detecting_state_dict(name))
+    head, hook = raw_outputs_recorder(model.head, lambda out: (out["bbox_regression"].transpose(1, 2).clone(),
+                                                               out["cls_logits"].transpose(1, 2).clone()))
     with torch.inference_mode():
         found = model([_as_input(i) for i in images])
-    return [{k: v.numpy() for k, v in f.items()} for f in found]
+    hook.remove()
+    [raw] = head
+    return [{k: v.numpy() for k, v in f.items()} for f in found], raw
 
 
-def _assert_same_detections(ours, theirs: dict[str, np.ndarray], image: np.ndarray, name: str) -> None:
-    assert len(ours.scores) == len(theirs["scores"]) > 0, name
-    np.testing.assert_array_equal(ours.labels, theirs["labels"], err_msg=name)
-    # The same logits through the same softmax: equal, up to a float32 ulp or two should the sums be vectorised
-    # differently.
-    np.testing.assert_allclose(ours.scores, theirs["scores"], rtol=4 * EPS, atol=0, err_msg=name)
-    # torchvision decodes in pixels of 300/320 from pixel anchors, clips there and scales by W / 300; we decode in
-    # fractions of the input, clip to [0, 1] and scale by W. About 8 float32 roundings each way, each at most half
-    # an ulp of a value up to the image's larger side S: 8 * EPS * S (3e-4 pixels for a 512-pixel photo).
-    side = max(image.shape[:2])
-    np.testing.assert_allclose(ours.boxes, theirs["boxes"], rtol=0, atol=8 * EPS * side, err_msg=name)
-
-
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES_VGG_SLOW)
 def test_detect_finds_torchvisions_detections_with_its_recipe(name, tv_file, monkeypatch):
     import ssd.backends.plan
 
     images = [photo(p) for p in PHOTOS]
-    theirs = _torchvision_detections(name, images)
+    theirs, their_raw = _torchvision_detections(name, images)
     model = build_model(name, checkpoint=tv_file(name))
     # detect runs fp32 CPU models as a channels_last copy by default (faster; other convolution kernels, so logits
-    # a few 1e-6 apart): here it runs the model's own layout, as torchvision's model does, so that any difference
-    # is the post-processing's. test_detect_defaults covers the default path.
+    # a few 1e-6 apart): here it runs the model's own layout, as torchvision's model does. test_detect_defaults
+    # covers the default path.
     monkeypatch.setattr(ssd.backends.plan, "CPU_CHANNELS_LAST", False)
     recipe = model.spec.postprocess
+    ours_raw, hook = raw_outputs_recorder(model)
     found = model.detect(images, threshold=recipe.score_threshold, iou_threshold=recipe.iou_threshold,
-                         max_detections=recipe.max_detections)
+                         max_detections=recipe.max_detections, batch_size=len(images))
+    hook.remove()
+    # The same network on the same bits (the preprocessing is bit-identical, tests/test_transforms), but not
+    # necessarily the same kernels: another CPU, thread count or batch may sum each convolution in another order
+    # (on CI the scores moved by 5e-7). So the raw outputs' difference, as both runs computed them, is measured
+    # (bounded as test_raw_head_outputs_equal_torchvisions bounds it) and carried through the post-processing.
+    [ours_raw] = ours_raw
+    loc_delta, conf_delta = raw_delta(ours_raw, their_raw)
+    # Rounding, not a change: within what this network's own float32 error allows (or 1e-5 of the range, as the raw
+    # test above).
+    batch = preprocess_for_detection([torch.from_numpy(i).permute(2, 0, 1) for i in images], model.spec.input)
+    for delta, theirs_out, own_error in zip((loc_delta, conf_delta), their_raw, float32_error(model, batch)):
+        bound = max(1e-5 * float(theirs_out.max() - theirs_out.min()),
+                    rounding_bound(own_error, float(theirs_out.abs().max())))
+        assert delta <= bound, (name, delta, bound)
+    score_tol = score_tolerance(conf_delta)
+    max_offset = float(their_raw[0].abs().max())
     for ours, their, image, photo_name in zip(found, theirs, images, PHOTOS):
-        _assert_same_detections(ours, their, image, f"{name} {photo_name}")
+        # SSDLite keeps 300 detections of scores down to 0.001: near-ties among them may sort either way (on CI two
+        # pairs swapped), and the 300th place may go to the other of two near-equal scores.
+        box_tol = box_tolerance(loc_delta, max_offset, model.spec.box_coder, max(image.shape[:2]))
+        assert len(ours.scores) > 0
+        assert_same_detections(ours, their, score_tol=score_tol, box_tol=box_tol, cut=recipe.max_detections,
+                               label=f"{name} {photo_name}")
     # The boosted classes lead; label k is COCO category id k, and the placeholders are never named as a class.
     assert {int(f.labels[0]) for f in found} <= {1, 17, 47}
     for ours in found:
@@ -210,31 +241,27 @@ def test_detect_defaults(tv_file):
 
     images = [photo(p) for p in PHOTOS]
     model = build_model(LITE, checkpoint=tv_file(LITE))
-    theirs = _torchvision_detections(LITE, images)
+    theirs, their_raw = _torchvision_detections(LITE, images)
+    # The copy detect runs (cached per model), recorded as detect runs it.
+    ours_raw, hook = raw_outputs_recorder(channels_last_copy(model))
     found = model.detect(images)
-    # How far the channels_last copy's raw outputs are from the model's, on these photos.
+    hook.remove()
+    assert len(ours_raw) == 1, "detect did not run the channels_last copy"
+    loc_delta, conf_delta = raw_delta(ours_raw[0], their_raw)
     batch = preprocess_for_detection([torch.from_numpy(i).permute(2, 0, 1) for i in images], model.spec.input)
-    with torch.inference_mode():
-        raw = model(batch)
-        delta = max(float((a - b).abs().max()) for a, b in zip(raw, channels_last_copy(model)(batch)))
-    assert delta < 1e-3
-    # A box is at most exp(0.2 * L) times its default box (size variance 0.2, offsets below L), so below that many
-    # times the image.
-    growth = math.exp(model.spec.box_coder.size_variance * float(raw[0].abs().max()))
+    for delta, theirs_out, own_error in zip((loc_delta, conf_delta), their_raw, float32_error(model, batch)):
+        assert delta <= rounding_bound(own_error, float(theirs_out.abs().max())), delta  # rounding, not a change
     recipe = model.spec.detect_postprocess
     assert recipe.score_threshold == 0.4 and recipe.max_detections == 100
-    for ours, their, image in zip(found, theirs, images):
+    max_offset = float(their_raw[0].abs().max())
+    for ours, their, image, photo_name in zip(found, theirs, images, PHOTOS):
         keep = their["scores"] > recipe.score_threshold
         expected = {k: v[keep][: recipe.max_detections] for k, v in their.items()}
-        assert len(ours.scores) == len(expected["scores"]) > 0
-        np.testing.assert_array_equal(ours.labels, expected["labels"])
-        # Logits delta apart move a softmax probability p by at most 2 * delta * p. Offsets delta apart move a box's
-        # centre by 0.1 * delta of its default box (at most the image) and its half-size by 0.2 / 2 * delta of its
-        # size (at most growth x the image); clipping moves edges no further.
-        np.testing.assert_allclose(ours.scores, expected["scores"], rtol=2 * delta + 4 * EPS, atol=0)
-        side = max(image.shape[:2])
-        bound = (0.1 * delta * (1 + growth) + 8 * EPS) * side
-        np.testing.assert_allclose(ours.boxes, expected["boxes"], rtol=0, atol=bound)
+        assert len(expected["scores"]) > 0
+        # A score within the tolerance of 0.4 may be kept by one run only; 100 found is a cut, as in the test above.
+        assert_same_detections(ours, expected, score_tol=score_tolerance(conf_delta),
+                               box_tol=box_tolerance(loc_delta, max_offset, model.spec.box_coder, max(image.shape[:2])),
+                               cut=recipe.max_detections, threshold=recipe.score_threshold, label=photo_name)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import sys
 import time
 from typing import Any
 
@@ -174,12 +175,16 @@ def run(args: argparse.Namespace) -> int:
                 options["compress_to_fp16"] = True
             write = export_openvino if args.format == "openvino" else export_onnx
             path = write(model, args.out, **options)
-    except (ImportError, OSError, ValueError, TypeError) as exc:
+    except (ImportError, OSError, ValueError, TypeError, KeyboardInterrupt) as exc:
         for folder in reversed(created):  # leave no empty folders behind a failed export
             try:
                 folder.rmdir()
             except OSError:
                 break
+        if isinstance(exc, KeyboardInterrupt):
+            # The temporary files are gone (the writers remove theirs on any exception) and --out is as it was.
+            print(f"interrupted: {args.out} was left as it was", file=sys.stderr)
+            return 130
         return fail(str(exc))
     if args.check:
         try:

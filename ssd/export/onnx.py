@@ -23,7 +23,7 @@ from torch import nn
 
 from ..backends.base import is_detector, local_spec
 from ..box_coder import BoxCoder
-from ..io.files import atomic_path
+from ..io.files import atomic_path, sweep_stale
 from ..models.base import Detector
 from ..models.spec import DetectorSpec, PostProcessSpec, check_int
 from .metadata import metadata_for, require
@@ -71,6 +71,58 @@ def _spec_of(model: Any) -> DetectorSpec:
 def _export_copy(model: nn.Module) -> nn.Module:
     """A float32, evaluation-mode copy: the caller's model (its dtype, mode, memory format) is never touched."""
     return copy.deepcopy(model).float().eval().to(device="cpu", memory_format=torch.contiguous_format)
+
+
+# Temporary folders of an export (the raw graph in the system's temporary folder, the OpenVINO staging folder beside
+# the output) carry the exporting process's id and this host's tag in their names, so that the next export removes
+# a killed export's at once: one whose process is gone on this host. A live export's are never touched; anything
+# matching but unattributable (another host sharing /tmp, the output's own temporary file) goes after
+# STALE_EXPORT_S, the download cache's and training's rule.
+TEMPORARY_PREFIX = "ssd-export-"
+STALE_EXPORT_S = 3600.0
+
+
+def _host_tag() -> str:
+    import hashlib
+    import socket
+
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _temporary_folder(beside: pathlib.Path | None = None) -> tempfile.TemporaryDirectory:
+    """A temporary folder in the system's temporary folder, or hidden beside the output ``beside``."""
+    prefix = f"{TEMPORARY_PREFIX}{os.getpid()}-{_host_tag()}-"
+    if beside is None:
+        return tempfile.TemporaryDirectory(prefix=prefix)
+    return tempfile.TemporaryDirectory(prefix="." + prefix, dir=beside.parent)
+
+
+def _writer_gone(path: pathlib.Path) -> bool:
+    """Whether the export that made ``path`` (``[.]ssd-export-<pid>-<host>-...``) has ended, as far as this host
+    can tell; False when unsure."""
+    parts = path.name.lstrip(".")[len(TEMPORARY_PREFIX):].split("-")
+    if os.name != "posix" or len(parts) < 3 or not parts[0].isdigit() or parts[1] != _host_tag():
+        return False  # on Windows, os.kill(pid, 0) would end the process
+    pid = int(parts[0])
+    if pid == os.getpid():
+        return False  # another thread's export, alive
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # PermissionError: alive, another user's
+        return False
+    return False
+
+
+def sweep_stale_exports(path: str | os.PathLike) -> list[pathlib.Path]:
+    """Remove what killed exports left: their temporary folders in the system's temporary folder and beside
+    ``path``, and ``path``'s own temporary files (see :data:`STALE_EXPORT_S`). Returns the paths removed."""
+    path = pathlib.Path(path)
+    removed = sweep_stale(tempfile.gettempdir(), (TEMPORARY_PREFIX + "*",), STALE_EXPORT_S, folders=True,
+                          dead=_writer_gone)
+    return removed + sweep_stale(path.parent, ("." + TEMPORARY_PREFIX + "*", f".{path.name}.*.tmp"), STALE_EXPORT_S,
+                                 folders=True, dead=_writer_gone)
 
 
 def _check_destination(path: str | os.PathLike, suffixes: tuple[str, ...], name: str = "path") -> pathlib.Path:
@@ -246,7 +298,7 @@ def build_onnx(model: nn.Module, *, opset: int = 17, nms: bool = False, batch: i
     example = torch.zeros(batch, 3, size, size)
     say = log if log is not None else (lambda message: None)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="ssd-export-") as folder:
+    with _temporary_folder() as folder:
         target = os.path.join(folder, "raw.onnx")
         with torch.no_grad():
             used = _torch_export(wrapper, example, target, opset, dynamic_batch, exporter)
@@ -299,6 +351,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, opset: int = 17, n
         :func:`ssd.load` (:mod:`ssd.backends`) reads back.
     """
     path = _check_destination(path, (".onnx",))
+    sweep_stale_exports(path)
     proto = build_onnx(model, opset=opset, nms=nms, batch=batch, dynamic_batch=dynamic_batch, recipe=recipe,
                        exporter=exporter, log=log)
     onnx = require("onnx", "ONNX export")
@@ -319,9 +372,10 @@ def export_openvino(model: nn.Module, path: str | os.PathLike, *, opset: int = 1
     per stage done (trace, check, optimise: OpenVINO's conversion)."""
     ov = require("openvino", "OpenVINO export")
     path = _check_destination(path, (".xml",))
+    sweep_stale_exports(path)
     proto = build_onnx(model, opset=opset, nms=nms, batch=batch, dynamic_batch=dynamic_batch, recipe=recipe,
                        log=log)
-    with tempfile.TemporaryDirectory(prefix=".ssd-export-", dir=path.parent) as folder:
+    with _temporary_folder(path) as folder:
         source = os.path.join(folder, "model.onnx")
         require("onnx", "OpenVINO export").save(proto, source)
         started = time.perf_counter()
@@ -347,6 +401,7 @@ def export_torchscript(model: nn.Module, path: str | os.PathLike, *, batch: int 
     import json
 
     path = _check_destination(path, (".pt", ".pth", ".ts"))
+    sweep_stale_exports(path)
     spec = _spec_of(model)
     batch = check_int("batch", batch, 1, 4096)
     wrapper = DecodingWrapper(_export_copy(model)).eval()
@@ -367,6 +422,7 @@ def export_program(model: nn.Module, path: str | os.PathLike, *, batch: int = 2,
     import json
 
     path = _check_destination(path, (".pt2",))
+    sweep_stale_exports(path)
     spec = _spec_of(model)
     # torch.export specialises a dimension whose example size is 1, so the example batch is at least 2.
     batch = check_int("batch", batch, 2, max_batch)

@@ -5,10 +5,11 @@ import contextlib
 import json
 import os
 import pathlib
+import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any
 
 __all__ = ["UniqueNames", "atomic_open", "atomic_path", "file_mode", "sweep_stale", "write_figure", "write_json"]
@@ -60,11 +61,14 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[pathlib.Path]:
         raise
 
 
-def sweep_stale(folder: str | os.PathLike[str], patterns: Iterable[str], max_age_s: float) -> list[pathlib.Path]:
+def sweep_stale(folder: str | os.PathLike[str], patterns: Iterable[str], max_age_s: float, *,
+                folders: bool = False, dead: Callable[[pathlib.Path], bool] | None = None) -> list[pathlib.Path]:
     """Remove the temporary files that killed writers left in ``folder``: regular files matching one of the glob
     ``patterns`` last modified more than ``max_age_s`` seconds ago (0: all of them, for a caller that knows no
-    writer is alive). Younger ones are left alone, since another process may be writing them right now; a file
-    that cannot be removed is skipped (the caller's work goes on). Returns the paths removed.
+    writer is alive). Younger ones are left alone, since another process may be writing them right now, unless
+    ``dead(path)`` says that the writer named in it has gone (a process id in the name). With ``folders``, matching
+    folders (temporary directories) are removed the same way, with what they hold; symbolic links never are. An
+    entry that cannot be removed is skipped (the caller's work goes on). Returns the paths removed.
     """
     folder = pathlib.Path(folder)
     cutoff = time.time() - max_age_s
@@ -76,8 +80,13 @@ def sweep_stale(folder: str | os.PathLike[str], patterns: Iterable[str], max_age
             continue
         for path in candidates:
             with contextlib.suppress(OSError):  # gone already, or not ours to remove
-                if path.is_file() and not path.is_symlink() and (max_age_s <= 0 or path.stat().st_mtime < cutoff):
-                    path.unlink()
+                if path.is_symlink() or not (path.is_file() or (folders and path.is_dir())):
+                    continue
+                if max_age_s <= 0 or path.stat().st_mtime < cutoff or (dead is not None and dead(path)):
+                    if path.is_dir():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink()
                     removed.append(path)
     return removed
 
