@@ -43,8 +43,8 @@ def test_import_ssd_and_list_models_import_no_torch():
 
 def test_public_api_is_small_and_lazy():
     assert sorted(ssd.__all__) == sorted(["build_model", "list_models", "load", "detect", "evaluate", "train",
-                                          "Detections", "DetectionBatch", "DetectorSpec", "DownloadError",
-                                          "__version__"])
+                                          "export", "Detections", "DetectionBatch", "DetectorSpec",
+                                          "DownloadError", "__version__"])
     from ssd.backends import load
     from ssd.inference.detect import detect
     from ssd.inference.detections import DetectionBatch, Detections
@@ -60,6 +60,9 @@ def test_public_api_is_small_and_lazy():
         from ssd.evaluation import evaluate
 
         assert ssd.evaluate is evaluate
+    import ssd.export as export_package
+
+    assert ssd.export is export_package and callable(ssd.export.export_onnx)
     assert set(ssd.__all__) <= set(dir(ssd))
     with pytest.raises(AttributeError, match="has no attribute 'build_ssd300'"):
         ssd.build_ssd300  # noqa: B018 - the old name is gone
