@@ -337,7 +337,17 @@ def run_jobs(backend: Any, jobs: Sequence[Job], indices: Sequence[int], options:
                          skip_errors=True, **options.detect_arguments())
     bar = tqdm(total=len(indices), unit="image", disable=not progress or len(indices) < _PROGRESS_FROM,
                file=sys.stderr)
-    writer = PictureWriter(done=emit, write=outputs.write)
+    # An image's line is printed once its record is kept (after its files are written): a run interrupted after
+    # printing N lines keeps those N records. Pictures are written in the writer's thread, hence the lines' dict.
+    lines: dict[int, str] = {}
+
+    def kept(index: int, record: dict[str, Any], why: str | None) -> None:
+        emit(index, record, why)
+        line = lines.pop(index, None)
+        if line is not None:
+            tqdm.write(line)
+
+    writer = PictureWriter(done=kept, write=outputs.write)
     try:
         with bar:
             for position, result in stream:
@@ -350,14 +360,14 @@ def run_jobs(backend: Any, jobs: Sequence[Job], indices: Sequence[int], options:
                     continue
                 picture = pictures[index]
                 record = image_record(name, result, picture.as_posix() if options.pictures else None)
-                if outputs.any:
-                    writer.put(index, result, picture, record)
-                else:
-                    emit(index, record, None)
                 if log_results:
                     height, width = result.image_size
                     took = f" ({sum(result.speed.values()):.0f} ms)" if result.speed else ""
-                    tqdm.write(f"{name} ({width}x{height}): {summary(result.names, result.scores)}{took}")
+                    lines[index] = f"{name} ({width}x{height}): {summary(result.names, result.scores)}{took}"
+                if outputs.any:
+                    writer.put(index, result, picture, record)
+                else:
+                    kept(index, record, None)
                 if viewer is not None:
                     viewer.show(result, name)
                 # Only the current batch and the writer's queue keep images alive: memory stays bounded on long lists.
