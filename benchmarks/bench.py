@@ -5,6 +5,7 @@
     python -m benchmarks --suite load          # cold-process torch.hub.load from the cache
     python -m benchmarks --suite decode        # the decoder alone, against NVIDIA's per-class loop
     python -m benchmarks --suite video         # ssd detect video.mp4 against in-process detect; peak memory
+    python -m benchmarks --suite families      # every model: training (bf16) and evaluate (PyTorch, ONNX) images/s
 
 Stages: the seed's ``prepare_input`` (against NVIDIA's pipeline), the ``detect`` preprocessing, the network's
 forward pass per precision, memory format and batch size, ``decode_results`` (against a per-class loop), and
@@ -254,7 +255,7 @@ def _module_suite(name: str):
 
 
 # Suites with options of their own: everything after the suite's name goes to it (``--suite export -- --help``).
-MODULE_SUITES = ("models", "evaluate", "training", "export", "contention", "pictures", "video", "speed")
+MODULE_SUITES = ("models", "evaluate", "training", "export", "contention", "pictures", "video", "speed", "families")
 SUITES = {"load": run_load, "decode": run_decode, "prepare": run_prepare,
           **{name: _module_suite(name) for name in MODULE_SUITES}}
 

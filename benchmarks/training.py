@@ -37,7 +37,8 @@ import torch
 from benchmarks.timing import median_seconds
 from ssd.data.coco_format import CocoDetectionDataset
 from ssd.data.synthetic import make_shapes_dataset
-from ssd.models.ssd300_resnet50 import NVIDIA_SSD300, SSD300, nvidia_spec
+from ssd.models.spec import ClassSpec, DetectorSpec
+from ssd.registry import get_entry
 from ssd.training.augment import SSDAugmentation
 from ssd.training.loop import EncodingCollate, build_optimizer
 from ssd.training.loss import SSDLoss
@@ -47,25 +48,31 @@ __all__ = ["main", "measure_reporting", "measure_training", "measure_workers"]
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _batch(size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+def _batch(size: int, spec: DetectorSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, ClassSpec]:
+    """A batch of ``size`` synthetic shapes images at ``spec``'s input size, through the training data path
+    (augmentation, target encoding with ``spec``'s anchors and coder), and the set's classes."""
     with tempfile.TemporaryDirectory() as folder:
-        annotations = make_shapes_dataset(folder, size, image_size=300, seed=0)
-        transform = SSDAugmentation(NVIDIA_SSD300.input, augment=True)
-        dataset = CocoDetectionDataset(annotations, f"{folder}/images", transform=transform)
-        batch = EncodingCollate(NVIDIA_SSD300)([dataset[i] for i in range(size)])
-        return batch.images, batch.gloc, batch.glabels, dataset.class_names
+        annotations = make_shapes_dataset(folder, size, image_size=spec.input.size, seed=0)
+        dataset = CocoDetectionDataset(annotations, f"{folder}/images")
+        spec = spec.with_classes(dataset.classes)
+        dataset.transform = SSDAugmentation(spec.input, augment=True)
+        batch = EncodingCollate(spec)([dataset[i] for i in range(size)])
+        return batch.images, batch.gloc, batch.glabels, dataset.classes
 
 
 def measure_training(device: str = "cpu", batch_size: int = 4, precisions: Sequence[str] = ("fp32", "bf16"),
-                     iterations: int = 3, warmup: int = 1, channels_last: bool = True) -> list[dict[str, Any]]:
-    """Median seconds per training step and images/s for each precision; one dict per precision."""
+                     iterations: int = 3, warmup: int = 1, channels_last: bool = True,
+                     model: str = "nvidia_ssd") -> list[dict[str, Any]]:
+    """Median seconds per training step and images/s of registered model ``model`` for each precision; one dict
+    per precision. The network is built as the training loop builds it: the family's spec with the set's classes."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2:
         raise ValueError(f"batch_size: expected an int >= 2 (BatchNorm), got {batch_size!r}")
     unknown = [p for p in precisions if p not in _DTYPES]
     if unknown:
         raise ValueError(f"precisions: expected names from {sorted(_DTYPES)}, got {unknown}")
     target = torch.device(device)
-    images, gloc, glabels, names = _batch(batch_size)
+    entry = get_entry(model)
+    images, gloc, glabels, classes = _batch(batch_size, entry.spec)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     images = images.to(target, memory_format=memory_format)
     gloc, glabels = gloc.to(target), glabels.to(target)
@@ -73,23 +80,23 @@ def measure_training(device: str = "cpu", batch_size: int = 4, precisions: Seque
     for precision in precisions:
         torch.manual_seed(0)
         # Fresh weights per precision, so that one configuration's updates do not feed the next.
-        model = SSD300(nvidia_spec(class_names=tuple(names))).to(target, memory_format=memory_format).train()
-        loss_fn = SSDLoss(model.spec).to(target)
-        optimizer = build_optimizer(model, 1e-3, 0.9, 5e-4)
+        network = entry.network(entry.spec.with_classes(classes)).to(target, memory_format=memory_format).train()
+        loss_fn = SSDLoss(network.spec).to(target)
+        optimizer = build_optimizer(network, 1e-3, 0.9, 5e-4)
         dtype = _DTYPES[precision]
 
-        def step(model: SSD300 = model, optimizer: torch.optim.Optimizer = optimizer,
+        def step(network: torch.nn.Module = network, optimizer: torch.optim.Optimizer = optimizer,
                  dtype: torch.dtype | None = dtype, loss_fn: SSDLoss = loss_fn) -> None:
             context = torch.autocast(target.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
             with context:
-                locs, confs = model(images)
+                locs, confs = network(images)
             loss = loss_fn(locs, confs, gloc, glabels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
 
         seconds = median_seconds(step, repeats=iterations, warmup=warmup, device=target)
-        results.append({"device": str(target), "precision": precision, "channels_last": channels_last,
+        results.append({"model": model, "device": str(target), "precision": precision, "channels_last": channels_last,
                         "batch_size": batch_size, "seconds_per_iteration": round(seconds, 3),
                         "images_per_second": round(batch_size / seconds, 3),
                         "threads": torch.get_num_threads()})
@@ -182,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--workers-compare", action="store_true",
                         help="the whole loop with --workers 0 and the default, on CPU (see the module docstring)")
     parser.add_argument("--busy", default="0,1", help="with --workers-compare: spinning processes beside it")
-    parser.add_argument("--model", default="nvidia_ssd", help="with --workers-compare: the model")
+    parser.add_argument("--model", default="nvidia_ssd", help="the registered model (default nvidia_ssd)")
     parser.add_argument("--rounds", type=int, default=2, help="with --workers-compare: alternating rounds")
     parser.add_argument("--reporting", action="store_true",
                         help="the cost of the progress bar, epoch lines and result files per epoch (see above)")
@@ -208,7 +215,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"| {row['model']} | {row['precision']} | {row['batch_size']} | {row['threads']} | {row['busy']} | "
                   f"{workers} | {row['images_per_second']} ({row['range'][0]}-{row['range'][1]}) |")
         return
-    rows = measure_training(args.device, args.batch, args.precisions.split(","), args.iterations, args.warmup)
+    rows = measure_training(args.device, args.batch, args.precisions.split(","), args.iterations, args.warmup,
+                            model=args.model)
     if args.json:
         print(json.dumps(rows, indent=2))
         return
