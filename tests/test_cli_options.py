@@ -353,3 +353,22 @@ def test_classes_by_coco_id_and_agnostic_in_the_api(model):
     assert 0 < len(agnostic) < len(plain)
     with pytest.raises(TypeError, match="agnostic: expected True or False"):
         model.detect(data.chelsea(), agnostic="yes")
+
+
+def test_a_killed_runs_temporaries_in_out_are_swept_and_a_live_ones_kept(checkpoint, monkeypatch, photos, tmp_path):
+    # What a SIGKILL in mid-write leaves: the atomic writes' ".NAME.*.tmp" beside pictures, crops and label files.
+    monkeypatch.setenv("SSD_CHECKPOINT", str(checkpoint))
+    out = tmp_path / "out"
+    (out / "crops" / "cat").mkdir(parents=True)
+    stale = [out / ".chelsea.png.k1ll3d.tmp", out / "crops" / "cat" / ".chelsea-0.png.x.tmp"]
+    young = out / ".astronaut.jpg.wr1t1ng.tmp"  # another run may be writing it now
+    mine = out / "notes.tmp"  # not an atomic write's name: the user's
+    hour_ago = time.time() - 3601
+    for path in (*stale, young, mine):
+        path.write_bytes(b"partial")
+    for path in (*stale, mine):
+        os.utime(path, (hour_ago, hour_ago))
+    assert main(["detect", str(photos / "chelsea.png"), "--out", str(out), "--device", "cpu", "--save-crop"]) == 0
+    assert not any(path.exists() for path in stale)
+    assert young.exists() and mine.exists()
+    assert (out / "chelsea.png").is_file()

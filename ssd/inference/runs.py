@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from ..distributed import DEFAULT_TIMEOUT
-from ..io.files import UniqueNames, atomic_open, write_json
+from ..io.files import STALE_TEMPORARY_S, UniqueNames, atomic_open, sweep_stale, write_json
 from .detect import detect_iter
 from .detections import Detections
 
@@ -117,7 +117,11 @@ class ImageOutputs:
             found.save_txt(self.out / LABELS_FOLDER / relative.with_suffix(".txt"))
 
     def prepare(self, class_names: Sequence[str]) -> None:
-        """Before the run: the class list that label files index into (index i on line i + 1)."""
+        """Before the run: the temporaries that killed runs left in the output folder are swept (the atomic
+        writes' ``.NAME.*.tmp`` of pictures, crops, label files and reports, an hour old: younger ones may be another
+        run's, writing now), and the class list that label files index into is written (index i on line i + 1)."""
+        if self.out.is_dir():
+            sweep_stale(self.out, ("**/.*.tmp",), STALE_TEMPORARY_S)
         if self.labels:
             folder = self.out / LABELS_FOLDER
             folder.mkdir(parents=True, exist_ok=True)

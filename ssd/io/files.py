@@ -61,6 +61,11 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[pathlib.Path]:
         raise
 
 
+# Without a lock or a process id to prove that no writer is alive, a temporary file this old is taken for a killed
+# run's: an hour, far longer than any one file takes to write (checkpoints, pictures, downloads' .part files).
+STALE_TEMPORARY_S = 3600.0
+
+
 def sweep_stale(folder: str | os.PathLike[str], patterns: Iterable[str], max_age_s: float, *,
                 folders: bool = False, dead: Callable[[pathlib.Path], bool] | None = None) -> list[pathlib.Path]:
     """Remove the temporary files that killed writers left in ``folder``: regular files matching one of the glob

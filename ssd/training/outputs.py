@@ -30,16 +30,13 @@ from typing import Any
 
 import torch
 
-from ..io.files import atomic_open, atomic_path, sweep_stale
+from ..io.files import STALE_TEMPORARY_S, atomic_open, atomic_path, sweep_stale
 
 __all__ = ["STALE_TEMPORARY_S", "TEMPORARY_PATTERNS", "RunFolder", "RunOutputError", "deferred_interrupt",
            "save_checkpoint", "trim_metrics", "write_metrics"]
 
 # What atomic_path names the temporaries of last.pt and best.pt.
 TEMPORARY_PATTERNS = (".last.pt.*.tmp", ".best.pt.*.tmp")
-# Without a lock to prove that no writer is alive, a temporary file this old is taken for a killed run's (the
-# download cache's rule: see ssd.weights.checkpoints.STALE_PART_S).
-STALE_TEMPORARY_S = 3600.0
 
 
 class RunOutputError(OSError):
