@@ -39,11 +39,12 @@ test: $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Leaves out what is marked slow (pyproject.toml's markers): training runs, torchrun jobs, killed subprocesses,
-# notebook and README runs, packaging, and the VGG models' stages of tests/test_models.py.
+# Leaves out what is marked slow (pyproject.toml's markers: training runs, torchrun jobs, killed subprocesses,
+# notebook and README runs, packaging, and the VGG models' stages of tests/test_models.py) and the tests measured at
+# 1 s or more (marked long from tests/data/durations.json: tests/helpers/durations.py says how to re-measure).
 test-fast: $(VENV)/.dev
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow and not long" $(PYTEST_ARGS)
 
 # One resolve: the exact floors, plus the test tools (whose -r requirements.txt the floors satisfy).
 $(FLOOR)/.installed: requirements-floor.txt requirements-dev.txt requirements-export.txt requirements.txt

@@ -11,7 +11,17 @@ import pytest
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from helpers import GOLDEN  # noqa: E402
+from helpers.durations import long_tests  # noqa: E402
 from helpers.http_server import LocalServer  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    # `long`: tests measured at 1 s or more (tests/data/durations.json); `make test-fast` leaves them out with the
+    # `slow` ones, so that it runs in a few minutes. The marker changes what is selected, never how a test runs.
+    measured = long_tests()
+    for item in items:
+        if item.nodeid in measured:
+            item.add_marker(pytest.mark.long)
 
 
 @pytest.fixture(scope="session")
