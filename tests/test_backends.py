@@ -24,6 +24,7 @@ from ssd.transforms import preprocess_for_detection
 
 from helpers import GOLDEN, REPO, SAMPLE_PHOTOS, photo
 from helpers.checkpoints import detecting_state_dict, minicoco_state_dict
+from helpers.detections import assert_same_exported_detections
 from helpers.processes import ssd_env
 
 onnx = pytest.importorskip("onnx")
@@ -73,15 +74,6 @@ def _backends(model, files) -> dict[str, object]:
     return made
 
 
-def _same_detections(got, expected) -> None:
-    assert len(got) == len(expected)
-    for a, b in zip(got, expected):
-        assert len(a) == len(b) > 0
-        height, width = b.image_size
-        scale = np.array([width, height, width, height], dtype=np.float32)
-        np.testing.assert_allclose(a.boxes / scale, b.boxes / scale, atol=TOL, rtol=0)
-        np.testing.assert_array_equal(a.labels, b.labels)
-        np.testing.assert_allclose(a.scores, b.scores, atol=TOL, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -103,10 +95,10 @@ def test_every_backend_implements_the_protocol(model, files):
 def test_detect_gives_the_same_detections_through_every_backend(model, files, photos):
     expected = detect(model, photos)
     for backend in _backends(model, files).values():
-        _same_detections(detect(backend, photos, batch_size=2), expected)
-        _same_detections(detect(backend, photos, classes=["person"], max_detections=3),
+        assert_same_exported_detections(detect(backend, photos, batch_size=2), expected)
+        assert_same_exported_detections(detect(backend, photos, classes=["person"], max_detections=3),
                          detect(model, photos, classes=["person"], max_detections=3))
-    _same_detections(detect(load_exported(files["nms"]), photos), expected)
+    assert_same_exported_detections(detect(load_exported(files["nms"]), photos), expected)
 
 
 @pytest.mark.slow
@@ -148,7 +140,7 @@ def test_a_backend_keeps_its_own_precision_and_device(model, files):
 def test_a_static_batch_graph_runs_any_batch(model, photos, tmp_path):
     static = load_exported(export_onnx(model, tmp_path / "static.onnx", batch=2, dynamic_batch=False))
     assert static.static_batch == 2
-    _same_detections(detect(static, photos, batch_size=3), detect(model, photos))
+    assert_same_exported_detections(detect(static, photos, batch_size=3), detect(model, photos))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -364,13 +356,13 @@ def test_a_model_of_another_copy_is_accepted_everywhere(other_copy, model, files
     theirs.eval()
     assert type(theirs.spec) is not DetectorSpec and is_detector(theirs)
     assert spec_of(theirs) == model.spec  # rebuilt as this copy's, field by field
-    _same_detections(detect(theirs, photos), detect(model, photos))
-    _same_detections(detect(ssd.load(theirs), photos), detect(model, photos))
+    assert_same_exported_detections(detect(theirs, photos), detect(model, photos))
+    assert_same_exported_detections(detect(ssd.load(theirs), photos), detect(model, photos))
     exported = load_exported(export_onnx(theirs, tmp_path / "theirs.onnx"))
-    _same_detections(detect(exported, photos), detect(model, photos))
+    assert_same_exported_detections(detect(exported, photos), detect(model, photos))
     # A backend of that copy too, an --nms graph's (its baked recipe is that copy's class) included.
     their_backend = importlib.import_module("ssd_other_copy.backends").load_exported(files["nms"])
-    _same_detections(detect(their_backend, photos, threshold=0.5), detect(model, photos, threshold=0.5))
+    assert_same_exported_detections(detect(their_backend, photos, threshold=0.5), detect(model, photos, threshold=0.5))
     net = _net(minicoco_state_dict())
     twin = other_models.SSD300()
     twin.load_state_dict(net.state_dict())
@@ -378,7 +370,7 @@ def test_a_model_of_another_copy_is_accepted_everywhere(other_copy, model, files
             == evaluate(net, IMAGES, ANNOTATIONS, progress=False, verbose=False).stats)
     # And the other way: that copy's detect takes this copy's model.
     other_detect = importlib.import_module("ssd_other_copy.inference").detect
-    _same_detections(other_detect(model, photos), detect(model, photos))
+    assert_same_exported_detections(other_detect(model, photos), detect(model, photos))
 
 
 def test_the_spec_of_another_copy_is_taken_by_every_function_of_specs(other_copy, model):

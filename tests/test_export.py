@@ -16,6 +16,7 @@ from ssd.transforms import preprocess_for_detection
 
 from helpers import SAMPLE_PHOTOS, photo
 from helpers.checkpoints import detecting_state_dict, save_detecting_checkpoint
+from helpers.detections import assert_same_exported_detections
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -66,18 +67,6 @@ def _reference(model: SSD300, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarr
     return BoxCoder.from_spec(model.spec).decode(locs).numpy(), class_scores(confs).numpy()
 
 
-def _same_detections(got, expected) -> None:
-    assert len(got) == len(expected)
-    for a, b in zip(got, expected):
-        assert len(a) == len(b) > 0
-        height, width = b.image_size
-        scale = np.array([width, height, width, height], dtype=np.float32)
-        np.testing.assert_allclose(a.boxes / scale, b.boxes / scale, atol=TOL, rtol=0)
-        np.testing.assert_array_equal(a.labels, b.labels)
-        np.testing.assert_allclose(a.scores, b.scores, atol=TOL, rtol=0)
-        assert a.names == b.names and a.to_dict()["detections"][0]["name"] == b.to_dict()["detections"][0]["name"]
-
-
 @pytest.mark.parametrize("n", [1, 3])
 def test_onnxruntime_boxes_and_scores_match_pytorch(model, exports, photos, n):
     batch = _batch(photos, n)
@@ -110,7 +99,7 @@ def test_onnxruntime_detect_equals_pytorch_detect(model, exports, photos):
     for kind in ("raw", "nms"):
         detector = load_exported(exports[kind])
         assert isinstance(detector, OnnxBackend) and detector.outputs == ("nms" if kind == "nms" else "decoded")
-        _same_detections(detect(detector, photos, batch_size=2), expected)
+        assert_same_exported_detections(detect(detector, photos, batch_size=2), expected)
 
 
 def test_nms_graph_outputs_are_padded_detections(model, exports, photos):
@@ -126,7 +115,7 @@ def test_nms_graph_outputs_are_padded_detections(model, exports, photos):
 
 def test_stricter_threshold_on_nms_graph_and_fixed_iou(model, exports, photos):
     detector = load_exported(exports["nms"])
-    _same_detections(detect(detector, photos, threshold=0.83, max_detections=3),
+    assert_same_exported_detections(detect(detector, photos, threshold=0.83, max_detections=3),
                      model.detect(photos, threshold=0.83, max_detections=3))
     with pytest.raises(ValueError, match="iou_threshold: expected 0.5"):
         detect(detector, photos, iou_threshold=0.3)
@@ -149,9 +138,9 @@ def test_openvino_fp32_matches_pytorch(model, exports, photos, tmp_path):
     np.testing.assert_allclose(boxes.numpy(), ref_boxes, atol=TOL, rtol=0)
     np.testing.assert_allclose(scores.numpy(), ref_scores, atol=TOL, rtol=0)
     expected = model.detect(photos)
-    _same_detections(detect(detector, photos), expected)
+    assert_same_exported_detections(detect(detector, photos), expected)
     nms = export_openvino(model, tmp_path / "ssd-nms.xml", nms=True)
-    _same_detections(detect(load_exported(nms), photos), expected)
+    assert_same_exported_detections(detect(load_exported(nms), photos), expected)
 
 
 def _four_class_state_dict() -> dict[str, torch.Tensor]:
@@ -176,7 +165,7 @@ def test_fine_tuned_four_class_model_round_trips_its_classes(tmp_path, photos):
     assert detector.names == list(names) and detector.spec.classes.category_ids == (11, 12, 13, 14)
     assert detector.spec.num_classes == 5
     expected = net.detect(photos)
-    _same_detections(detect(detector, photos), expected)
+    assert_same_exported_detections(detect(detector, photos), expected)
     assert expected[0].names[0] == "cup" and detect(detector, photos[0])[0].category_ids[0] == 11
     raw = load_exported(export_onnx(net, tmp_path / "four-raw.onnx"))
     batch = _batch(photos, 1)
@@ -332,4 +321,4 @@ def test_mmdetection_style_recipe_in_graph(model, photos, tmp_path):
     for nms in (True, False):
         detector = load_exported(export_onnx(net, tmp_path / f"mm-{nms}.onnx", nms=nms))
         assert detector.spec.detect_postprocess == recipe
-        _same_detections(detect(detector, photos[:2]), expected)
+        assert_same_exported_detections(detect(detector, photos[:2]), expected)

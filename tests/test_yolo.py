@@ -163,13 +163,13 @@ def test_data_file_guards(tmp_path, monkeypatch):
     big = tmp_path / "big.yaml"
     big.write_text("names: [a]\ntrain: x\n" + "#" * 2000 + "\n")
     monkeypatch.setattr(yolo, "MAX_DATA_YAML_BYTES", 1000)
-    with pytest.raises(YoloDataError, match="expected at most 1,000 bytes, got 2,0"):
+    with pytest.raises(YoloDataError, match="expected a data file of at most 1,000 bytes, got 2,0"):
         read_data_yaml(big)
     fifo = tmp_path / "fifo.yaml"
     os.mkfifo(fifo)
     with pytest.raises(YoloDataError, match="expected a regular data file, got a FIFO"):
         read_data_yaml(fifo)  # refused before a byte is read: this does not hang
-    with pytest.raises(FileNotFoundError, match="expected a file, got a path that does not exist"):
+    with pytest.raises(FileNotFoundError, match="expected a data file, got a path that does not exist"):
         read_data_yaml(tmp_path / "missing.yaml")
 
 

@@ -49,7 +49,6 @@ from __future__ import annotations
 import math
 import os
 import pathlib
-import stat
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -58,7 +57,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..io.images import ImageLoadError, load_uint8, open_regular_file
+from ..io.images import ImageLoadError, load_uint8, read_capped_file
 from ..models.spec import ClassSpec
 
 __all__ = [
@@ -124,22 +123,8 @@ def read_annotation_file(path: str | os.PathLike[str], *, max_bytes: int | None 
     """
     name = _source_name(path)
     limit = MAX_ANNOTATION_BYTES if max_bytes is None else max_bytes
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{name}: expected a COCO JSON file, got a path that does not exist") from None
-    if stat.S_ISDIR(info.st_mode):
-        raise IsADirectoryError(f"{name}: expected a COCO JSON file, got a directory")
-    with open_regular_file(path, name, kind="COCO JSON file", error=AnnotationFileError) as fp:
-        size = os.fstat(fp.fileno()).st_size
-        if size > limit:
-            raise AnnotationFileError(f"{name}: expected a COCO JSON file of at most {limit:,} bytes, got {size:,} "
-                                      "bytes (see ssd.data.coco_format.MAX_ANNOTATION_BYTES)")
-        # Its size, and one byte more to notice growth: read(n) allocates n bytes before reading anything.
-        data = fp.read(size + 1)
-    if len(data) != size:
-        raise AnnotationFileError(f"{name}: expected a file that stays the same while it is read, got {len(data):,} "
-                                  f"bytes where it had {size:,} (is something writing it?)")
+    data = read_capped_file(path, name, kind="COCO JSON file", limit=limit, error=AnnotationFileError,
+                            hint=" (see ssd.data.coco_format.MAX_ANNOTATION_BYTES)")
     return _parse_json(data, name)
 
 

@@ -30,13 +30,12 @@ from __future__ import annotations
 import math
 import os
 import pathlib
-import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ..io.files import write_json
-from ..io.images import ImageLoadError, is_image_file, open_regular_file, upright_size
+from ..io.images import ImageLoadError, is_image_file, read_capped_file, upright_size
 from .coco_format import CocoAnnotations, parse_annotations
 
 __all__ = [
@@ -101,19 +100,7 @@ class YoloSplit:
 def _read_text(path: pathlib.Path, what: str, limit: int) -> str:
     """A small text file, under the library's guards: regular file, size cap, UTF-8."""
     name = f"{what} {os.fspath(path)!r}"
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{name}: expected a file, got a path that does not exist") from None
-    if stat.S_ISDIR(info.st_mode):
-        raise IsADirectoryError(f"{name}: expected a file, got a directory")
-    with open_regular_file(path, name, kind=what, error=YoloDataError) as fp:
-        size = os.fstat(fp.fileno()).st_size
-        if size > limit:
-            raise YoloDataError(f"{name}: expected at most {limit:,} bytes, got {size:,}")
-        data = fp.read(size + 1)  # one byte more: a file growing while read is noticed
-    if len(data) > limit:
-        raise YoloDataError(f"{name}: expected at most {limit:,} bytes, got more (is something writing it?)")
+    data = read_capped_file(path, name, kind=what, limit=limit, error=YoloDataError)
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:

@@ -398,6 +398,30 @@ def open_regular_file(path: str | os.PathLike[str], name: str, *, kind: str = "i
         raise
 
 
+def read_capped_file(path: str | os.PathLike[str], name: str, *, kind: str, limit: int,
+                     error: type[ValueError], hint: str = "") -> bytes:
+    """The bytes of the data file ``path`` (annotations, dataset lists), under the guards of every file the library
+    reads: it exists (FileNotFoundError) and is no folder (IsADirectoryError), a regular file
+    (:func:`open_regular_file`), at most ``limit`` bytes, and unchanged while read; else ``error`` naming ``name``
+    and ``kind`` (``hint``, e.g. where the cap is set, ends the size message)."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{name}: expected a {kind}, got a path that does not exist") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise IsADirectoryError(f"{name}: expected a {kind}, got a directory")
+    with open_regular_file(path, name, kind=kind, error=error) as fp:
+        size = os.fstat(fp.fileno()).st_size
+        if size > limit:
+            raise error(f"{name}: expected a {kind} of at most {limit:,} bytes, got {size:,} bytes{hint}")
+        # Its size, and one byte more to notice growth: read(n) allocates n bytes before reading anything.
+        data = fp.read(size + 1)
+    if len(data) != size:
+        raise error(f"{name}: expected a file that stays the same while it is read, got {len(data):,} bytes where "
+                    f"it had {size:,} (is something writing it?)")
+    return data
+
+
 def _require_regular(mode: int, name: str, kind: str = "image file", error: type[ValueError] = ImageLoadError) -> None:
     if stat.S_ISREG(mode):
         return

@@ -183,3 +183,22 @@ def rounding_bound(error: float, scale: float) -> float:
     kernels may round up to 3 x worse), and at least 64 float32 ulps of the outputs' ``scale`` for a network so
     well conditioned that its error is near zero."""
     return 4 * error + 64 * EPS32 * scale
+
+
+# Exported graphs compute the same float32 operations in another order: their outputs agree with PyTorch's to ~1e-6,
+# and the decoded boxes (relative to the image) and scores of the tests' NVIDIA weights to well within this.
+EXPORT_TOL = 1e-4
+
+
+def assert_same_exported_detections(got, expected, tol: float = EXPORT_TOL) -> None:
+    """Two runs of one network through two backends: the same detections in the same order, boxes relative to the
+    image and scores within ``tol``."""
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        assert len(a) == len(b) > 0
+        height, width = b.image_size
+        scale = np.array([width, height, width, height], dtype=np.float32)
+        np.testing.assert_allclose(a.boxes / scale, b.boxes / scale, atol=tol, rtol=0)
+        np.testing.assert_array_equal(a.labels, b.labels)
+        np.testing.assert_allclose(a.scores, b.scores, atol=tol, rtol=0)
+        assert a.names == b.names and a.to_dict()["detections"][0]["name"] == b.to_dict()["detections"][0]["name"]
