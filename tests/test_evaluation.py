@@ -74,7 +74,14 @@ def write_json(path: pathlib.Path, payload) -> pathlib.Path:
 def test_golden_parity_with_nvidia_evaluation(reference):
     result, _ = reference
     assert len(result.stats) == 12
-    np.testing.assert_allclose(result.stats, NVIDIA["stats"], atol=1e-3, rtol=0)
+    # The stats rank the detections by score, and these test weights give image 100 about 40 detections of one
+    # class whose scores lie within 6e-7 of each other (a few float32 ulps of the softmax): their order, and with it
+    # which of them COCOeval counts first, follows the convolution kernels (torch 2.5 and 2.14 on one CPU order them
+    # differently). Swapping two such detections moves one category's precision at a few recall points of one IoU
+    # threshold; over the one category with medium objects and COCO's 10 thresholds that is a few 1e-3 of AP_medium
+    # (torch 2.5: 1.1e-3 from NVIDIA's, torch 2.14: 7.7e-4). A real regression (a box, a score, a threshold or the
+    # protocol) moves these stats by far more, and the detections themselves are compared exactly in test_decode.
+    np.testing.assert_allclose(result.stats, NVIDIA["stats"], atol=3e-3, rtol=0)
     assert result.images == NVIDIA["num_images_scored"] == 6
     assert len(result.detections) == NVIDIA["num_detections"]
     assert result.metrics()["AP"] == result.ap == result.stats[0]
