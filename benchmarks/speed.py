@@ -27,6 +27,7 @@ from skimage import data, transform
 
 from benchmarks.bench import cpu_has_bf16, cpu_name
 from benchmarks.contention import busy_process
+from benchmarks.timing import median_seconds
 from benchmarks.weights import detecting_state_dict
 from ssd.backends import PyTorchBackend, load
 from ssd.backends.base import input_format
@@ -43,15 +44,6 @@ BEFORE = "1370c07"  # the last commit with the fixed-point NMS
 MINICOCO = ROOT / "tests" / "data" / "golden" / "minicoco"
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
 
-
-def _median(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def _old_postprocess():
@@ -91,11 +83,11 @@ def measure_postprocess(repeats: int) -> list[dict]:
         spec = model.spec
         new = postprocess(outputs, spec)
         row = {"case": name, "images": count, "candidates": int(new.counts.sum()),
-               "after_ms": 1e3 * _median(lambda o=outputs, s=spec: postprocess(o, s), repeats) / count}
+               "after_ms": 1e3 * median_seconds(lambda o=outputs, s=spec: postprocess(o, s), repeats, warmup=1) / count}
         if old is not None:
             before = old.postprocess(outputs, spec)
             row["identical"] = all(torch.equal(a, b) for a, b in zip(new, before))
-            slow = _median(lambda o=outputs, s=spec: old.postprocess(o, s), max(1, repeats // 2))
+            slow = median_seconds(lambda o=outputs, s=spec: old.postprocess(o, s), max(1, repeats // 2), warmup=1)
             row["before_ms"] = 1e3 * slow / count
         rows.append(row)
     return rows
@@ -182,9 +174,9 @@ def measure_threads(repeats: int, batch: int) -> list[dict]:
             x = preprocess_for_detection(tensors, model.spec.input, dtype=dtype, memory_format=memory_format)
             if busy:
                 with busy_process():
-                    seconds = _median(lambda backend=backend, x=x: backend(x), repeats)
+                    seconds = median_seconds(lambda backend=backend, x=x: backend(x), repeats, warmup=1)
             else:
-                seconds = _median(lambda backend=backend, x=x: backend(x), repeats)
+                seconds = median_seconds(lambda backend=backend, x=x: backend(x), repeats, warmup=1)
             rows.append({"busy": busy, "threads": threads, "ms_per_image": 1e3 * seconds / batch,
                          "load": os.getloadavg()[0]})
     return rows
