@@ -319,9 +319,7 @@ def _detect_videos(backend: Any, videos: list[str], options: Any, vid_stride: in
         names.claim(pathlib.PurePosixPath(stem + ".jsonl"))
         try:
             done = run_video(backend, source, options.out, stem=stem, vid_stride=vid_stride, video=options.pictures,
-                             threshold=options.threshold, batch_size=options.batch_size, classes=options.classes,
-                             classes_by=options.classes_by, iou_threshold=options.iou_threshold,
-                             max_detections=options.max_detections, agnostic=options.agnostic)
+                             **options.detect_arguments())
         except KeyboardInterrupt:
             print(f"interrupted: {source}: the frames done are in {options.out / stem}.jsonl"
                   + ("" if not options.pictures else f" and {options.out / stem}.mp4 (finalised)"), file=sys.stderr)
